@@ -1,0 +1,142 @@
+"""RecBole 1.2.1 on today's numpy / pandas / torch: every shim in one place.
+
+Imported by ``recbole_dealrec/__init__.py`` before anything touches RecBole. Each shim fixes one
+measured breakage (see README, "Compatibility") and is a no-op on the stack RecBole was written for.
+``recbole.quick_start`` is never imported: it imports ray 2.6.3, which needs ``pkg_resources`` and has no
+Python 3.12 wheels; the plugin ships its own quick start.
+"""
+from __future__ import annotations
+
+import csv
+import types
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+
+_APPLIED = False
+
+
+def _numpy_aliases() -> None:
+    # numpy 2 removed these aliases; RecBole's Config.compatibility_settings reads np.float_ & co. on
+    # every Config(), and Dataset._fill_nan reads np.float.
+    for alias, target in {
+        "float_": np.float64,
+        "complex_": np.complex128,
+        "unicode_": np.str_,
+        "bool8": np.bool_,
+    }.items():
+        if not hasattr(np, alias):
+            setattr(np, alias, target)
+
+
+class _PandasProxy(types.ModuleType):
+    """``pandas`` as seen by ``recbole.data.dataset.dataset``, with a fixed ``read_csv``.
+
+    Atomic files are never quoted, but pandas' default quoting would swallow tabs up to the next ``"`` in
+    a title such as ``Ivan "Ironman" Stewart's``: read with ``QUOTE_NONE``. And RecBole fills missing sequence cells with ``df[field].fillna("", inplace=True)``, a chained in-place
+    call that is a silent no-op under pandas 3 copy-on-write; the next ``.split`` then fails on NaN.
+    Filling the ``*seq`` columns right after reading gives RecBole the strings it expects.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("pandas")
+
+    def __getattr__(self, name: str):
+        return getattr(pd, name)
+
+    @staticmethod
+    def read_csv(*args, **kwargs):
+        kwargs.setdefault("quoting", csv.QUOTE_NONE)
+        df = pd.read_csv(*args, **kwargs)
+        for column in df.columns:
+            # At this point the columns are still the header's "field:type" strings.
+            if str(column).rsplit(":", 1)[-1].endswith("seq"):
+                df[column] = df[column].fillna("")
+        return df
+
+
+def _fill_nan(self) -> None:
+    """``Dataset._fill_nan`` without chained in-place ``fillna`` (a no-op under pandas 3)."""
+    from recbole.utils import FeatureType
+
+    for feat_name in self.feat_name_list:
+        feat = getattr(self, feat_name)
+        for field in feat:
+            ftype = self.field2type[field]
+            if ftype == FeatureType.TOKEN:
+                feat[field] = feat[field].fillna(value=0)
+            elif ftype == FeatureType.FLOAT:
+                feat[field] = feat[field].fillna(value=feat[field].mean())
+            else:
+                dtype = np.int64 if ftype == FeatureType.TOKEN_SEQ else np.float64
+                feat[field] = feat[field].apply(
+                    lambda x: np.array([], dtype=dtype) if isinstance(x, float) else x
+                )
+
+
+def _remap(self, remap_list) -> None:
+    """``Dataset._remap`` with ``Series.map(len)`` where RecBole wrote ``Series.agg(len)``.
+
+    pandas 3 ``Series.agg(len)`` returns the length of the whole Series instead of one length per row,
+    which splits every ``token_seq`` field (e.g. ml-100k's titles) into a single piece.
+    """
+    from recbole.utils import FeatureType
+
+    if len(remap_list) == 0:
+        return
+    tokens, split_point = self._concat_remaped_tokens(remap_list)
+    new_ids_list, mp = pd.factorize(tokens)
+    new_ids_list = np.split(new_ids_list + 1, split_point)
+    mp = np.array(["[PAD]"] + list(mp))
+    token_id = {t: i for i, t in enumerate(mp)}
+    for (feat, field, ftype), new_ids in zip(remap_list, new_ids_list):
+        if field not in self.field2id_token:
+            self.field2id_token[field] = mp
+            self.field2token_id[field] = token_id
+        if ftype == FeatureType.TOKEN:
+            feat[field] = new_ids
+        elif ftype == FeatureType.TOKEN_SEQ:
+            split_point = np.cumsum(feat[field].map(len).to_numpy())[:-1]
+            feat[field] = pd.Series(np.split(new_ids, split_point), index=feat.index, dtype=object)
+
+
+class _TorchProxy(types.ModuleType):
+    """``torch`` as seen by ``recbole.trainer.trainer``: ``load`` reads RecBole's own checkpoints.
+
+    torch >= 2.6 defaults ``torch.load(weights_only=True)``, which refuses the ``Config`` object RecBole
+    pickles into every checkpoint it writes. Only the trainer module sees this proxy, and it only loads
+    files that this process's trainer saved itself.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(*args, **kwargs):
+        kwargs.setdefault("weights_only", False)
+        return torch.load(*args, **kwargs)
+
+
+def apply() -> None:
+    """Apply every shim once (idempotent)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _numpy_aliases()
+    # RecBole's own chained fillna (now harmless, see _PandasProxy) and its deprecated GradScaler call warn
+    # on every run; the warnings say nothing a user can act on.
+    warnings.filterwarnings("ignore", category=pd.errors.ChainedAssignmentError, module="recbole")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="recbole.trainer.trainer")
+    import recbole.data.dataset.dataset as dataset_module
+    import recbole.trainer.trainer as trainer_module
+
+    dataset_module.pd = _PandasProxy()
+    dataset_module.Dataset._fill_nan = _fill_nan
+    dataset_module.Dataset._remap = _remap
+    trainer_module.torch = _TorchProxy()
+    _APPLIED = True

@@ -1,0 +1,81 @@
+"""A RecBole ``Config`` that layers the plugin's property files after RecBole's own.
+
+Priority, lowest first: RecBole's internal properties < ``properties/overall.yaml`` <
+``properties/model/<Model>.yaml`` < ``properties/dataset/<dataset>.yaml`` < ``properties/sampler/<sampler>.yaml``
+< ``config_files`` < ``config_dict`` < command line. Unlike RecBole's ``Config``, the command line is read only
+from the ``argv`` given (the CLI passes its own), never from the process's ``sys.argv``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+from recbole.config import Config
+
+from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.utils import get_model
+
+PROPERTIES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties")
+if not os.path.isdir(PROPERTIES_DIR):  # source checkout: properties/ sits beside the package
+    PROPERTIES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "properties")
+
+DEFAULT_DATASET = "ml-100k"
+DEFAULT_SAMPLER = "full"
+
+
+def property_names(kind: str) -> list[str]:
+    """Names that have a property file under ``properties/<kind>/`` (e.g. datasets, samplers)."""
+    folder = os.path.join(PROPERTIES_DIR, kind)
+    return sorted(f[: -len(".yaml")] for f in os.listdir(folder) if f.endswith(".yaml"))
+
+
+class DealrecConfig(Config):
+    """RecBole ``Config`` with the plugin's model lookup and property layers."""
+
+    def __init__(
+        self,
+        model=None,
+        dataset: Optional[str] = None,
+        config_file_list: Optional[Sequence[str]] = None,
+        config_dict: Optional[dict] = None,
+        argv: Sequence[str] = (),
+    ) -> None:
+        self._argv = list(argv)
+        super().__init__(model, dataset, list(config_file_list or []), config_dict)
+
+    def _load_cmd_line(self) -> dict:
+        # RecBole's version parses the whole process's sys.argv; ours parses only what the CLI hands over.
+        cmd_config_dict = {}
+        for arg in self._argv:
+            if not arg.startswith("--") or "=" not in arg:
+                raise ConfigError(f"command-line argument '{arg}' is not of the form --key=value")
+            key, value = arg[2:].split("=", 1)
+            if key in cmd_config_dict and cmd_config_dict[key] != value:
+                raise ConfigError(f"command-line key '{key}' given twice with different values")
+            cmd_config_dict[key] = value
+        return self._convert_config_dict(cmd_config_dict)
+
+    def _get_model_and_dataset(self, model, dataset):
+        if model is None:
+            model = self.external_config_dict.get("model")
+            if model is None:
+                raise ConfigError("no model given: pass --model=<Model> (e.g. SASRec, BIGRec)")
+        model_class = get_model(model) if isinstance(model, str) else model
+        model_name = model if isinstance(model, str) else model.__name__
+        dataset = dataset or self.external_config_dict.get("dataset") or DEFAULT_DATASET
+        return model_name, model_class, dataset
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        self._update_plugin_layer(os.path.join(PROPERTIES_DIR, "overall.yaml"))
+        self._update_plugin_layer(os.path.join(PROPERTIES_DIR, "model", f"{model}.yaml"))
+        dataset_keys = self._update_plugin_layer(os.path.join(PROPERTIES_DIR, "dataset", f"{dataset}.yaml"))
+        # RecBole compares "Dataset" keys to decide whether a saved dataset can be reused.
+        self.parameters["Dataset"] += [k for k in dataset_keys if k not in self.parameters["Dataset"]]
+        sampler = self.external_config_dict.get("sampler") or self.internal_config_dict.get("sampler")
+        self._update_plugin_layer(os.path.join(PROPERTIES_DIR, "sampler", f"{sampler or DEFAULT_SAMPLER}.yaml"))
+
+    def _update_plugin_layer(self, path: str) -> dict:
+        if not os.path.isfile(path):
+            return {}
+        return self._update_internal_config_dict(path) or {}

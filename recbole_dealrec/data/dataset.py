@@ -1,0 +1,129 @@
+"""Datasets: RecBole's own, plus a sequential dataset whose train/valid/test split is given in the data.
+
+The paper's data come pre-split (split by global time, then one line per user and split). Their atomic
+``.inter`` file carries a ``split`` token column (``train`` / ``valid`` / ``test``, config key ``split_field``);
+:class:`PresplitSequentialDataset` turns it into RecBole's three datasets with the paper's protocol:
+
+- train: every prefix sample whose target is a train interaction (RecBole's data augmentation);
+- valid: one sample per user with valid items, history = train items, target = the first valid item;
+- test: one sample per user with test items, history = train + valid items, targets = ALL the user's test
+  items. Recall@K / NDCG@K then come from RecBole's own metric classes with several positives per row:
+  Recall = hits / #targets, NDCG's ideal DCG over min(#targets, K) positions.
+"""
+from __future__ import annotations
+
+import os
+from logging import getLogger
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from recbole.data import create_dataset as recbole_create_dataset
+from recbole.data import data_preparation as recbole_data_preparation
+from recbole.data.dataloader import FullSortEvalDataLoader
+from recbole.data.dataset import SequentialDataset
+from recbole.utils import ModelType
+
+from recbole_dealrec.config import property_names
+from recbole_dealrec.registry import ConfigError
+
+SPLITS = ("train", "valid", "test")
+
+
+def check_dataset_files(config: Mapping[str, Any]) -> None:
+    """Fail early, naming the path, when a dataset's ``.inter`` file is missing.
+
+    RecBole would try to download any name it does not ship; outside ml-100k (embedded) that fails late.
+    """
+    name = config["dataset"]
+    inter = os.path.join(config["data_path"], f"{name}.inter")
+    if os.path.isfile(inter):
+        return
+    root = os.path.dirname(os.path.normpath(config["data_path"]))
+    local = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+    hint = ""
+    if name in property_names("dataset"):
+        hint = f" (import it first, see README: python -m recbole_dealrec.data.importer --help)"
+    raise FileNotFoundError(
+        f"dataset '{name}': missing atomic file {inter}{hint}. Known datasets: ml-100k (embedded), "
+        f"with plugin properties: {', '.join(property_names('dataset'))}; found under {root}: "
+        f"{', '.join(local) or 'nothing'}. Set data_path to the folder that holds <dataset>/<dataset>.inter."
+    )
+
+
+class PresplitSequentialDataset(SequentialDataset):
+    """Sequential dataset whose split comes from a token column (``split_field``) instead of ``eval_args``."""
+
+    def __init__(self, config) -> None:
+        self.split_field = config["split_field"]
+        super().__init__(config)
+
+    def build(self) -> list[SequentialDataset]:
+        self._change_feat_format()  # to tensors, then RecBole's prefix augmentation
+        # inter_feat is already augmented: one row per (user, target interaction), sorted by user and time,
+        # with the target's split in `split_field` and the history's splits in `<split_field>_list`.
+        token_id = self.field2token_id[self.split_field]
+        missing = [s for s in SPLITS if s not in token_id]
+        if missing:
+            raise ValueError(f"{self.split_field} column has no {missing} rows; expected values {list(SPLITS)}")
+        train_id, valid_id, test_id = (token_id[s] for s in SPLITS)
+        uid = self.inter_feat[self.uid_field].numpy()
+        split = self.inter_feat[self.split_field].numpy()
+        length = self.inter_feat[self.item_list_length_field].numpy()
+        split_list = self.inter_feat[f"{self.split_field}{self.config['LIST_SUFFIX']}"].numpy()
+        last_history_split = split_list[np.arange(len(split)), length - 1]
+
+        train_rows = np.flatnonzero(split == train_id)
+        # The first valid (test) sample of a user is the one whose history ends outside the valid (test) items.
+        valid_rows = np.flatnonzero((split == valid_id) & (last_history_split == train_id))
+        first_test = (split == test_id) & (last_history_split != test_id)
+        test_rows = np.flatnonzero(first_test)
+
+        # All test targets of each test row's user: test rows of a user are contiguous, in time order.
+        item = self.inter_feat[self.iid_field].numpy()
+        is_test = split == test_id
+        test_uid = uid[is_test]
+        test_items = item[is_test]
+        starts = np.searchsorted(test_uid, uid[test_rows], side="left")
+        ends = np.searchsorted(test_uid, uid[test_rows], side="right")
+        width = int((ends - starts).max()) if len(test_rows) else 1
+        targets = torch.zeros((len(test_rows), width), dtype=torch.long)
+        for row, (s, e) in enumerate(zip(starts, ends)):
+            targets[row, : e - s] = torch.from_numpy(test_items[s:e])
+
+        datasets = [self.copy(self.inter_feat[torch.from_numpy(rows)]) for rows in (train_rows, valid_rows, test_rows)]
+        datasets[2].multi_targets = targets
+        return datasets
+
+
+class MultiTargetFullSortEvalDataLoader(FullSortEvalDataLoader):
+    """Full-sort evaluation where a row's positives are all items in ``dataset.multi_targets[row]``."""
+
+    def collate_fn(self, index):
+        index = np.array(index)
+        interaction = self.transform(self._dataset, self._dataset[index])
+        targets = self._dataset.multi_targets[torch.from_numpy(index)]
+        positive_u, column = torch.nonzero(targets, as_tuple=True)
+        return interaction, None, positive_u, targets[positive_u, column]
+
+
+def create_dataset(config):
+    """RecBole's ``create_dataset``, or :class:`PresplitSequentialDataset` when ``split_field`` is set."""
+    check_dataset_files(config)
+    if config["split_field"]:
+        if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
+            raise ConfigError("split_field (a pre-split dataset) works with sequential models only")
+        dataset = PresplitSequentialDataset(config)
+        getLogger().info(dataset)
+        return dataset
+    dataset = recbole_create_dataset(config)
+    getLogger().info(dataset)
+    return dataset
+
+
+def data_preparation(config, dataset):
+    """RecBole's ``data_preparation``; a pre-split test set gets the multi-target evaluation loader."""
+    train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
+    if getattr(test_data.dataset, "multi_targets", None) is not None:
+        test_data = MultiTargetFullSortEvalDataLoader(config, test_data.dataset, test_data._sampler, shuffle=False)
+    return train_data, valid_data, test_data

@@ -1,0 +1,26 @@
+"""Selection methods: one interface, one registry (``SAMPLERS``); a new method is one small file.
+
+The ``sampler`` config key picks the method. Every method receives the candidate users (internal RecBole
+user ids that have training samples), the signals it declared in ``signals`` (per-user scores, joined by
+user id), a budget and a seeded generator, and returns a :class:`Selection`.
+"""
+from recbole_dealrec.selection.base import (
+    SAMPLERS,
+    Selection,
+    SelectionMethod,
+    UserScores,
+    check_selection_config,
+    resolve_budget,
+    selection_rng,
+)
+from recbole_dealrec.selection import full, random  # noqa: F401,E402  (register the methods)
+
+__all__ = [
+    "SAMPLERS",
+    "Selection",
+    "SelectionMethod",
+    "UserScores",
+    "check_selection_config",
+    "resolve_budget",
+    "selection_rng",
+]

@@ -1,0 +1,116 @@
+"""The selection interface, its registry and the budget keys shared by every method."""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import numbers
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+
+from recbole_dealrec.registry import ConfigError, Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class UserScores:
+    """One score per user, always carried with the user ids it belongs to (never aligned by position).
+
+    user_ids: int64 [n] internal RecBole user ids, unique. values: float64 [n].
+    """
+
+    user_ids: np.ndarray
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.user_ids.shape != self.values.shape or self.user_ids.ndim != 1:
+            raise ValueError("UserScores needs 1-D user_ids and values of the same length")
+        if len(np.unique(self.user_ids)) != len(self.user_ids):
+            raise ValueError("UserScores has duplicate user ids")
+
+
+@dataclasses.dataclass
+class Selection:
+    """What a method chose: sorted internal user ids, the scores it used (for export and plots), extras."""
+
+    user_ids: np.ndarray
+    scores: dict[str, UserScores] = dataclasses.field(default_factory=dict)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class SelectionMethod(abc.ABC):
+    """Base class of every selection method.
+
+    ``signals`` names the per-user scores the method needs (e.g. ``("influence", "effort")``); the quick start
+    computes exactly those, so a method that needs none (Random) trains nothing extra.
+    """
+
+    name: ClassVar[str]
+    signals: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+
+    def check_config(self) -> None:
+        """Validate the method's own keys before any long work starts (override where needed)."""
+
+    @abc.abstractmethod
+    def select(
+        self,
+        candidates: np.ndarray,
+        signals: Mapping[str, UserScores],
+        budget: int,
+        rng: np.random.Generator,
+    ) -> Selection:
+        """Choose ``budget`` users among ``candidates`` (int64 [n], sorted internal user ids)."""
+
+
+SAMPLERS: Registry[type[SelectionMethod]] = Registry("sampler")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_selection_config(config: Mapping[str, Any]) -> SelectionMethod:
+    """Validate ``sampler``, ``selection_ratio`` and ``selection_num``; return the method, built.
+
+    Runs before the dataset is loaded, so bad input fails before any long work.
+    """
+    method = SAMPLERS.get(config["sampler"])(config)
+    ratio, num = config["selection_ratio"], config["selection_num"]
+    if ratio is not None and num is not None:
+        raise ConfigError(
+            f"give either selection_ratio or selection_num, not both (got {ratio!r} and {num!r})"
+        )
+    if ratio is not None and (
+        isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1
+    ):
+        raise ConfigError(f"selection_ratio must be a number in (0, 1], got {ratio!r}")
+    if num is not None and (not _is_int(num) or num < 1):
+        raise ConfigError(f"selection_num must be an integer >= 1, got {num!r}")
+    if method.name != "full" and ratio is None and num is None:
+        raise ConfigError(
+            f"sampler '{method.name}' needs a budget: set selection_num (e.g. 1024) or selection_ratio in (0, 1]"
+        )
+    method.check_config()
+    return method
+
+
+def resolve_budget(config: Mapping[str, Any], n_candidates: int) -> int:
+    """Number of users to keep. ``selection_ratio`` rounds down but keeps at least one user."""
+    ratio, num = config["selection_ratio"], config["selection_num"]
+    if num is not None:
+        if num > n_candidates:
+            raise ConfigError(
+                f"selection_num={num} is above the number of users with training samples ({n_candidates})"
+            )
+        return int(num)
+    if ratio is not None:
+        return max(1, int(np.floor(ratio * n_candidates)))
+    return n_candidates
+
+
+def selection_rng(config: Mapping[str, Any]) -> np.random.Generator:
+    """The generator every random step of a selection draws from: ``selection_seed``, else ``seed``."""
+    seed = config["selection_seed"]
+    return np.random.default_rng(config["seed"] if seed is None else seed)

@@ -1,0 +1,28 @@
+"""The console script end to end on the embedded ml-100k."""
+import os
+import re
+import subprocess
+import sys
+
+from conftest import cli_argv
+
+
+def test_console_script_random_sampler(tiny_config, tmp_path):
+    argv = ["run_recbole", "--model=SASRec", "--sampler=random", "--selection_num=100", *cli_argv(tiny_config)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert re.search(r"kept 100 of 943 users, \d+ of \d+ training samples", output)
+    test_line = [line for line in output.splitlines() if "test result" in line][-1]
+    assert re.search(r"'recall@10', np\.float64\(0\.\d+\)", test_line), test_line
+    assert re.search(r"'ndcg@10', np\.float64\(0\.\d+\)", test_line), test_line
+    folder = tmp_path / "out" / "ml-100k" / "random-n100-seed2020"
+    assert (folder / "selection.tsv").read_text().count("\n") == 101
+    assert (folder / "ml-100k.inter").exists()
+
+
+def test_python_dash_m_lists_samplers():
+    result = subprocess.run([sys.executable, "-m", "recbole_dealrec", "--list-samplers"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert {"full", "random"} <= set(result.stdout.split())
