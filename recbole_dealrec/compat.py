@@ -139,4 +139,11 @@ def apply() -> None:
     dataset_module.Dataset._fill_nan = _fill_nan
     dataset_module.Dataset._remap = _remap
     trainer_module.torch = _TorchProxy()
+    # Importing RecBole's sequential models runs sine.py, which calls
+    # torch.autograd.set_detect_anomaly(True) for the whole process: every backward pass then runs
+    # checks that slow training several-fold and turn NaN gradients into RuntimeErrors. Import it now and
+    # switch anomaly detection back off.
+    import recbole.model.sequential_recommender  # noqa: F401
+
+    torch.autograd.set_detect_anomaly(False)
     _APPLIED = True

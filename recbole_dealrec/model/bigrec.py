@@ -1,0 +1,262 @@
+"""BIGRec (Bao et al., 2023) as a RecBole sequential model: an LLM + LoRA that generates the next item's title.
+
+- training: causal-LM loss on Alpaca-style prompts (``recbole_dealrec.data.prompts``), history = the row's
+  ``item_id_list[:item_length]`` titles, response = the target item's title; only LoRA weights train;
+- ranking (``full_sort_predict``): beam search on the prompt, the top beam's text is embedded by the BASE
+  LLM (adapter disabled, last token) and grounded to every item by negative L2 distance to the item-title
+  embeddings (computed once, lazily, cached in memory).
+
+One training sample per user (BIGRec's protocol) is chosen by :class:`recbole_dealrec.bigrec_trainer.BIGRecTrainer`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from logging import getLogger
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+
+from recbole_dealrec.data.prompts import (
+    DEFAULT_INSTRUCTION,
+    LOSS_ON,
+    build_prompt,
+    format_response,
+    read_item_titles,
+    tokenize_samples,
+)
+from recbole_dealrec.model.grounding import ground, last_token_embeddings, with_adapter_disabled
+from recbole_dealrec.model.llm import add_lora, load_causal_lm, resolve_llm_path
+from recbole_dealrec.utils import MODELS, atomic_write
+
+#: Batch size of the (short) item-title embedding passes.
+TITLE_EMB_BATCH = 32
+
+
+def _cfg(config, key, default):
+    value = config[key]
+    return default if value is None else value
+
+
+@MODELS.register("BIGRec")
+class BIGRec(SequentialRecommender):
+    """LLM recommender that generates the next item's title, grounded to items by embedding distance."""
+
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.logger = getLogger()
+        # Titles first: a dataset without titles fails before the (slow) LLM load.
+        self.item_titles: list[str] = read_item_titles(config, dataset)
+        self.instruction: str = _cfg(config, "bigrec_instruction", DEFAULT_INSTRUCTION)
+        self.max_length: Optional[int] = config["llm_max_length"]
+        self.loss_on: str = _cfg(config, "bigrec_loss_on", "all")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"`bigrec_loss_on` must be one of {list(LOSS_ON)}, got {self.loss_on!r}")
+        self.num_beams: int = int(_cfg(config, "num_beams", 4))
+        self.max_new_tokens: int = int(_cfg(config, "max_new_tokens", 64))
+
+        self.item_emb_cache: Optional[str] = config["bigrec_item_emb_cache"]
+        self.llm_path = path = resolve_llm_path(config["llm_path"], config["llm_cache_dir"])
+        llm, self.tokenizer = load_causal_lm(path)
+        self.llm = add_lora(
+            llm,
+            r=int(_cfg(config, "lora_r", 8)),
+            alpha=int(_cfg(config, "lora_alpha", 16)),
+            dropout=float(_cfg(config, "lora_dropout", 0.05)),
+            target_modules=list(_cfg(config, "lora_target_modules", ["q_proj", "v_proj"])),
+        )
+        self._item_emb: Optional[torch.Tensor] = None
+        self.n_prompts = 0
+        self.n_truncated = 0
+
+    # ------------------------------------------------------------------ prompts
+
+    def titles_of(self, item_ids: Sequence[int]) -> list[str]:
+        return [self.item_titles[int(i)] for i in item_ids]
+
+    def histories(self, interaction) -> list[list[str]]:
+        """History titles of each row: ``item_id_list[:item_length]``, oldest first."""
+        seqs = interaction[self.ITEM_SEQ].cpu().numpy()
+        lengths = interaction[self.ITEM_SEQ_LEN].cpu().numpy()
+        return [self.titles_of(seq[: int(n)]) for seq, n in zip(seqs, lengths)]
+
+    def prompts(self, histories: Sequence[Sequence[str]], targets: Optional[Sequence[str]] = None) -> list[str]:
+        """Prompt texts (with responses when ``targets`` is given), cut to ``llm_max_length`` tokens."""
+        texts = []
+        for i, history in enumerate(histories):
+            target = targets[i] if targets is not None else None
+            text, cut = build_prompt(history, target, self.tokenizer, self.max_length, self.instruction)
+            if target is not None:  # the response is added back by tokenize_samples
+                text = text[: len(text) - len(format_response(target))]
+            texts.append(text)
+            self.n_prompts += 1
+            self.n_truncated += int(cut)
+        return texts
+
+    def pop_truncation_stats(self) -> tuple[int, int]:
+        """``(prompts cut, prompts built)`` since the last call; resets the counters."""
+        stats = (self.n_truncated, self.n_prompts)
+        self.n_prompts = self.n_truncated = 0
+        return stats
+
+    def log_truncation(self, what: str) -> None:
+        cut, total = self.pop_truncation_stats()
+        if total:
+            self.logger.info(
+                f"[BIGRec] {what}: {cut} of {total} prompts cut to llm_max_length={self.max_length} tokens "
+                f"(oldest history items dropped)"
+            )
+
+    def batch_tensors(self, interaction) -> dict[str, torch.Tensor]:
+        histories = self.histories(interaction)
+        targets = self.titles_of(interaction[self.POS_ITEM_ID].cpu().numpy())
+        prompts = self.prompts(histories, targets)
+        batch = tokenize_samples(
+            prompts, [format_response(t) for t in targets], self.tokenizer, self.max_length, self.loss_on
+        )
+        device = next(self.llm.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ RecBole API
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def calculate_loss(self, interaction):
+        """Causal-LM loss of the batch rows' prompts (history = ``item_id_list[:item_length]``, response = target)."""
+        return self.forward(**self.batch_tensors(interaction)).loss
+
+    def predict(self, interaction):
+        raise NotImplementedError(
+            "BIGRec scores items only by full ranking (generation + grounding): use full_sort_predict / "
+            "full-sort evaluation (eval_args.mode: full)"
+        )
+
+    @torch.no_grad()
+    def generate(self, histories: Sequence[Sequence[str]]) -> list[str]:
+        """Top beam's generated text for each history (prompt without response), stripped of quotes/space."""
+        prompts = self.prompts(histories)
+        tok = self.tokenizer
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(prompts, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = old_side
+        device = next(self.llm.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        was_training = self.llm.training
+        self.llm.eval()
+        try:
+            out = self.llm.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                num_beams=self.num_beams,
+                num_return_sequences=1,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        finally:
+            self.llm.train(was_training)
+        new_tokens = out[:, enc["input_ids"].shape[1]:]
+        texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
+        return [clean_generation(t) for t in texts]
+
+    def item_embeddings(self) -> torch.Tensor:
+        """Base-LLM embeddings of every item title [n_items, h] (row 0 = padding, zeros).
+
+        Computed once per model and kept in memory; with ``bigrec_item_emb_cache`` set, also stored in (and
+        reused from) that folder, in a file keyed by the LLM's files and the exact titles.
+        """
+        if self._item_emb is None:
+            path = self._item_emb_cache_file()
+            if path is not None and os.path.isfile(path):
+                emb = torch.load(path, map_location="cpu", weights_only=True)
+                if emb.dim() == 2 and emb.shape[0] == len(self.item_titles):
+                    self._item_emb = emb
+                    self.logger.info(f"[BIGRec] item-title embeddings read from {path}")
+                    return self._item_emb
+            with with_adapter_disabled(self.llm) as base:
+                emb = last_token_embeddings(base, self.tokenizer, self.item_titles[1:], batch_size=TITLE_EMB_BATCH)
+            self._item_emb = torch.cat([torch.zeros(1, emb.shape[1], dtype=emb.dtype), emb])
+            if path is not None:
+                with atomic_write(path, "wb") as handle:
+                    torch.save(self._item_emb, handle)
+                self.logger.info(f"[BIGRec] item-title embeddings saved to {path}")
+        return self._item_emb
+
+    def _item_emb_cache_file(self) -> Optional[str]:
+        folder = self.item_emb_cache
+        if not folder:
+            return None
+        digest = hashlib.sha256()
+        for name in sorted(os.listdir(self.llm_path)):  # the LLM's files: names, sizes, mtimes
+            full = os.path.join(self.llm_path, name)
+            if os.path.isfile(full):
+                st = os.stat(full)
+                digest.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        digest.update(os.path.abspath(self.llm_path).encode())
+        digest.update("\x1e".join(self.item_titles).encode())
+        return os.path.join(os.path.expanduser(str(folder)), f"item_emb-{digest.hexdigest()[:20]}.pt")
+
+    @torch.no_grad()
+    def ground_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Scores [len(texts), n_items] of generated texts: -L2 distance of base-LLM embeddings; column 0 = -inf.
+
+        An empty text scores every item 0 (all tied).
+        """
+        item_emb = self.item_embeddings()
+        scores = torch.zeros(len(texts), item_emb.shape[0], dtype=torch.float64)
+        nonempty = [i for i, t in enumerate(texts) if t]
+        if nonempty:
+            with with_adapter_disabled(self.llm) as base:
+                gen = last_token_embeddings(
+                    base, self.tokenizer, [texts[i] for i in nonempty], batch_size=TITLE_EMB_BATCH
+                )
+            scores[nonempty] = ground(gen, item_emb).cpu()
+        scores[:, 0] = -np.inf
+        return scores.float()
+
+    def full_sort_predict(self, interaction):
+        """Scores [B, n_items]: beam-search generation grounded to every item (see :meth:`ground_texts`)."""
+        texts = self.generate(self.histories(interaction))
+        return self.ground_texts(texts).to(interaction[self.ITEM_SEQ].device)
+
+    # ------------------------------------------------------------------ LoRA state
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the LoRA weights (``peft.get_peft_model_state_dict``), on CPU."""
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.llm).items()}
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.llm, state)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise RuntimeError(f"LoRA checkpoint has unexpected keys: {unexpected[:5]}")
+
+    def other_parameter(self):
+        return None
+
+
+def clean_generation(text: str) -> str:
+    """Generated answer -> title candidate: first line, whitespace and surrounding double quotes stripped."""
+    text = text.strip()
+    if "\n" in text:
+        text = text.split("\n", 1)[0].strip()
+    if text.startswith('"'):
+        text = text[1:]
+        end = text.find('"')
+        if end >= 0:
+            text = text[:end]
+    return text.strip().strip('"').strip()

@@ -1,0 +1,184 @@
+"""BIGRec grounding: map generated text to real items by embedding distance.
+
+BIGRec (and DEALRec's evaluation) embeds each item title and each generated
+answer with the *base* LLM (adapter disabled): the final-layer hidden state of
+the last real token.  Items are ranked by L2 distance to the generated
+answer's embedding.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def with_adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Context in which ``model`` behaves as its base LLM.
+
+    For a ``peft.PeftModel`` this is ``model.disable_adapter()``; a
+    transformers model carrying adapters via ``add_adapter`` gets
+    ``disable_adapters()`` / ``enable_adapters()``; a plain model (no adapter)
+    is yielded unchanged.
+    """
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        PeftModel = ()  # type: ignore[assignment]
+    if PeftModel and isinstance(model, PeftModel):
+        with model.disable_adapter():
+            yield model
+    elif getattr(model, "_hf_peft_config_loaded", False):
+        model.disable_adapters()
+        try:
+            yield model
+        finally:
+            model.enable_adapters()
+    else:
+        yield model
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real (mask == 1) token per row: [b, T] -> [b].
+
+    Correct for left padding (always ``T-1``) and right padding alike.
+    """
+    T = attention_mask.shape[-1]
+    pos = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(-1).values.clamp_min(0)
+
+
+@torch.no_grad()
+def last_token_embeddings(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 16,
+    show_progress: bool = False,
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """Final-layer hidden state of each text's last non-pad token: ``texts`` -> [n, hidden].
+
+    The model is used as given (pass the base model, or wrap the call in
+    :func:`with_adapter_disabled`), in eval mode, without gradients; its
+    train/eval mode is restored afterwards.  Position ids are counted over real
+    tokens, so an embedding does not depend on how much padding (left or
+    right) its batch needed.  Identical texts are embedded once and share a
+    bit-identical row (so duplicate item titles get exactly equal scores in
+    :func:`ground`).
+
+    Returns:
+        CPU tensor [len(texts), hidden] in the model's dtype (half precision
+        upcast to float32).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokenizer.pad_token is None:
+        # Padding is needed for batching; any real token works since padded
+        # positions are masked out and never read.
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = list(texts)
+    unique = list(dict.fromkeys(texts))  # order-preserving dedupe
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chunks: list[torch.Tensor] = []
+    starts = range(0, len(unique), batch_size)
+    if show_progress:
+        try:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="embedding texts")
+        except ImportError:  # pragma: no cover
+            pass
+    try:
+        for s in starts:
+            enc = tokenizer(
+                unique[s : s + batch_size],
+                padding=True,
+                truncation=max_length is not None,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            ids = enc["input_ids"].to(device)
+            mask = enc["attention_mask"].to(device)
+            pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, use_cache=False
+            )
+            hidden = out.hidden_states[-1]  # [b, T, h], after the final norm in HF decoders
+            idx = last_token_index(mask)
+            emb = hidden[torch.arange(hidden.shape[0], device=device), idx]
+            if emb.dtype in (torch.float16, torch.bfloat16):
+                emb = emb.float()
+            chunks.append(emb.detach().cpu())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        hidden_size = getattr(getattr(model, "config", None), "hidden_size", 0)
+        return torch.zeros(0, hidden_size)
+    table = torch.cat(chunks)
+    if len(unique) == len(texts):
+        return table
+    row = {t: i for i, t in enumerate(unique)}
+    return table[torch.tensor([row[t] for t in texts])]
+
+
+def ground(generated_emb: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
+    """Grounding scores: negative L2 distance, higher = closer. [b, h], [n_items, h] -> [b, n_items].
+
+    Computed with ``torch.cdist`` in float64 (the matmul-based path loses
+    precision in float32 for large hidden-state norms).  Every item gets a
+    score: items with identical embeddings (e.g. shared titles) are kept, not
+    collapsed, and get exactly equal scores (distances are computed once per
+    distinct embedding row and broadcast back), so ties are left to the
+    caller's ranking rule.
+    """
+    if generated_emb.dim() != 2 or item_emb.dim() != 2 or generated_emb.shape[1] != item_emb.shape[1]:
+        raise ValueError(
+            f"ground: expected [b, h] and [n_items, h], got {tuple(generated_emb.shape)} and {tuple(item_emb.shape)}"
+        )
+    gen = generated_emb.detach().to(torch.float64)
+    items = item_emb.detach().to(device=gen.device, dtype=torch.float64)
+    if items.shape[0] == 0 or gen.shape[0] == 0:
+        return gen.new_zeros(gen.shape[0], items.shape[0])
+    dedup = _duplicate_rows(items)
+    if dedup is None:
+        return -torch.cdist(gen, items)
+    keep, inverse = dedup
+    return -torch.cdist(gen, items[keep])[:, inverse]
+
+
+def _duplicate_rows(x: torch.Tensor, prefix: int = 16) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exact duplicate rows of ``x`` [n, h]: ``(first-occurrence indices [u], inverse [n])``, or None if all distinct.
+
+    Rows are bucketed by the bytes of their first ``prefix`` values (cheap;
+    a full sort/hash of [n, h] costs seconds for 20k x 4096), and only rows
+    colliding there are compared in full.
+    """
+    keys = x[:, :prefix].contiguous().cpu().numpy()
+    buckets: dict[bytes, list[int]] = {}
+    for i, k in enumerate(keys):
+        buckets.setdefault(k.tobytes(), []).append(i)
+    if len(buckets) == x.shape[0]:
+        return None
+    inverse = torch.empty(x.shape[0], dtype=torch.long)
+    keep: list[int] = []
+    for members in buckets.values():
+        reps: list[tuple[int, int]] = []  # (row, kept slot) of distinct full rows in this bucket
+        for i in members:
+            slot = next((sl for r, sl in reps if torch.equal(x[i], x[r])), None)
+            if slot is None:
+                slot = len(keep)
+                keep.append(i)
+                reps.append((i, slot))
+            inverse[i] = slot
+    if len(keep) == x.shape[0]:
+        return None
+    return torch.tensor(keep, dtype=torch.long, device=x.device), inverse.to(x.device)
+
+
+__all__ = ["with_adapter_disabled", "last_token_index", "last_token_embeddings", "ground"]

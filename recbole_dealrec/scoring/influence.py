@@ -1,0 +1,149 @@
+"""DEALRec influence scores (Eq. 11) of every training user on the surrogate's empirical risk.
+
+    v = mean gradient over users,  x = (H + damping I)^-1 v  (one iHVP, `ihvp_solver`),
+    I(u) = <grad L_u, x>  for every user u, by forward-mode jvp in batches (no per-user backward).
+
+L_u is the surrogate's per-user loss (see ``recbole_dealrec.surrogate.loss``: a SUM over the user's
+prefixes); H and v are of R = (1/n_users) sum_u L_u. Removing user u changes R by about +I(u)/n: a high
+score marks a user whose removal would hurt. Scores are cached under a key of the surrogate, the
+influence keys and the data.
+
+Config keys (``properties/overall.yaml``): ``influence_params`` (regex patterns, ``re.search``, on parameter
+names; default every trainable parameter), ``ihvp_solver`` (cg | lissa | exact), ``influence_damping``
+(the lambda of (H + lambda I) for every solver; LiSSA's own damping is lambda / lissa_scale),
+``lissa_scale``, ``lissa_depth``, ``lissa_repeats``, ``lissa_batch_users``, ``cg_max_iter``, ``ihvp_tol``,
+``influence_batch_rows``, ``influence_hessian`` (gauss_newton: PSD, safe for CG; exact: the true Hessian by
+double backprop, indefinite on a trained SASRec, the paper's choice with LiSSA). LiSSA's stochastic steps
+always use the exact Hessian of the sampled users.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from logging import getLogger
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from recbole.data.interaction import cat_interactions
+from recbole.utils import set_color
+
+from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.scoring.cache import cached_scores
+from recbole_dealrec.scoring.hessian import SOLVERS, ensure_finite, lissa_damping_for, solve
+from recbole_dealrec.scoring.influence_core import (
+    directional_derivatives,
+    flatten,
+    make_hvp,
+    make_stochastic_hvp,
+    mean_gradient,
+    select_parameters,
+    unflatten,
+)
+from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, UserBatch, user_batches
+from recbole_dealrec.surrogate.train import cache_dir
+
+INFLUENCE_KEYS = ("influence_params", "influence_hessian", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
+                  "lissa_repeats", "lissa_batch_users", "cg_max_iter", "ihvp_tol", "seed")
+
+
+@dataclasses.dataclass
+class InfluenceResult:
+    """Influence score per user: ``tokens`` [n] (user tokens), ``scores`` [n] float64, plus solve facts."""
+
+    tokens: np.ndarray
+    scores: np.ndarray
+    meta: dict
+
+
+def check_influence_config(config: Mapping[str, Any]) -> None:
+    """Validate the influence keys before any training starts."""
+    if str(config["ihvp_solver"]).lower() not in SOLVERS:
+        raise ConfigError(f"ihvp_solver must be one of {', '.join(SOLVERS)}, got {config['ihvp_solver']!r}")
+    patterns = config["influence_params"]
+    if not isinstance(patterns, (list, tuple)) or not patterns or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"influence_params must be a non-empty list of regex patterns, got {patterns!r}")
+    if config["influence_hessian"] not in ("gauss_newton", "exact"):
+        raise ConfigError(f"influence_hessian must be gauss_newton or exact, got {config['influence_hessian']!r}")
+    for key in ("influence_damping", "lissa_scale", "ihvp_tol"):
+        if not isinstance(config[key], (int, float)) or config[key] < 0 or (key != "influence_damping" and config[key] == 0):
+            raise ConfigError(f"{key} must be a positive number, got {config[key]!r}")
+    for key in ("lissa_depth", "lissa_repeats", "lissa_batch_users", "cg_max_iter", "influence_batch_rows"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise ConfigError(f"{key} must be an integer >= 1, got {config[key]!r}")
+
+
+def _user_sampler(singles: list[UserBatch], users_per_step: int):
+    """Stochastic-HVP batches for LiSSA: ``users_per_step`` users drawn uniformly with the solver's generator."""
+
+    def sample(generator: torch.Generator) -> UserBatch:
+        picks = torch.randint(len(singles), (users_per_step,), generator=generator).tolist()
+        parts = [singles[p] for p in picks]
+        segment = torch.cat([torch.full((len(part.segment),), i, dtype=torch.long) for i, part in enumerate(parts)])
+        interaction = cat_interactions([part.interaction for part in parts])
+        return UserBatch(interaction, segment, np.concatenate([part.user_ids for part in parts]))
+
+    return sample
+
+
+def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_progress: bool = False) -> InfluenceResult:
+    """Influence score of every user with training samples in the surrogate's train data."""
+    logger = getLogger()
+    model = surrogate.model
+    loss = SurrogateLoss(model)
+    params = select_parameters(model.named_parameters(), list(config["influence_params"]))
+    batches = user_batches(surrogate.train_dataset, config["influence_batch_rows"])
+    n_users = sum(len(b) for b in batches)
+    m = sum(p.numel() for p in params.values())
+    logger.info(set_color("[Influence]", "pink") + f" {n_users} users, {m} scored parameters in {len(params)} tensors")
+
+    v = flatten(mean_gradient(loss, params, batches, n_users))
+    ensure_finite(v, "mean gradient")
+    if config["influence_hessian"] == "gauss_newton":
+        hvp = loss.gauss_newton_hvp(params, batches, n_users)
+    else:
+        hvp = make_hvp(loss, params, batches, n_users)
+    solver = str(config["ihvp_solver"]).lower()
+    damping = float(config["influence_damping"])
+    kwargs: dict[str, Any] = {}
+    if solver == "cg":
+        kwargs["max_iter"] = config["cg_max_iter"]
+    elif solver == "lissa":
+        scale = float(config["lissa_scale"])
+        generator = torch.Generator().manual_seed(int(config["seed"]))
+        kwargs.update(scale=scale, depth=config["lissa_depth"], repeats=config["lissa_repeats"],
+                      generator=generator, show_progress=show_progress,
+                      hvp_sampler=make_stochastic_hvp(
+                          loss, params, _user_sampler(user_batches(surrogate.train_dataset, 1), config["lissa_batch_users"])
+                      ))
+        damping = lissa_damping_for(damping, scale)
+    result = solve(solver, v, hvp=hvp, damping=damping, tol=config["ihvp_tol"], **kwargs)
+    ensure_finite(result.x, "ihvp")
+    logger.info(set_color("[Influence]", "pink") + f" {solver}: relative residual {result.residual}, "
+                f"{result.iterations} iterations, damping {result.effective_damping}")
+
+    scores = directional_derivatives(loss, params, unflatten(result.x, params), batches).double().cpu().numpy()
+    user_ids = np.concatenate([b.user_ids for b in batches])
+    tokens = surrogate.train_dataset.id2token(surrogate.train_dataset.uid_field, user_ids)
+    meta = {"solver": solver, "residual": result.residual, "iterations": result.iterations,
+            "effective_damping": result.effective_damping, "converged": result.converged,
+            "scored_parameters": m, "parameter_names": list(params), "n_users": n_users}
+    return InfluenceResult(np.asarray(tokens).astype(str), scores, meta)
+
+
+def cached_influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun) -> InfluenceResult:
+    """:func:`influence_scores`, reused from ``<output_dir>/<dataset>/cache`` when nothing it depends on changed."""
+    key_items = {k: config[k] for k in INFLUENCE_KEYS}
+    key = hashlib.sha256(json.dumps({"surrogate": surrogate.key, **key_items}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(config), f"influence-{key}.tsv")
+
+    def compute():
+        result = influence_scores(config, surrogate, show_progress=bool(config["show_progress"]))
+        return result.tokens, result.scores, {**result.meta, **key_items, "surrogate_key": surrogate.key}
+
+    tokens, scores, meta = cached_scores(path, compute)
+    if meta["cached"]:
+        getLogger().info(set_color("[Influence]", "pink") + f" reused {path}")
+    return InfluenceResult(tokens, scores, {**meta, "path": path})

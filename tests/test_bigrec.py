@@ -1,0 +1,391 @@
+"""BIGRec on RecBole's real ml-100k pipeline with a tiny random Llama (no downloads, no files from a hub).
+
+The tiny LLM uses a byte-level tokenizer (one token per byte, no merges) built in memory, so every title
+tokenises to a distinct sequence and decoding is exact.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import recbole_dealrec.model.bigrec  # noqa: F401  (registers BIGRec)
+import recbole_dealrec.trainer as plugin_trainers
+from recbole_dealrec.bigrec_trainer import BIGRecTrainer
+from recbole_dealrec.config import DealrecConfig
+from recbole_dealrec.data import create_dataset, data_preparation
+from recbole_dealrec.data.prompts import (
+    build_prompt,
+    format_prompt,
+    read_item_titles,
+    tokenize_samples,
+    user_samples,
+)
+from recbole_dealrec.model.bigrec import BIGRec, clean_generation
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are far too small for intra-op threads: on shared cores, OpenMP's waiting makes
+    them ~100x slower with 2 threads than with 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- tiny LLM
+
+
+def make_byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny_llm")
+    tok = make_byte_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llm_path, local_files_only=True)
+
+
+def tiny_bigrec_config(llm_path: str, tmp) -> dict:
+    return {
+        "llm_path": llm_path,
+        "MAX_ITEM_LIST_LENGTH": 10,
+        "llm_max_length": 384,
+        "num_beams": 2,
+        "max_new_tokens": 8,
+        "train_batch_size": 4,
+        "eval_batch_size": 8,
+        "epochs": 1,
+        "show_progress": False,
+        "checkpoint_dir": str(tmp / "ckpt"),
+        "output_dir": str(tmp / "out"),
+    }
+
+
+@pytest.fixture(scope="module")
+def ml100k(tiny_llm_path, tmp_path_factory):
+    """(config, dataset, train, valid, test) of ml-100k with BIGRec's config."""
+    tmp = tmp_path_factory.mktemp("bigrec_run")
+    config = DealrecConfig("BIGRec", "ml-100k", config_dict=tiny_bigrec_config(tiny_llm_path, tmp))
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    return config, dataset, train, valid, test
+
+
+@pytest.fixture
+def model(ml100k):
+    config, _, train, _, _ = ml100k
+    torch.manual_seed(0)
+    return BIGRec(config, train.dataset)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_prompt_format_and_truncation_drops_oldest_first(tokenizer):
+    titles = [f"Movie number {i} (19{i:02d})" for i in range(30)]
+    text, cut = build_prompt(titles[:3], "Target", tokenizer, None, "Do it.")
+    assert not cut
+    assert text == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nDo it.\n\n"
+        '### Input:\n"Movie number 0 (1900)", "Movie number 1 (1901)", "Movie number 2 (1902)"\n\n'
+        '### Response:\n"Target"'
+    )
+    full_len = len(tokenizer(text)["input_ids"]) + 1  # + eos
+    text, cut = build_prompt(titles[:3], "Target", tokenizer, full_len, "Do it.")
+    assert not cut
+
+    budget = 600
+    text, cut = build_prompt(titles, "Target", tokenizer, budget, "Do it.")
+    assert cut
+    n = len(tokenizer(text)["input_ids"]) + 1
+    assert n <= budget
+    kept = text.split("### Input:\n", 1)[1].split("\n\n### Response:", 1)[0]
+    kept_titles = [t.strip('"') for t in kept.split('", "')]
+    assert kept_titles == titles[-len(kept_titles):]  # newest kept, oldest dropped
+    assert 0 < len(kept_titles) < len(titles)
+    # one more (older) title would not fit
+    longer = format_prompt(titles[-len(kept_titles) - 1:], "Do it.") + '"Target"'
+    assert len(tokenizer(longer)["input_ids"]) + 1 > budget
+
+    # prompts without response (generation) count only the prompt
+    text, cut = build_prompt(titles, None, tokenizer, budget, "Do it.")
+    assert cut and text.endswith("### Response:\n") and len(tokenizer(text)["input_ids"]) <= budget
+
+
+def test_tokenize_samples_labels(tokenizer):
+    prompts = [format_prompt(["A"]), format_prompt(["A", "Bb"])]
+    batch = tokenize_samples(prompts, ['"X"', '"Yy"'], tokenizer, loss_on="all")
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape == mask.shape == labels.shape and ids.shape[0] == 2
+    n0 = len(tokenizer(prompts[0] + '"X"')["input_ids"]) + 1
+    assert mask[0].sum() == n0 and ids[0, n0 - 1] == tokenizer.eos_token_id  # eos appended, right padding
+    assert (labels[mask == 1] == ids[mask == 1]).all() and (labels[mask == 0] == -100).all()
+    resp = tokenize_samples(prompts, ['"X"', '"Yy"'], tokenizer, loss_on="response")["labels"]
+    assert (resp[0] != -100).sum() == 3 + 1 and (resp[1] != -100).sum() == 4 + 1
+    with pytest.raises(ValueError, match="bigrec_loss_on"):
+        tokenize_samples(prompts, ['"X"', '"Yy"'], tokenizer, loss_on="nope")
+
+
+def test_read_item_titles_exact(ml100k):
+    config, dataset, train, _, _ = ml100k
+    titles = read_item_titles(config, train.dataset)
+    assert len(titles) == train.dataset.item_num and titles[0] == ""
+    iid = train.dataset.token2id(train.dataset.iid_field, ["1", "2"])
+    assert [titles[i] for i in iid] == ["Toy Story", "GoldenEye"]
+    assert all(titles[1:])
+
+
+def test_one_sample_per_user(ml100k):
+    config, dataset, train, valid, _ = ml100k
+    users, histories, targets = user_samples(train.dataset)
+    train_users = np.unique(train.dataset.inter_feat["user_id"].numpy())
+    assert np.array_equal(users, train_users) and len(histories) == len(targets) == len(users)
+    # the valid row's history (all training items, cut to MAX_ITEM_LIST_LENGTH) ends with the sample's
+    # history + target: the sample is the user's last training row
+    vfeat = valid.dataset.inter_feat
+    vuid = vfeat["user_id"].numpy()
+    pos = {u: i for i, u in enumerate(users)}
+    for r in range(0, len(vuid), 50):
+        u = vuid[r]
+        vhist = vfeat["item_id_list"][r][: vfeat["item_length"][r]].tolist()
+        mine = histories[pos[u]] + [int(targets[pos[u]])]
+        k = min(len(vhist), len(mine))
+        assert vhist[-k:] == mine[-k:]
+        if len(vhist) < config["MAX_ITEM_LIST_LENGTH"]:  # history not cut: all earlier training items
+            assert len(histories[pos[u]]) == len(vhist) - 1
+
+    trainer = BIGRecTrainer.__new__(BIGRecTrainer)  # only the loader helper is needed
+    trainer.config, trainer.logger = config, logging.getLogger()
+    one = trainer.one_sample_per_user(train)
+    assert len(one.dataset) == len(users)
+    assert np.array_equal(np.sort(one.dataset.inter_feat["item_id"].numpy()), np.sort(targets))
+
+
+# --------------------------------------------------------------------------- model + trainer
+
+
+def test_training_step_lowers_loss_and_lora_checkpoint_roundtrip(ml100k, model, tmp_path):
+    config, _, train, _, _ = ml100k
+    batch = train.dataset[torch.arange(4)]
+    trainer = BIGRecTrainer(config, model)
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad
+    }
+    for g in trainer.optimizer.param_groups:
+        g["lr"] = 1e-2
+    model.eval()  # no dropout: the comparison is exact
+    with torch.no_grad():
+        before = model.calculate_loss(batch).item()
+    for _ in range(5):
+        trainer.optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        trainer.optimizer.step()
+    with torch.no_grad():
+        after = model.calculate_loss(batch).item()
+    assert after < before
+
+    trainer.saved_model_file = str(tmp_path / "BIGRec-test.pth")
+    trainer._save_checkpoint(0, verbose=False)
+    state = BIGRecTrainer.load_checkpoint(trainer.saved_model_file)
+    assert state["lora"] and all("lora_" in k for k in state["lora"])
+    n_lora = sum(v.numel() for v in state["lora"].values())
+    assert n_lora == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # atomic write left nothing behind
+
+    fresh = BIGRec(config, train.dataset)
+    fresh_trainer = BIGRecTrainer(config, fresh)
+    fresh_trainer.resume_checkpoint(trainer.saved_model_file)
+    assert fresh_trainer.start_epoch == 1
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    fresh.eval()
+    with torch.no_grad():
+        assert fresh.calculate_loss(batch).item() == pytest.approx(after, rel=1e-6)
+
+
+def test_full_sort_predict_and_grounding(ml100k, model):
+    config, _, train, _, test = ml100k
+    interaction = test.dataset[torch.arange(3)]
+    scores = model.full_sort_predict(interaction)
+    assert scores.shape == (3, train.dataset.item_num)
+    assert torch.isinf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
+
+    titles = model.item_titles
+    iid = train.dataset.token2id(train.dataset.iid_field, ["1", "50", "100"])
+    forced = [titles[i] for i in iid]
+    s = model.ground_texts(forced)
+    assert s.argmax(1).tolist() == list(iid)
+    # items sharing a title get equal scores (all of them ranked)
+    first: dict[str, int] = {}
+    dup = None
+    for i, t in enumerate(titles[1:], 1):
+        if t in first:
+            dup = (first[t], i)
+            break
+        first[t] = i
+    assert dup is not None  # ml-100k has repeated titles
+    if dup is not None:
+        a, b = dup
+        s = model.ground_texts([titles[a], "Toy Story"])
+        assert torch.equal(s[:, a], s[:, b]) and set(s[0].topk(2).indices.tolist()) == {a, b}
+    assert clean_generation(' "Toy Story"\nmore') == "Toy Story"
+    with pytest.raises(NotImplementedError, match="full_sort_predict"):
+        model.predict(interaction)
+
+
+def test_item_embedding_disk_cache(ml100k, tiny_llm_path, tmp_path):
+    _, _, train, _, _ = ml100k
+    cfg = {**tiny_bigrec_config(tiny_llm_path, tmp_path), "bigrec_item_emb_cache": str(tmp_path / "emb")}
+    config = DealrecConfig("BIGRec", "ml-100k", config_dict=cfg)
+    first = BIGRec(config, train.dataset).item_embeddings()
+    files = os.listdir(tmp_path / "emb")
+    assert len(files) == 1 and first.shape[0] == train.dataset.item_num and not first[0].any()
+    again = BIGRec(config, train.dataset)
+    again.llm = None  # the cached file must be read, not recomputed
+    assert torch.equal(again.item_embeddings(), first)
+
+
+def test_missing_title_field_and_llm_path_errors(ml100k, tiny_llm_path, tmp_path):
+    config, _, train, _, _ = ml100k
+    for value in (None, "no_such_column"):
+        bad = DealrecConfig(
+            "BIGRec", "ml-100k", config_dict={**tiny_bigrec_config(tiny_llm_path, tmp_path), "title_field": value}
+        )
+        with pytest.raises(ValueError, match="title_field"):
+            BIGRec(bad, train.dataset)
+    bad = DealrecConfig(
+        "BIGRec", "ml-100k", config_dict={**tiny_bigrec_config(str(tmp_path / "missing"), tmp_path)}
+    )
+    with pytest.raises(FileNotFoundError, match="llm_path"):
+        BIGRec(bad, train.dataset)
+
+
+def test_fit_early_stops_on_valid_loss_and_resumes(ml100k, tiny_llm_path, tmp_path):
+    base = tiny_bigrec_config(tiny_llm_path, tmp_path)
+    config = DealrecConfig("BIGRec", "ml-100k", config_dict={**base, "epochs": 2, "gradient_accumulation_steps": 2})
+    _, dataset, train, valid, test = ml100k
+    from recbole_dealrec.data import prune_train_data
+
+    train = prune_train_data(config, train, np.unique(train.dataset.inter_feat["user_id"].numpy())[:6])
+    small_valid = valid.dataset.copy(valid.dataset.inter_feat[torch.arange(16)])
+    torch.manual_seed(0)
+    trainer = BIGRecTrainer(config, BIGRec(config, train.dataset))
+    best, result = trainer.fit(train, small_valid, saved=True)
+    assert np.isfinite(best) and result == {"valid_loss": pytest.approx(best, abs=1e-6)}
+    assert os.path.isfile(trainer.saved_model_file) and os.path.isfile(trainer.last_model_file)
+    assert BIGRecTrainer.load_checkpoint(trainer.last_model_file)["epoch"] == 1
+
+    resumed = BIGRecTrainer(config, BIGRec(config, train.dataset))
+    resumed.resume_checkpoint()  # newest -last.pth in checkpoint_dir
+    assert resumed.start_epoch == 2 and resumed.best_valid_score == pytest.approx(best)
+    assert resumed.fit(train, small_valid)[0] == pytest.approx(best)  # nothing left to train
+
+    config["valid_user_subset"] = 7
+    rows = []
+    monkey = trainer.model.calculate_loss
+    trainer.model.calculate_loss = lambda inter: rows.append(len(inter)) or monkey(inter)
+    assert np.isfinite(trainer.validation_loss(valid)) and sum(rows) == 7
+    config["eval_user_subset"] = 5
+    sub_a = resumed.eval_subset(test)
+    sub_b = BIGRecTrainer(config, resumed.model).eval_subset(test)
+    assert len(sub_a.dataset) == 5
+    assert torch.equal(sub_a.dataset.inter_feat["user_id"], sub_b.dataset.inter_feat["user_id"])
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_run_recbole_end_to_end(tiny_llm_path, tmp_path, monkeypatch):
+    from recbole_dealrec.quick_start import run_recbole
+
+    # until recbole_dealrec/trainer.py imports it
+    monkeypatch.setattr(plugin_trainers, "BIGRecTrainer", BIGRecTrainer, raising=False)
+    result = run_recbole(
+        model="BIGRec",
+        config_dict={
+            **tiny_bigrec_config(tiny_llm_path, tmp_path),
+            "sampler": "random",
+            "selection_num": 8,
+            "eval_user_subset": 16,
+        },
+    )
+    test_result = result["test_result"]
+    assert "recall@10" in test_result and "ndcg@10" in test_result
+    assert 0.0 <= test_result["recall@10"] <= 1.0
+    assert np.isfinite(result["best_valid_score"])
+
+
+def test_presplit_games_exact_titles_and_multi_target_subset(tiny_llm_path, tmp_path):
+    """The paper's pre-split format (games): exact titles (quotes, spaces, duplicates), multi-target test rows."""
+    from test_importer import TITLES, write_paper_folder
+
+    from recbole_dealrec.data.importer import import_paper_dataset
+
+    write_paper_folder(tmp_path / "paper")
+    import_paper_dataset(str(tmp_path / "paper"), str(tmp_path / "data" / "games"))
+    config = DealrecConfig(
+        "BIGRec",
+        "games",
+        config_dict={**tiny_bigrec_config(tiny_llm_path, tmp_path), "data_path": str(tmp_path / "data"),
+                     "eval_user_subset": 2, "topk": [2]},
+    )
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    model = BIGRec(config, train.dataset)
+    tokens = dataset.id2token("item_id", np.arange(1, dataset.item_num))
+    assert {int(t): model.item_titles[i] for i, t in enumerate(tokens, 1)} == TITLES
+    anno = [dataset.token2id("item_id", "2"), dataset.token2id("item_id", "3")]
+    scores = model.ground_texts(["Anno 2070"])
+    assert set(scores[0].topk(2).indices.tolist()) == set(anno) and scores[0, anno[0]] == scores[0, anno[1]]
+
+    trainer = BIGRecTrainer(config, model)
+    best, _ = trainer.fit(train, valid, saved=True)
+    assert np.isfinite(best)
+    sub = trainer.eval_subset(test)
+    assert len(sub.dataset) == 2 and sub.dataset.multi_targets.shape[0] == 2
+    result = trainer.evaluate(test, load_best_model=True)
+    assert set(result) == {"recall@2", "ndcg@2"}

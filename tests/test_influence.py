@@ -1,0 +1,173 @@
+"""Influence scores on RecBole surrogates (real ml-100k pipeline, tiny models)."""
+import numpy as np
+import pytest
+import torch
+
+from recbole_dealrec.config import DealrecConfig
+from recbole_dealrec.data import create_dataset, data_preparation
+from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.scoring.hessian import conjugate_gradient, dense_hessian, exact_solve, lissa, lissa_damping_for
+from recbole_dealrec.scoring.influence import cached_influence_scores, check_influence_config
+from recbole_dealrec.scoring.influence_core import (
+    directional_derivatives,
+    flatten,
+    make_hvp,
+    per_sample_gradient_dot_loop,
+    select_parameters,
+)
+from recbole_dealrec.surrogate import SurrogateLoss, surrogate_config, train_surrogate, user_batches
+from recbole_dealrec.utils import get_model
+
+TINY = {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 6,
+        "epochs": 1, "train_batch_size": 1024, "show_progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def untrained(model_name):
+    config = DealrecConfig(model_name, "ml-100k", config_dict=TINY)
+    train, _, _ = data_preparation(config, create_dataset(config))
+    torch.manual_seed(0)
+    model = get_model(model_name)(config, train.dataset).double().eval()
+    return model, train.dataset
+
+
+@pytest.mark.parametrize("model_name", ["SASRec", "BERT4Rec"])
+def test_batched_scores_equal_per_user_backward_loop(model_name):
+    model, dataset = untrained(model_name)
+    loss = SurrogateLoss(model)
+    params = select_parameters(model.named_parameters(), [".*"])
+    generator = torch.Generator().manual_seed(1)
+    direction = {k: torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in params.items()}
+    batches = user_batches(dataset, 300, user_ids=np.arange(1, 13))
+    assert sum(len(b) for b in batches) == 12 and len(batches) > 1
+    batched = directional_derivatives(loss, params, direction, batches)
+    loop = per_sample_gradient_dot_loop(loss, params, direction, batches, lambda b: b.split())
+    assert batched.abs().max() > 1e-3
+    torch.testing.assert_close(batched, loop, rtol=1e-9, atol=1e-9)
+
+
+def test_per_user_loss_is_the_sum_of_recbole_ce_over_the_users_prefixes():
+    model, dataset = untrained("SASRec")
+    batch = user_batches(dataset, 10_000, user_ids=[3, 5])[0]
+    per_user = SurrogateLoss(model)({}, batch)
+    for index in range(2):
+        rows = batch.interaction[torch.nonzero(batch.segment == index, as_tuple=True)[0]]
+        # RecBole's own CE training loss is the batch mean over rows.
+        expected = model.calculate_loss(rows) * len(rows)
+        torch.testing.assert_close(per_user[index], expected)
+
+
+def small_problem():
+    model, dataset = untrained("SASRec")
+    loss = SurrogateLoss(model)
+    # One 8-parameter tensor: small enough to form both Hessians densely.
+    params = select_parameters(model.named_parameters(), [r"trm_encoder\.layer\.0\.multi_head_attention\.dense\.bias$"])
+    batches = user_batches(dataset, 400, user_ids=np.arange(1, 21))
+    return model, loss, params, batches
+
+
+def test_gauss_newton_hvp_equals_explicit_jacobian_product():
+    model, loss, params, batches = small_problem()
+    ggn = loss.gauss_newton_hvp(params, batches, n_total=20)
+    name, value = next(iter(params.items()))
+    dense = torch.zeros(value.numel(), value.numel(), dtype=torch.float64)
+    for batch in batches:
+        prob = torch.softmax(loss.logits(params, batch.interaction).detach(), -1)  # [rows, items]
+        jac = torch.func.jacfwd(lambda w: loss.logits({name: w}, batch.interaction))(value.detach())  # [rows, items, m]
+        # sum_r J_r^T (diag(p_r) - p_r p_r^T) J_r
+        jp = torch.einsum("rkm,rk->rm", jac, prob)
+        dense += (torch.einsum("rkm,rk,rkn->mn", jac, prob, jac) - jp.T @ jp) / 20
+    torch.testing.assert_close(dense_hessian(ggn, value.numel()), dense, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("hessian", ["gauss_newton", "exact"])
+def test_cg_and_lissa_agree_with_the_exact_inverse(hessian):
+    model, loss, params, batches = small_problem()
+    hvp = loss.gauss_newton_hvp(params, batches, 20) if hessian == "gauss_newton" else make_hvp(loss, params, batches, 20)
+    m = sum(p.numel() for p in params.values())
+    dense = dense_hessian(hvp, m)
+    v = torch.randn(m, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lam_min, lam_max = torch.linalg.eigvalsh(dense)[[0, -1]].tolist()
+    damping = max(0.0, -lam_min) + 0.05 * lam_max  # positive definite for both Hessians
+    exact = exact_solve(dense, v, damping)
+    cg = conjugate_gradient(hvp, v, damping=damping, tol=1e-10)
+    torch.testing.assert_close(cg.x, exact, rtol=1e-6, atol=1e-8)
+    scale = 1.5 * (lam_max + damping)
+    # LiSSA on the dense matrix: 3000 surrogate HVPs would be slow; the HVP itself is checked above.
+    result = lissa(lambda x, g: dense @ x, v, damping=lissa_damping_for(damping, scale), scale=scale, depth=3000)
+    torch.testing.assert_close(result.x, exact, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def run_config(tmp_path):
+    return DealrecConfig("SASRec", "ml-100k", config_dict={
+        **TINY, "output_dir": str(tmp_path / "out"), "checkpoint_dir": str(tmp_path / "ckpt"),
+        "surrogate_config": {**TINY, "epochs": 2}, "influence_batch_rows": 4096, "cg_max_iter": 3,
+        # The paper's choice of scored parameters: one attention output projection.
+        "influence_params": [r"trm_encoder\.layer\.0\.multi_head_attention\.dense\.weight$"],
+    })
+
+
+@pytest.mark.filterwarnings("ignore:iHVP solve")
+def test_influence_end_to_end_cached_and_reused(run_config, monkeypatch):
+    surrogate = train_surrogate(run_config)
+    first = cached_influence_scores(run_config, surrogate)
+    assert len(first.tokens) == 943 and np.isfinite(first.scores).all() and first.scores.std() > 0
+    assert first.meta["cached"] is False and first.meta["residual"] is not None
+    # Second time: nothing is recomputed (the scorer is not even callable).
+    import recbole_dealrec.scoring.influence as influence
+
+    monkeypatch.setattr(influence, "influence_scores", None)
+    again = train_surrogate(run_config)
+    second = cached_influence_scores(run_config, again)
+    assert second.meta["cached"] is True
+    np.testing.assert_array_equal(second.tokens, first.tokens)
+    np.testing.assert_array_equal(second.scores, first.scores)
+    for k, v in surrogate.model.state_dict().items():
+        torch.testing.assert_close(again.model.state_dict()[k], v)
+    # The surrogate checkpoint holds tensors only.
+    path = next((run_config["output_dir"] and __import__("pathlib").Path(run_config["output_dir"])).rglob("surrogate-*.pt"))
+    assert all(isinstance(t, torch.Tensor) for t in torch.load(path, weights_only=True).values())
+
+
+def test_bad_influence_input(run_config):
+    model, _ = untrained("SASRec")
+    with pytest.raises(ValueError, match=r"item_embedding\.weight"):
+        select_parameters(model.named_parameters(), ["no_such_parameter"])
+    run_config["ihvp_solver"] = "newton"
+    with pytest.raises(ConfigError, match=r"ihvp_solver must be one of lissa, cg, exact|ihvp_solver must be one of"):
+        check_influence_config(run_config)
+    run_config["ihvp_solver"] = "cg"
+    run_config["surrogate_model"] = "BPR"
+    with pytest.raises(ConfigError, match=r"surrogate_model 'BPR' is not a sequential"):
+        surrogate_config(run_config)
+
+
+def test_nan_gradient_names_the_stage():
+    model, dataset = untrained("SASRec")
+    with torch.no_grad():
+        model.item_embedding.weight[5, 0] = float("nan")
+    loss = SurrogateLoss(model)
+    params = select_parameters(model.named_parameters(), ["item_embedding"])
+    from recbole_dealrec.scoring.influence_core import mean_gradient
+
+    with pytest.raises(FloatingPointError, match="mean gradient|loss"):
+        mean_gradient(loss, params, user_batches(dataset, 500, user_ids=np.arange(1, 5)), 4)
+
+
+def test_unconverged_solve_warns_with_its_residual():
+    model, loss, params, batches = small_problem()
+    from recbole_dealrec.scoring.hessian import solve
+
+    hvp = loss.gauss_newton_hvp(params, batches, 20)
+    # Random v: the all-ones direction of this bias is removed by LayerNorm (an exact eigenvector).
+    v = torch.randn(sum(p.numel() for p in params.values()), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="residual"):
+        solve("cg", v, hvp=hvp, damping=1e-6, tol=1e-12, max_iter=1)
