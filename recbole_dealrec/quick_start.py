@@ -1,6 +1,7 @@
 """``run_recbole`` for the plugin: RecBole's quick start with a pruning step before training.
 
-dataset -> (signals a selection method declared) -> selection -> pruned train loader -> training -> test.
+dataset -> signals a selection method declared (surrogate -> influence; backend LLM -> effort) -> selection
+(saved with its report) -> pruned train loader -> training -> test.
 This is the only module that wires the stages together; ``recbole.quick_start`` is never imported
 (it pulls in ray).
 """
@@ -15,8 +16,10 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
-from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.export import save_selection, selection_dir
+from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.report import write_report
+from recbole_dealrec.scoring.signals import check_signal_config, compute_signals
 from recbole_dealrec.selection import SAMPLERS, check_selection_config, resolve_budget, selection_rng
 from recbole_dealrec.utils import get_model, get_trainer
 
@@ -36,6 +39,8 @@ def run_recbole(
     """
     config = DealrecConfig(model, dataset, config_file_list, config_dict, argv=argv)
     method = check_selection_config(config)  # bad sampler/budget keys fail here, before any data is read
+    needed = method.required_signals()
+    check_signal_config(needed, config)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
@@ -47,12 +52,11 @@ def run_recbole(
 
     candidates = training_user_ids(train_data.dataset)
     budget = resolve_budget(config, len(candidates))
-    signals = {}  # per-user scores a method declares in `signals`; scoring stages fill them in later issues
-    missing = [s for s in method.signals if s not in signals]
-    if missing:
-        raise ValueError(f"sampler '{method.name}' needs signals {missing} that this build cannot compute")
+    method.check_budget(budget, len(candidates))
+    signals, signal_meta = compute_signals(needed, config, train_data.dataset, candidates)
     selection = method.select(candidates, signals, budget, selection_rng(config))
-    n_before = len(train_data.dataset)
+    full_train_dataset = train_data.dataset
+    n_before = len(full_train_dataset)
     if method.name != "full":
         train_data = prune_train_data(config, train_data, selection.user_ids)
     logger.info(
@@ -66,8 +70,9 @@ def run_recbole(
         selection,
         train_data.dataset,
         {"sampler": method.name, "dataset": config["dataset"], "model": config["model"], "budget": budget,
-         "candidate_users": int(len(candidates)), "train_samples_before": int(n_before)},
+         "candidate_users": int(len(candidates)), "train_samples_before": int(n_before), "signals": signal_meta},
     )
+    summary["report"] = write_report(folder, selection, full_train_dataset, plots=bool(config["report_plots"]))
     summary["folder"] = folder
     logger.info(set_color("[Selection]", "pink") + f" saved to {folder}")
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import os
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 from recbole.utils import ModelType
 
@@ -61,6 +62,24 @@ def get_trainer(model_type: ModelType, model_name: str) -> type:
 
     trainer = getattr(plugin_trainers, f"{model_name}Trainer", None)
     return trainer if trainer is not None else recbole_get_trainer(model_type, model_name)
+
+
+def dataset_fingerprint(config: Mapping[str, Any]) -> str:
+    """SHA-256 of the dataset's atomic files (``<data_path>/<dataset>.*``): part of every cache key."""
+    digest = hashlib.sha256()
+    folder = config["data_path"]
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(config["dataset"] + "."):
+            digest.update(name.encode())
+            with open(os.path.join(folder, name), "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_dir(config: Mapping[str, Any]) -> str:
+    """``<output_dir>/<dataset>/cache``: trained surrogates and scores, each file named by its key."""
+    return os.path.join(config["output_dir"], config["dataset"], "cache")
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 import recbole_dealrec  # noqa: F401  (applies the compatibility shims)
 
@@ -35,3 +36,65 @@ def tiny_config(tmp_path):
 
 def cli_argv(config: dict) -> list[str]:
     return [f"--{k}={v}" for k, v in config.items()]
+
+
+# ---- a tiny random Llama with a byte-level tokenizer built in memory (no files from a hub) ----
+
+
+def make_byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny_llm")
+    tok = make_byte_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def tiny_bigrec_config(llm_path: str, tmp) -> dict:
+    return {
+        "llm_path": llm_path,
+        "MAX_ITEM_LIST_LENGTH": 10,
+        "llm_max_length": 384,
+        "num_beams": 2,
+        "max_new_tokens": 8,
+        "train_batch_size": 4,
+        "eval_batch_size": 8,
+        "epochs": 1,
+        "show_progress": False,
+        "checkpoint_dir": str(tmp / "ckpt"),
+        "output_dir": str(tmp / "out"),
+    }
+
+

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import recbole_dealrec.model.bigrec  # noqa: F401  (registers BIGRec)
-import recbole_dealrec.trainer as plugin_trainers
+from conftest import make_byte_tokenizer, make_tiny_llama, tiny_bigrec_config  # noqa: F401
 from recbole_dealrec.bigrec_trainer import BIGRecTrainer
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
@@ -37,71 +36,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-# --------------------------------------------------------------------------- tiny LLM
-
-
-def make_byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
-
-
-def make_tiny_llama(vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_llm_path(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny_llm")
-    tok = make_byte_tokenizer()
-    make_tiny_llama(len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llm_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_llm_path, local_files_only=True)
-
-
-def tiny_bigrec_config(llm_path: str, tmp) -> dict:
-    return {
-        "llm_path": llm_path,
-        "MAX_ITEM_LIST_LENGTH": 10,
-        "llm_max_length": 384,
-        "num_beams": 2,
-        "max_new_tokens": 8,
-        "train_batch_size": 4,
-        "eval_batch_size": 8,
-        "epochs": 1,
-        "show_progress": False,
-        "checkpoint_dir": str(tmp / "ckpt"),
-        "output_dir": str(tmp / "out"),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -339,11 +278,9 @@ def test_fit_early_stops_on_valid_loss_and_resumes(ml100k, tiny_llm_path, tmp_pa
 # --------------------------------------------------------------------------- end to end
 
 
-def test_run_recbole_end_to_end(tiny_llm_path, tmp_path, monkeypatch):
+def test_run_recbole_end_to_end(tiny_llm_path, tmp_path):
     from recbole_dealrec.quick_start import run_recbole
 
-    # until recbole_dealrec/trainer.py imports it
-    monkeypatch.setattr(plugin_trainers, "BIGRecTrainer", BIGRecTrainer, raising=False)
     result = run_recbole(
         model="BIGRec",
         config_dict={

@@ -43,7 +43,7 @@ from recbole_dealrec.scoring.influence_core import (
     unflatten,
 )
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, UserBatch, user_batches
-from recbole_dealrec.surrogate.train import cache_dir
+from recbole_dealrec.utils import cache_dir
 
 INFLUENCE_KEYS = ("influence_params", "influence_hessian", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
                   "lissa_repeats", "lissa_batch_users", "cg_max_iter", "ihvp_tol", "seed")

@@ -13,7 +13,7 @@ from recbole_dealrec.selection.base import (
     resolve_budget,
     selection_rng,
 )
-from recbole_dealrec.selection import full, random  # noqa: F401,E402  (register the methods)
+from recbole_dealrec.selection import dealrec, full, random  # noqa: F401,E402  (register the methods)
 
 __all__ = [
     "SAMPLERS",

@@ -50,8 +50,15 @@ class SelectionMethod(abc.ABC):
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = config
 
+    def required_signals(self) -> tuple[str, ...]:
+        """Signals this run needs (an ablation may need fewer than ``signals``)."""
+        return self.signals
+
     def check_config(self) -> None:
         """Validate the method's own keys before any long work starts (override where needed)."""
+
+    def check_budget(self, budget: int, n_candidates: int) -> None:
+        """Validate the budget against the candidates before any scoring (override where needed)."""
 
     @abc.abstractmethod
     def select(

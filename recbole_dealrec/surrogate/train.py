@@ -21,7 +21,7 @@ from recbole.utils import ModelType, init_seed, set_color
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.utils import atomic_write, get_model, get_trainer
+from recbole_dealrec.utils import atomic_write, cache_dir, dataset_fingerprint, get_model, get_trainer
 
 # Keys that never change the trained weights (paths, logging, devices) or belong to later stages.
 _NOT_IN_KEY = {"checkpoint_dir", "output_dir", "show_progress", "device", "gpu_id", "state", "local_rank",
@@ -57,31 +57,15 @@ def surrogate_config(config: DealrecConfig) -> DealrecConfig:
     return scfg
 
 
-def _dataset_fingerprint(config: Mapping[str, Any]) -> str:
-    digest = hashlib.sha256()
-    folder = config["data_path"]
-    for name in sorted(os.listdir(folder)):
-        if name.startswith(config["dataset"] + "."):
-            digest.update(name.encode())
-            with open(os.path.join(folder, name), "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
-
-
 def config_key(config: DealrecConfig, extra: Mapping[str, Any] = ()) -> str:
     """Hash of everything in ``config`` that can change a result, plus the dataset files and ``extra``."""
     relevant = {
         k: v for k, v in sorted(config.final_config_dict.items())
         if k not in _NOT_IN_KEY and not k.startswith(_LATER_STAGE_PREFIXES)
     }
-    payload = json.dumps({"config": relevant, "data": _dataset_fingerprint(config), **dict(extra)},
+    payload = json.dumps({"config": relevant, "data": dataset_fingerprint(config), **dict(extra)},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def cache_dir(config: Mapping[str, Any]) -> str:
-    return os.path.join(config["output_dir"], config["dataset"], "cache")
 
 
 def train_surrogate(config: DealrecConfig) -> SurrogateRun:

@@ -1,0 +1,87 @@
+"""``dealrec``: influence + lambda * effort (Eq. 13), then coverage-enhanced selection (Algorithm 2).
+
+Keys (``properties/sampler/dealrec.yaml``): ``dealrec_lambda`` (lambda >= 0; 0 = the "w/o effort" ablation,
+which computes no effort score), ``dealrec_use_influence`` (False = the "w/o influence" ablation, which
+trains no surrogate), ``dealrec_selection`` (``stratified`` = Algorithm 2, ``greedy`` = top-n by overall
+score), ``dealrec_num_groups`` (K), ``dealrec_hard_prune`` (fraction of highest scores dropped first).
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod, UserScores
+from recbole_dealrec.selection.scores import join_by_id, min_max_normalise, overall_score
+from recbole_dealrec.selection.stratified import coverage_stratified_select, greedy_top, hard_prune_count
+
+SELECTIONS = ("stratified", "greedy")
+
+
+@SAMPLERS.register("dealrec")
+class DealRec(SelectionMethod):
+    name = "dealrec"
+    signals = ("influence", "effort")
+
+    def required_signals(self) -> tuple[str, ...]:
+        needed = []
+        if self.config["dealrec_use_influence"]:
+            needed.append("influence")
+        if self.config["dealrec_lambda"] > 0 or not self.config["dealrec_use_influence"]:
+            needed.append("effort")
+        return tuple(needed)
+
+    def check_config(self) -> None:
+        lam, groups, prune = (self.config[k] for k in ("dealrec_lambda", "dealrec_num_groups", "dealrec_hard_prune"))
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not np.isfinite(lam) or lam < 0:
+            raise ConfigError(f"dealrec_lambda must be a number >= 0 (paper grid 0.1, 0.3, 0.5, 1.0, 2.0), got {lam!r}")
+        if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+            raise ConfigError(f"dealrec_num_groups must be an integer >= 1 (paper: 25, 50, 75), got {groups!r}")
+        if isinstance(prune, bool) or not isinstance(prune, numbers.Real) or not 0 <= prune < 1:
+            raise ConfigError(f"dealrec_hard_prune must be a number in [0, 1) (paper's code: 0.1), got {prune!r}")
+        if self.config["dealrec_selection"] not in SELECTIONS:
+            raise ConfigError(
+                f"dealrec_selection must be one of {', '.join(SELECTIONS)}, got {self.config['dealrec_selection']!r}"
+            )
+        if not isinstance(self.config["dealrec_use_influence"], bool):
+            raise ConfigError(f"dealrec_use_influence must be True or False, got {self.config['dealrec_use_influence']!r}")
+
+    def check_budget(self, budget: int, n_candidates: int) -> None:
+        if self.config["dealrec_selection"] != "stratified":
+            return
+        pruned = hard_prune_count(n_candidates, self.config["dealrec_hard_prune"])
+        if budget > n_candidates - pruned:
+            raise ConfigError(
+                f"budget {budget} is larger than the {n_candidates - pruned} users left after hard pruning "
+                f"dealrec_hard_prune={self.config['dealrec_hard_prune']} of {n_candidates}: lower selection_num / "
+                "selection_ratio or dealrec_hard_prune"
+            )
+
+    def select(self, candidates, signals, budget, rng) -> Selection:
+        needed = self.required_signals()
+        ids = np.sort(candidates)
+        used: dict[str, UserScores] = {}
+        for name in needed:
+            joined_ids, _, values = join_by_id(ids, np.zeros(len(ids)), signals[name].user_ids, signals[name].values)
+            used[name] = UserScores(joined_ids, values)
+        if needed == ("influence", "effort"):
+            overall = overall_score(used["influence"].values, used["effort"].values, self.config["dealrec_lambda"])
+        else:  # one signal: lambda = 0 (influence only) or the w/o-influence ablation (effort only)
+            overall = min_max_normalise(used[needed[0]].values)
+        info = {"signals": list(needed), "lambda": self.config["dealrec_lambda"],
+                "selection": self.config["dealrec_selection"]}
+        if self.config["dealrec_selection"] == "greedy":
+            picked = greedy_top(overall, budget)
+        else:
+            result = coverage_stratified_select(
+                overall, budget, self.config["dealrec_num_groups"], self.config["dealrec_hard_prune"], rng=rng
+            )
+            picked = result.indices
+            info.update(bin_edges=result.bin_edges, bin_sizes=result.bin_sizes, bin_picks=result.bin_picks,
+                        hard_pruned=int(len(result.hard_pruned)))
+        return Selection(
+            user_ids=ids[picked],
+            scores={**used, "overall": UserScores(ids, overall)},
+            info=info,
+        )

@@ -1,0 +1,101 @@
+"""Benchmark of the influence stage; prints times and ratios (timings here are noisy: read the ratios).
+
+For one dataset: one surrogate training epoch, the mean gradient, the iHVP solve (with its relative
+residual), batched scoring of every user (forward-mode jvp), and the per-user backward loop on the same
+parameters for ``--loop-users`` users, extrapolated to all users.
+
+    python run_scripts/bench_influence.py --dataset ml-100k
+    python run_scripts/bench_influence.py --dataset games --data_path dataset   # after the importer
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import recbole_dealrec  # noqa: F401
+from recbole_dealrec.config import DealrecConfig
+from recbole_dealrec.data import create_dataset, data_preparation
+from recbole_dealrec.scoring.hessian import solve
+from recbole_dealrec.scoring.influence_core import (
+    directional_derivatives,
+    flatten,
+    mean_gradient,
+    per_sample_gradient_dot_loop,
+    select_parameters,
+    unflatten,
+)
+from recbole_dealrec.surrogate import SurrogateLoss, user_batches
+from recbole_dealrec.utils import get_model, get_trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--data_path", default=None)
+    parser.add_argument("--model", default="SASRec")
+    parser.add_argument("--params", nargs="+", default=[".*"], help="influence_params patterns")
+    parser.add_argument("--loop-users", type=int, default=2000)
+    parser.add_argument("--cg-iters", type=int, default=100)
+    parser.add_argument("--damping", type=float, default=0.01)
+    parser.add_argument("--batch-rows", type=int, default=2048)
+    args = parser.parse_args()
+
+    overrides = {"show_progress": False, "hidden_size": 64, "inner_size": 256, "n_layers": 2, "n_heads": 2,
+                 "MAX_ITEM_LIST_LENGTH": 50, "train_batch_size": 500, "learning_rate": 0.001}
+    if args.data_path:
+        overrides["data_path"] = args.data_path
+    config = DealrecConfig(args.model, args.dataset, config_dict=overrides)
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    torch.manual_seed(0)
+    model = get_model(args.model)(config, train_data.dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], args.model)(config, model)
+
+    timings = {}
+    start = time.perf_counter()
+    trainer._train_epoch(train_data, 0, show_progress=False)
+    timings["surrogate epoch"] = time.perf_counter() - start
+    model.eval()
+
+    loss = SurrogateLoss(model)
+    params = select_parameters(model.named_parameters(), args.params)
+    batches = user_batches(train_data.dataset, args.batch_rows)
+    n_users = sum(len(b) for b in batches)
+    m = sum(p.numel() for p in params.values())
+
+    start = time.perf_counter()
+    v = flatten(mean_gradient(loss, params, batches, n_users))
+    timings["mean gradient"] = time.perf_counter() - start
+    hvp = loss.gauss_newton_hvp(params, batches, n_users)
+    start = time.perf_counter()
+    result = solve("cg", v, hvp=hvp, damping=args.damping, tol=1e-4, max_iter=args.cg_iters)
+    timings["iHVP (CG, Gauss-Newton)"] = time.perf_counter() - start
+    direction = unflatten(result.x, params)
+
+    start = time.perf_counter()
+    scores = directional_derivatives(loss, params, direction, batches)
+    timings["score all users (jvp)"] = time.perf_counter() - start
+
+    loop_batches = user_batches(train_data.dataset, args.batch_rows, user_ids=[u for b in batches for u in b.user_ids][: args.loop_users])
+    n_loop = sum(len(b) for b in loop_batches)
+    start = time.perf_counter()
+    loop_scores = per_sample_gradient_dot_loop(loss, params, direction, loop_batches, lambda b: b.split())
+    loop_time = time.perf_counter() - start
+    timings[f"per-user loop, {n_loop} users"] = loop_time
+    timings["per-user loop, all users (extrapolated)"] = loop_time * n_users / n_loop
+    max_diff = (scores[:n_loop].double() - loop_scores.double()).abs().max().item()
+
+    print(f"dataset={args.dataset} users={n_users} rows={len(train_data.dataset)} scored parameters={m} "
+          f"threads={torch.get_num_threads()}")
+    for name, seconds in timings.items():
+        print(f"  {name:45s} {seconds:9.2f} s")
+    print(f"  iHVP: {result.iterations} CG iterations, relative residual {result.residual:.2e}")
+    print(f"  ratio  score all users / surrogate epoch      {timings['score all users (jvp)'] / timings['surrogate epoch']:.2f}")
+    print(f"  ratio  per-user loop / batched jvp (all users) "
+          f"{timings['per-user loop, all users (extrapolated)'] / timings['score all users (jvp)']:.1f}x")
+    print(f"  max |batched - loop| on the looped users      {max_diff:.2e} (scores up to {scores.abs().max().item():.2e})")
+
+
+if __name__ == "__main__":
+    main()
