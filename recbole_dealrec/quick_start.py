@@ -21,7 +21,7 @@ from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.report import write_report
 from recbole_dealrec.scoring.signals import check_signal_config, compute_signals
 from recbole_dealrec.selection import SAMPLERS, check_selection_config, resolve_budget, selection_rng
-from recbole_dealrec.utils import get_model, get_trainer
+from recbole_dealrec.utils import StageTimer, get_model, get_trainer
 
 
 def run_recbole(
@@ -47,14 +47,17 @@ def run_recbole(
     logger.info(sys.argv)
     logger.info(config)
 
-    dataset_obj = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset_obj)
+    timer = StageTimer()
+    with timer("data"):
+        dataset_obj = create_dataset(config)
+        train_data, valid_data, test_data = data_preparation(config, dataset_obj)
 
     candidates = training_user_ids(train_data.dataset)
     budget = resolve_budget(config, len(candidates))
     method.check_budget(budget, len(candidates))
-    signals, signal_meta = compute_signals(needed, config, train_data.dataset, candidates)
-    selection = method.select(candidates, signals, budget, selection_rng(config))
+    signals, signal_meta = compute_signals(needed, config, train_data.dataset, candidates, timer)
+    with timer("selection"):
+        selection = method.select(candidates, signals, budget, selection_rng(config))
     full_train_dataset = train_data.dataset
     n_before = len(full_train_dataset)
     if method.name != "full":
@@ -80,10 +83,14 @@ def run_recbole(
     model_obj = get_model(config["model"])(config, train_data.dataset).to(config["device"])
     logger.info(model_obj)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
-    best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
-    )
-    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    with timer("training"):
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+        )
+    with timer("test evaluation"):
+        test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    summary["seconds"] = timer.seconds
+    logger.info(set_color("[Time]", "pink") + f" all stages (s): {timer.seconds}")
 
     environment_tb = get_environment(config)
     logger.info("The running environment of this training is as follows:\n" + environment_tb.draw())

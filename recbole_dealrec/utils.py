@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import os
 import tempfile
+import time
 from typing import Any, Iterator, Mapping
 
 from recbole.utils import ModelType
@@ -62,6 +63,22 @@ def get_trainer(model_type: ModelType, model_name: str) -> type:
 
     trainer = getattr(plugin_trainers, f"{model_name}Trainer", None)
     return trainer if trainer is not None else recbole_get_trainer(model_type, model_name)
+
+
+class StageTimer:
+    """Wall time per stage, logged as each stage ends: ``with timer("training"): ...``; ``timer.seconds``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        from logging import getLogger
+
+        start = time.perf_counter()
+        yield
+        self.seconds[stage] = round(time.perf_counter() - start, 2)
+        getLogger().info(f"[Time] {stage}: {self.seconds[stage]:.1f} s")
 
 
 def dataset_fingerprint(config: Mapping[str, Any]) -> str:

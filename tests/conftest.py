@@ -24,6 +24,16 @@ TINY_SASREC = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models' ops are far too small for intra-op threads: on 2 shared cores OpenMP's spinning made
+    them many times slower with 2 threads than with 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """A config dict whose outputs (checkpoints, selections) go under tmp_path."""

@@ -26,16 +26,6 @@ from recbole_dealrec.data.prompts import (
 from recbole_dealrec.model.bigrec import BIGRec, clean_generation
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are far too small for intra-op threads: on shared cores, OpenMP's waiting makes
-    them ~100x slower with 2 threads than with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llm_path):
     from transformers import AutoTokenizer

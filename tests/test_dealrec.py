@@ -14,14 +14,6 @@ SURROGATE = {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "M
              "epochs": 1, "train_batch_size": 2048, "show_progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dealrec_config(llm_path, tmp, **extra):
     return {
         **tiny_bigrec_config(llm_path, tmp),

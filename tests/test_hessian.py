@@ -62,15 +62,6 @@ def _batches(x, y, size=16):
     return [(x[i:i + size], y[i:i + size]) for i in range(0, x.shape[0], size)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # Tiny models: intra-op threads only add contention (10x slower on 2 shared cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def problem():
     x, y, params = _data()

@@ -22,14 +22,6 @@ TINY = {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "MAX_IT
         "epochs": 1, "train_batch_size": 1024, "show_progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def untrained(model_name):
     config = DealrecConfig(model_name, "ml-100k", config_dict=TINY)
     train, _, _ = data_preparation(config, create_dataset(config))

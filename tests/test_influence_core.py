@@ -25,15 +25,6 @@ DT = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # Tiny models: intra-op threads only add contention on the shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class MLP(nn.Module):
     def __init__(self, d_in=5, d_hidden=8, n_cls=4):
         super().__init__()

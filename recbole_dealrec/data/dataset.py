@@ -43,7 +43,7 @@ def check_dataset_files(config: Mapping[str, Any]) -> None:
     local = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
     hint = ""
     if name in property_names("dataset"):
-        hint = f" (import it first, see README: python -m recbole_dealrec.data.importer --help)"
+        hint = " (import it first, see README: python -m recbole_dealrec.data.importer --help)"
     raise FileNotFoundError(
         f"dataset '{name}': missing atomic file {inter}{hint}. Known datasets: ml-100k (embedded), "
         f"with plugin properties: {', '.join(property_names('dataset'))}; found under {root}: "

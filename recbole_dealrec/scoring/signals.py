@@ -1,13 +1,13 @@
 """The per-user signals a selection method declares, computed (or loaded from the cache) and keyed by user id."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.selection.base import UserScores
-from recbole_dealrec.utils import dataset_fingerprint
+from recbole_dealrec.utils import StageTimer, dataset_fingerprint
 
 KNOWN_SIGNALS = ("influence", "effort")
 
@@ -35,24 +35,29 @@ def _by_internal_id(train_dataset, tokens: np.ndarray, scores: np.ndarray) -> Us
 
 
 def compute_signals(
-    names: Sequence[str], config, train_dataset, candidates: np.ndarray
+    names: Sequence[str], config, train_dataset, candidates: np.ndarray, timer: StageTimer | None = None
 ) -> tuple[dict[str, UserScores], dict[str, Any]]:
     """``({name: UserScores}, {name: facts})`` over ``candidates`` (internal ids of ``train_dataset``).
 
     Each stage returns user tokens; they are mapped to this dataset's ids here, so a surrogate trained on
     its own copy of the dataset can never be joined by position.
     """
+    timer = timer or StageTimer()
     out: dict[str, UserScores] = {}
     meta: dict[str, Any] = {}
     if "influence" in names:
         from recbole_dealrec.scoring.influence import cached_influence_scores
         from recbole_dealrec.surrogate import train_surrogate
 
-        result = cached_influence_scores(config, train_surrogate(config))
+        with timer("surrogate"):
+            surrogate = train_surrogate(config)
+        with timer("influence scores"):
+            result = cached_influence_scores(config, surrogate)
         out["influence"], meta["influence"] = _by_internal_id(train_dataset, result.tokens, result.scores), result.meta
     if "effort" in names:
         from recbole_dealrec.scoring.backend_effort import cached_effort_scores
 
-        result = cached_effort_scores(config, train_dataset, candidates, dataset_fingerprint(config))
+        with timer("effort scores"):
+            result = cached_effort_scores(config, train_dataset, candidates, dataset_fingerprint(config))
         out["effort"], meta["effort"] = _by_internal_id(train_dataset, result.tokens, result.scores), result.meta
     return out, meta

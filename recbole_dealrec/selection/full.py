@@ -15,7 +15,7 @@ class FullData(SelectionMethod):
         if self.config["selection_num"] is not None or self.config["selection_ratio"] is not None:
             raise ConfigError(
                 "sampler 'full' keeps every user: drop selection_num / selection_ratio or set --sampler "
-                f"to one of the pruning methods"
+                "to one of the pruning methods"
             )
 
     def select(self, candidates, signals, budget, rng) -> Selection:
