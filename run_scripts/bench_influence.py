@@ -26,6 +26,7 @@ from recbole_dealrec.scoring.influence_core import (
     select_parameters,
     unflatten,
 )
+from recbole_dealrec.scoring.influence import hessian_vector_product
 from recbole_dealrec.surrogate import SurrogateLoss, user_batches
 from recbole_dealrec.utils import get_model, get_trainer
 
@@ -37,13 +38,19 @@ def main() -> None:
     parser.add_argument("--model", default="SASRec")
     parser.add_argument("--params", nargs="+", default=[".*"], help="influence_params patterns")
     parser.add_argument("--loop-users", type=int, default=2000)
-    parser.add_argument("--cg-iters", type=int, default=100)
+    parser.add_argument("--cg-iters", type=int, default=30)
     parser.add_argument("--damping", type=float, default=0.01)
     parser.add_argument("--batch-rows", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=64, help="surrogate hidden size (paper: 64)")
+    parser.add_argument("--layers", type=int, default=2, help="surrogate layers (paper: 2)")
+    parser.add_argument("--max-len", type=int, default=50, help="MAX_ITEM_LIST_LENGTH (paper: 50)")
+    parser.add_argument("--hessian-users", type=int, default=None, help="users the Hessian is estimated on (default all)")
     args = parser.parse_args()
 
-    overrides = {"show_progress": False, "hidden_size": 64, "inner_size": 256, "n_layers": 2, "n_heads": 2,
-                 "MAX_ITEM_LIST_LENGTH": 50, "train_batch_size": 500, "learning_rate": 0.001}
+    overrides = {"show_progress": False, "hidden_size": args.hidden, "inner_size": 4 * args.hidden,
+                 "n_layers": args.layers, "n_heads": 2, "MAX_ITEM_LIST_LENGTH": args.max_len,
+                 "train_batch_size": 500, "learning_rate": 0.001, "influence_hessian": "gauss_newton",
+                 "influence_hessian_users": args.hessian_users, "influence_batch_rows": args.batch_rows}
     if args.data_path:
         overrides["data_path"] = args.data_path
     config = DealrecConfig(args.model, args.dataset, config_dict=overrides)
@@ -67,7 +74,10 @@ def main() -> None:
     start = time.perf_counter()
     v = flatten(mean_gradient(loss, params, batches, n_users))
     timings["mean gradient"] = time.perf_counter() - start
-    hvp = loss.gauss_newton_hvp(params, batches, n_users)
+    hvp = hessian_vector_product(config, loss, params, train_data.dataset, batches)
+    start = time.perf_counter()
+    hvp(v)
+    timings[f"one HVP (Gauss-Newton, {args.hessian_users or 'all'} users)"] = time.perf_counter() - start
     start = time.perf_counter()
     result = solve("cg", v, hvp=hvp, damping=args.damping, tol=1e-4, max_iter=args.cg_iters)
     timings["iHVP (CG, Gauss-Newton)"] = time.perf_counter() - start
@@ -86,6 +96,8 @@ def main() -> None:
     timings["per-user loop, all users (extrapolated)"] = loop_time * n_users / n_loop
     max_diff = (scores[:n_loop].double() - loop_scores.double()).abs().max().item()
 
+    print(f"surrogate {args.model}: hidden {args.hidden}, {args.layers} layers, max length {args.max_len}; "
+          f"Hessian on {args.hessian_users or 'all'} users")
     print(f"dataset={args.dataset} users={n_users} rows={len(train_data.dataset)} scored parameters={m} "
           f"threads={torch.get_num_threads()}")
     for name, seconds in timings.items():

@@ -7,7 +7,7 @@ from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.scoring.hessian import conjugate_gradient, dense_hessian, exact_solve, lissa, lissa_damping_for
-from recbole_dealrec.scoring.influence import cached_influence_scores, check_influence_config
+from recbole_dealrec.scoring.influence import cached_influence_scores, check_influence_config, influence_scores
 from recbole_dealrec.scoring.influence_core import (
     directional_derivatives,
     flatten,
@@ -163,3 +163,21 @@ def test_unconverged_solve_warns_with_its_residual():
     v = torch.randn(sum(p.numel() for p in params.values()), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="residual"):
         solve("cg", v, hvp=hvp, damping=1e-6, tol=1e-12, max_iter=1)
+
+
+@pytest.mark.filterwarnings("ignore:iHVP solve")
+def test_bert4rec_surrogate_with_stochastic_lissa_is_reproducible(tmp_path):
+    config = DealrecConfig("SASRec", "ml-100k", config_dict={
+        **TINY, "output_dir": str(tmp_path / "out"), "checkpoint_dir": str(tmp_path / "ckpt"),
+        "surrogate_model": "BERT4Rec", "surrogate_config": TINY, "ihvp_solver": "lissa", "lissa_depth": 25,
+        "lissa_scale": 50.0, "influence_damping": 0.5, "lissa_batch_users": 4, "influence_hessian": "exact",
+        "influence_params": [r"output_bias$"],
+    })
+    check_influence_config(config)
+    surrogate = train_surrogate(config)
+    assert type(surrogate.model).__name__ == "BERT4Rec"
+    first = influence_scores(config, surrogate)
+    second = influence_scores(config, surrogate)
+    assert len(first.tokens) == 943 and np.isfinite(first.scores).all() and first.scores.std() > 0
+    np.testing.assert_array_equal(first.scores, second.scores)  # the LiSSA draws come from `seed`
+    assert first.meta["solver"] == "lissa" and first.meta["residual"] is not None

@@ -12,7 +12,7 @@ Config keys (``properties/overall.yaml``): ``influence_params`` (regex patterns,
 names; default every trainable parameter), ``ihvp_solver`` (cg | lissa | exact), ``influence_damping``
 (the lambda of (H + lambda I) for every solver; LiSSA's own damping is lambda / lissa_scale),
 ``lissa_scale``, ``lissa_depth``, ``lissa_repeats``, ``lissa_batch_users``, ``cg_max_iter``, ``ihvp_tol``,
-``influence_batch_rows``, ``influence_hessian`` (gauss_newton: PSD, safe for CG; exact: the true Hessian by
+``influence_batch_rows``, ``influence_hessian_users`` (estimate H on a seeded subset of users), ``influence_hessian`` (gauss_newton: PSD, safe for CG; exact: the true Hessian by
 double backprop, indefinite on a trained SASRec, the paper's choice with LiSSA). LiSSA's stochastic steps
 always use the exact Hessian of the sampled users.
 """
@@ -45,7 +45,7 @@ from recbole_dealrec.scoring.influence_core import (
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, UserBatch, user_batches
 from recbole_dealrec.utils import cache_dir
 
-INFLUENCE_KEYS = ("influence_params", "influence_hessian", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
+INFLUENCE_KEYS = ("influence_params", "influence_hessian", "influence_hessian_users", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
                   "lissa_repeats", "lissa_batch_users", "cg_max_iter", "ihvp_tol", "seed")
 
 
@@ -70,6 +70,9 @@ def check_influence_config(config: Mapping[str, Any]) -> None:
     for key in ("influence_damping", "lissa_scale", "ihvp_tol"):
         if not isinstance(config[key], (int, float)) or config[key] < 0 or (key != "influence_damping" and config[key] == 0):
             raise ConfigError(f"{key} must be a positive number, got {config[key]!r}")
+    subset = config["influence_hessian_users"]
+    if subset is not None and (not isinstance(subset, int) or subset < 1):
+        raise ConfigError(f"influence_hessian_users must be ~ (all users) or an integer >= 1, got {subset!r}")
     for key in ("lissa_depth", "lissa_repeats", "lissa_batch_users", "cg_max_iter", "influence_batch_rows"):
         if not isinstance(config[key], int) or config[key] < 1:
             raise ConfigError(f"{key} must be an integer >= 1, got {config[key]!r}")
@@ -88,6 +91,21 @@ def _user_sampler(singles: list[UserBatch], users_per_step: int):
     return sample
 
 
+def hessian_vector_product(config, loss: SurrogateLoss, params, train_dataset, batches: list[UserBatch]):
+    """The HVP the solver uses: ``influence_hessian`` over all users, or over ``influence_hessian_users``
+    users drawn with ``seed`` (an unbiased estimate of H that makes every HVP that much cheaper)."""
+    n_users = sum(len(b) for b in batches)
+    subset = config["influence_hessian_users"]
+    if subset is not None and subset < n_users:
+        users = np.concatenate([b.user_ids for b in batches])
+        chosen = np.random.default_rng(int(config["seed"])).choice(users, size=subset, replace=False)
+        batches = user_batches(train_dataset, config["influence_batch_rows"], user_ids=chosen)
+        n_users = subset
+    if config["influence_hessian"] == "gauss_newton":
+        return loss.gauss_newton_hvp(params, batches, n_users)
+    return make_hvp(loss, params, batches, n_users)
+
+
 def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_progress: bool = False) -> InfluenceResult:
     """Influence score of every user with training samples in the surrogate's train data."""
     logger = getLogger()
@@ -101,10 +119,7 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
 
     v = flatten(mean_gradient(loss, params, batches, n_users))
     ensure_finite(v, "mean gradient")
-    if config["influence_hessian"] == "gauss_newton":
-        hvp = loss.gauss_newton_hvp(params, batches, n_users)
-    else:
-        hvp = make_hvp(loss, params, batches, n_users)
+    hvp = hessian_vector_product(config, loss, params, surrogate.train_dataset, batches)
     solver = str(config["ihvp_solver"]).lower()
     damping = float(config["influence_damping"])
     kwargs: dict[str, Any] = {}

@@ -1,0 +1,61 @@
+"""Benchmark of the effort scores: batched exact per-sample norms vs a batch-of-one loop, same parameters.
+
+    python run_scripts/bench_effort.py --users 200                      # default LLM (SmolLM2-135M)
+    python run_scripts/bench_effort.py --users 200 --last-layer-lora-b  # the paper's single tensor
+
+Prints both times, their ratio and the largest difference between the two (timings are noisy here:
+read the ratio).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import recbole_dealrec  # noqa: F401
+from recbole_dealrec.config import DealrecConfig
+from recbole_dealrec.data import create_dataset, data_preparation
+from recbole_dealrec.data.prompts import last_rows
+from recbole_dealrec.scoring.backend_effort import _backend
+from recbole_dealrec.scoring.effort import effort_scores, effort_scores_loop, last_layer_lora_pattern
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128, help="llm_max_length (paper: 512)")
+    parser.add_argument("--llm-path", default=None, help="local causal-LM folder (default: SmolLM2)")
+    parser.add_argument("--last-layer-lora-b", action="store_true", help="score only the last v_proj lora_B")
+    args = parser.parse_args()
+
+    config = DealrecConfig("BIGRec", args.dataset, config_dict={
+        "llm_path": args.llm_path, "llm_max_length": args.max_length, "show_progress": False,
+    })
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    model = _backend(config, train_data.dataset)
+    rows = last_rows(train_data.dataset)[: args.users]
+    batches = [model.batch_tensors(train_data.dataset.inter_feat[torch.from_numpy(rows[i:i + args.batch_size])])
+               for i in range(0, len(rows), args.batch_size)]
+    patterns = [last_layer_lora_pattern(model.llm)] if args.last_layer_lora_b else None
+    tokens = int(sum(b["attention_mask"].sum() for b in batches))
+
+    start = time.perf_counter()
+    batched = effort_scores(model.llm, batches, patterns)
+    t_batched = time.perf_counter() - start
+    start = time.perf_counter()
+    loop = effort_scores_loop(model.llm, batches, patterns)
+    t_loop = time.perf_counter() - start
+
+    print(f"{len(rows)} users, {tokens} tokens, batch {args.batch_size}, params: {patterns or 'all LoRA'}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"  batched {t_batched:8.1f} s   loop {t_loop:8.1f} s   ratio loop/batched {t_loop / t_batched:.2f}x")
+    rel = float(np.max(np.abs(batched.numpy() - loop.numpy()) / np.maximum(np.abs(loop.numpy()), 1e-12)))
+    print(f"  max relative difference {rel:.2e}; norms {batched.min().item():.3g} .. {batched.max().item():.3g}")
+
+
+if __name__ == "__main__":
+    main()
