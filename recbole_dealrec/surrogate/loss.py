@@ -11,7 +11,7 @@ Eval mode throughout: no dropout and no sampled negatives, so every call sees th
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -130,6 +130,3 @@ class SurrogateLoss:
     def __call__(self, params: dict[str, torch.Tensor], batch: UserBatch) -> torch.Tensor:
         rows = self.row_losses(params, batch.interaction)
         return torch.zeros(len(batch), dtype=rows.dtype, device=rows.device).index_add(0, batch.segment, rows)
-
-    def iter_rows(self, batches: Sequence[UserBatch]) -> Iterator[UserBatch]:
-        return iter(batches)
