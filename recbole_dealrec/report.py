@@ -24,10 +24,11 @@ def _stats(x: np.ndarray) -> dict[str, float]:
             "q25": float(q[1]), "median": float(q[2]), "q75": float(q[3]), "max": float(q[4])}
 
 
-def coverage(train_dataset, selected: np.ndarray) -> dict[str, Any]:
+def coverage(train_dataset, selected: np.ndarray) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Items covered, item popularity and history lengths of the selected users vs all users.
 
-    Computed on the training rows' targets (every training interaction but each user's first).
+    Computed on the training rows' targets (every training interaction but each user's first). Returns the
+    JSON summary and the raw arrays the plots use.
     """
     uid = train_dataset.inter_feat[train_dataset.uid_field].numpy()
     iid = train_dataset.inter_feat[train_dataset.iid_field].numpy()
@@ -35,21 +36,21 @@ def coverage(train_dataset, selected: np.ndarray) -> dict[str, Any]:
     chosen = np.isin(uid, selected)
     users, lengths = np.unique(uid, return_counts=True)
     chosen_users = np.isin(users, selected)
-    return {
+    arrays = {"length_all": lengths, "length_selected": lengths[chosen_users],
+              "popularity_all": popularity[iid], "popularity_selected": popularity[iid[chosen]]}
+    summary = {
         "items_covered": {"all": int(len(np.unique(iid))), "selected": int(len(np.unique(iid[chosen])))},
-        "item_popularity": {"all": _stats(popularity[iid].astype(float)),
-                            "selected": _stats(popularity[iid[chosen]].astype(float))},
-        "history_length": {"all": _stats(lengths.astype(float)), "selected": _stats(lengths[chosen_users].astype(float))},
-        "_lengths": (lengths, chosen_users),
-        "_popularity": (popularity[iid], popularity[iid[chosen]]),
+        "item_popularity": {"all": _stats(arrays["popularity_all"].astype(float)),
+                            "selected": _stats(arrays["popularity_selected"].astype(float))},
+        "history_length": {"all": _stats(lengths.astype(float)),
+                           "selected": _stats(arrays["length_selected"].astype(float))},
     }
+    return summary, arrays
 
 
 def write_report(folder: str, selection: Selection, train_dataset, plots: bool = True) -> dict[str, Any]:
     """Write ``report.json`` (and PNGs when ``plots``) into ``folder``; return the JSON content."""
-    cover = coverage(train_dataset, selection.user_ids)
-    lengths, chosen_users = cover.pop("_lengths")
-    pop_all, pop_selected = cover.pop("_popularity")
+    cover, arrays = coverage(train_dataset, selection.user_ids)
     scores = {}
     for name, user_scores in selection.scores.items():
         picked = np.isin(user_scores.user_ids, selection.user_ids)
@@ -59,7 +60,7 @@ def write_report(folder: str, selection: Selection, train_dataset, plots: bool =
     with atomic_write(os.path.join(folder, "report.json")) as handle:
         json.dump(summary, handle, indent=2)
     if plots:
-        _plot(folder, selection, groups, lengths, chosen_users, pop_all, pop_selected)
+        _plot(folder, selection, groups, arrays)
     return summary
 
 
@@ -68,7 +69,14 @@ def _save(figure, path: str) -> None:
         figure.savefig(handle, format="png", dpi=100, bbox_inches="tight")
 
 
-def _plot(folder, selection, groups, lengths, chosen_users, pop_all, pop_selected) -> None:
+def _hist_all_vs_selected(axis, values: np.ndarray, selected: np.ndarray, bins: int, labels: tuple[str, str]) -> None:
+    edges = np.histogram_bin_edges(values, bins=bins)
+    axis.hist(values, bins=edges, alpha=0.5, density=True, label=labels[0])
+    axis.hist(selected, bins=edges, alpha=0.6, density=True, label=labels[1])
+    axis.legend()
+
+
+def _plot(folder, selection, groups, arrays) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,11 +88,8 @@ def _plot(folder, selection, groups, lengths, chosen_users, pop_all, pop_selecte
         for axis, name in zip(axes[0], names):
             values = selection.scores[name].values
             picked = np.isin(selection.scores[name].user_ids, selection.user_ids)
-            bins = np.histogram_bin_edges(values, bins=40)
-            axis.hist(values, bins=bins, alpha=0.5, density=True, label=f"all ({len(values)})")
-            axis.hist(values[picked], bins=bins, alpha=0.6, density=True, label=f"selected ({picked.sum()})")
+            _hist_all_vs_selected(axis, values, values[picked], 40, (f"all ({len(values)})", f"selected ({picked.sum()})"))
             axis.set_title(f"{name} score")
-            axis.legend()
         _save(figure, os.path.join(folder, "scores.png"))
         plt.close(figure)
     if groups:
@@ -98,15 +103,11 @@ def _plot(folder, selection, groups, lengths, chosen_users, pop_all, pop_selecte
         _save(figure, os.path.join(folder, "groups.png"))
         plt.close(figure)
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    bins = np.histogram_bin_edges(np.log1p(lengths), bins=30)
-    left.hist(np.log1p(lengths), bins=bins, alpha=0.5, density=True, label="all users")
-    left.hist(np.log1p(lengths[chosen_users]), bins=bins, alpha=0.6, density=True, label="selected")
+    _hist_all_vs_selected(left, np.log1p(arrays["length_all"]), np.log1p(arrays["length_selected"]), 30,
+                          ("all users", "selected"))
     left.set_xlabel("log(1 + training samples per user)")
-    left.legend()
-    bins = np.histogram_bin_edges(np.log1p(pop_all), bins=30)
-    right.hist(np.log1p(pop_all), bins=bins, alpha=0.5, density=True, label="all interactions")
-    right.hist(np.log1p(pop_selected), bins=bins, alpha=0.6, density=True, label="selected users'")
+    _hist_all_vs_selected(right, np.log1p(arrays["popularity_all"]), np.log1p(arrays["popularity_selected"]), 30,
+                          ("all interactions", "selected users'"))
     right.set_xlabel("log(1 + item popularity)")
-    right.legend()
     _save(figure, os.path.join(folder, "coverage.png"))
     plt.close(figure)

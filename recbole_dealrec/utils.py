@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import os
 import tempfile
 import time
@@ -79,6 +80,12 @@ class StageTimer:
         yield
         self.seconds[stage] = round(time.perf_counter() - start, 2)
         getLogger().info(f"[Time] {stage}: {self.seconds[stage]:.1f} s")
+
+
+def stable_key(payload: Mapping[str, Any]) -> str:
+    """Short SHA-256 of a JSON-able mapping (keys sorted): the name of a cached result."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def dataset_fingerprint(config: Mapping[str, Any]) -> str:

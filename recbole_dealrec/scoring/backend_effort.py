@@ -15,35 +15,22 @@ Scores are cached under a key of the LLM, the LoRA/prompt keys, the effort keys,
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
-from logging import getLogger
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from recbole.utils import init_seed, set_color
+from recbole.utils import init_seed
 
 from recbole_dealrec.data.prompts import last_rows
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.scoring.cache import cached_scores
+from recbole_dealrec.scoring.cache import ScoredUsers, cached_user_scores
 from recbole_dealrec.scoring.effort import effort_scores
-from recbole_dealrec.utils import cache_dir
+from recbole_dealrec.utils import stable_key
 
 EFFORT_KEYS = ("llm_path", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "llm_max_length",
                "bigrec_instruction", "bigrec_loss_on", "MAX_ITEM_LIST_LENGTH", "effort_params",
                "effort_adapter_path", "seed", "dataset")
-
-
-@dataclasses.dataclass
-class EffortResult:
-    """Effort score per user: ``tokens`` [n] (user tokens), ``scores`` [n] float64, and facts."""
-
-    tokens: np.ndarray
-    scores: np.ndarray
-    meta: dict
 
 
 def check_effort_config(config: Mapping[str, Any]) -> None:
@@ -69,7 +56,7 @@ def _backend(config, train_dataset):
     return model
 
 
-def effort_scores_for_users(config, train_dataset, user_ids: Sequence[int], show_progress: bool = False) -> EffortResult:
+def effort_scores_for_users(config, train_dataset, user_ids: Sequence[int], show_progress: bool = False) -> ScoredUsers:
     """Effort score of each user in ``user_ids`` (internal ids of ``train_dataset``), one LLM sample per user."""
     model = _backend(config, train_dataset)
     rows = last_rows(train_dataset)
@@ -86,22 +73,15 @@ def effort_scores_for_users(config, train_dataset, user_ids: Sequence[int], show
     tokens = np.asarray(train_dataset.id2token(train_dataset.uid_field, uid)).astype(str)
     meta = {"n_users": int(len(uid)), "llm_path": model.llm_path, "zero_scores": int((norms == 0).sum()),
             "adapter": config["effort_adapter_path"] or f"fresh LoRA, seed {config['seed']}"}
-    return EffortResult(tokens, norms.numpy(), meta)
+    return ScoredUsers(tokens, norms.numpy(), meta)
 
 
-def cached_effort_scores(config, train_dataset, user_ids: Sequence[int], data_key: str) -> EffortResult:
+def cached_effort_scores(config, train_dataset, user_ids: Sequence[int], data_key: str) -> ScoredUsers:
     """:func:`effort_scores_for_users`, reused from ``<output_dir>/<dataset>/cache`` when nothing changed."""
-    key_items = {k: config[k] for k in EFFORT_KEYS}
     users = np.asarray(train_dataset.id2token(train_dataset.uid_field, np.sort(np.asarray(user_ids)))).astype(str)
-    key = hashlib.sha256(json.dumps({**key_items, "data": data_key, "users": users.tolist()},
-                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir(config), f"effort-{key}.tsv")
-
-    def compute():
-        result = effort_scores_for_users(config, train_dataset, user_ids, show_progress=bool(config["show_progress"]))
-        return result.tokens, result.scores, {**result.meta, **key_items}
-
-    tokens, scores, meta = cached_scores(path, compute)
-    if meta["cached"]:
-        getLogger().info(set_color("[Effort]", "pink") + f" reused {path}")
-    return EffortResult(tokens, scores, {**meta, "path": path})
+    # The user list enters the key as its own hash: the metadata file stays small on 49k users.
+    key_payload = {**{k: config[k] for k in EFFORT_KEYS}, "data": data_key, "users": stable_key({"users": users.tolist()})}
+    return cached_user_scores(
+        config, "effort", key_payload,
+        lambda: effort_scores_for_users(config, train_dataset, user_ids, show_progress=bool(config["show_progress"])),
+    )

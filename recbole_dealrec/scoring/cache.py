@@ -1,14 +1,17 @@
-"""Per-user scores saved as plain TSV files under a key of everything they depend on."""
+"""Per-user scores saved as plain TSV files, named by a key of everything they depend on."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
+from logging import getLogger
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from recbole.utils import set_color
 
-from recbole_dealrec.utils import atomic_write
+from recbole_dealrec.utils import atomic_write, cache_dir, stable_key
 
 
 def load_scores(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -28,19 +31,32 @@ def save_scores(path: str, tokens: np.ndarray, scores: np.ndarray, meta: Mapping
         json.dump(dict(meta), handle, indent=2, default=str)
 
 
-def cached_scores(
-    path: str, compute: Callable[[], tuple[np.ndarray, np.ndarray, Mapping[str, Any]]]
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Load ``path`` if present, else ``compute()`` -> (tokens, scores, meta), save and return it.
+@dataclasses.dataclass
+class ScoredUsers:
+    """One score per user: ``tokens`` [n] user tokens (str), ``scores`` [n] float64, ``meta`` (facts, key)."""
 
-    The caller puts the key of everything the scores depend on into ``path``, so a changed input is a
-    different file, never a silently reused one. Returns meta with ``cached`` True/False.
+    tokens: np.ndarray
+    scores: np.ndarray
+    meta: dict
+
+
+def cached_user_scores(
+    config: Mapping[str, Any], stage: str, key_payload: Mapping[str, Any], compute: Callable[[], ScoredUsers]
+) -> ScoredUsers:
+    """``<cache_dir>/<stage>-<key>.tsv`` if present, else ``compute()``, saved there; ``meta['cached']`` says which.
+
+    ``key_payload`` holds everything the scores depend on, so a changed input is a different file, never
+    a silently reused one; it is saved in the metadata beside the scores.
     """
+    path = os.path.join(cache_dir(config), f"{stage}-{stable_key(key_payload)}.tsv")
     meta_path = path[: -len(".tsv")] + ".json"
     if os.path.isfile(path) and os.path.isfile(meta_path):
         tokens, scores = load_scores(path)
         with open(meta_path, encoding="utf-8") as handle:
-            return tokens, scores, {**json.load(handle), "cached": True}
-    tokens, scores, meta = compute()
-    save_scores(path, tokens, scores, meta)
-    return tokens, scores, {**meta, "cached": False}
+            meta = json.load(handle)
+        getLogger().info(set_color(f"[{stage}]", "pink") + f" reused {path}")
+        return ScoredUsers(tokens, scores, {**meta, "cached": True, "path": path})
+    result = compute()
+    meta = {**result.meta, **key_payload}
+    save_scores(path, result.tokens, result.scores, meta)
+    return ScoredUsers(result.tokens, result.scores, {**meta, "cached": False, "path": path})

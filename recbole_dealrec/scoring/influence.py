@@ -18,10 +18,6 @@ always use the exact Hessian of the sampled users.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
 from logging import getLogger
 from typing import Any, Mapping
 
@@ -31,7 +27,7 @@ from recbole.data.interaction import cat_interactions
 from recbole.utils import set_color
 
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.scoring.cache import cached_scores
+from recbole_dealrec.scoring.cache import ScoredUsers, cached_user_scores
 from recbole_dealrec.scoring.hessian import SOLVERS, ensure_finite, lissa_damping_for, solve
 from recbole_dealrec.scoring.influence_core import (
     directional_derivatives,
@@ -43,19 +39,9 @@ from recbole_dealrec.scoring.influence_core import (
     unflatten,
 )
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, UserBatch, user_batches
-from recbole_dealrec.utils import cache_dir
 
 INFLUENCE_KEYS = ("influence_params", "influence_hessian", "influence_hessian_users", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
                   "lissa_repeats", "lissa_batch_users", "cg_max_iter", "ihvp_tol", "seed")
-
-
-@dataclasses.dataclass
-class InfluenceResult:
-    """Influence score per user: ``tokens`` [n] (user tokens), ``scores`` [n] float64, plus solve facts."""
-
-    tokens: np.ndarray
-    scores: np.ndarray
-    meta: dict
 
 
 def check_influence_config(config: Mapping[str, Any]) -> None:
@@ -106,7 +92,7 @@ def hessian_vector_product(config, loss: SurrogateLoss, params, train_dataset, b
     return make_hvp(loss, params, batches, n_users)
 
 
-def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_progress: bool = False) -> InfluenceResult:
+def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_progress: bool = False) -> ScoredUsers:
     """Influence score of every user with training samples in the surrogate's train data."""
     logger = getLogger()
     model = surrogate.model
@@ -145,20 +131,13 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     meta = {"solver": solver, "residual": result.residual, "iterations": result.iterations,
             "effective_damping": result.effective_damping, "converged": result.converged,
             "scored_parameters": m, "parameter_names": list(params), "n_users": n_users}
-    return InfluenceResult(np.asarray(tokens).astype(str), scores, meta)
+    return ScoredUsers(np.asarray(tokens).astype(str), scores, meta)
 
 
-def cached_influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun) -> InfluenceResult:
+def cached_influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun) -> ScoredUsers:
     """:func:`influence_scores`, reused from ``<output_dir>/<dataset>/cache`` when nothing it depends on changed."""
-    key_items = {k: config[k] for k in INFLUENCE_KEYS}
-    key = hashlib.sha256(json.dumps({"surrogate": surrogate.key, **key_items}, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir(config), f"influence-{key}.tsv")
-
-    def compute():
-        result = influence_scores(config, surrogate, show_progress=bool(config["show_progress"]))
-        return result.tokens, result.scores, {**result.meta, **key_items, "surrogate_key": surrogate.key}
-
-    tokens, scores, meta = cached_scores(path, compute)
-    if meta["cached"]:
-        getLogger().info(set_color("[Influence]", "pink") + f" reused {path}")
-    return InfluenceResult(tokens, scores, {**meta, "path": path})
+    key_payload = {"surrogate_key": surrogate.key, **{k: config[k] for k in INFLUENCE_KEYS}}
+    return cached_user_scores(
+        config, "influence", key_payload,
+        lambda: influence_scores(config, surrogate, show_progress=bool(config["show_progress"])),
+    )

@@ -9,11 +9,9 @@ final config (minus keys that cannot change the weights) and the dataset files' 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from logging import getLogger
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from recbole.utils import ModelType, init_seed, set_color
@@ -21,7 +19,7 @@ from recbole.utils import ModelType, init_seed, set_color
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.utils import atomic_write, cache_dir, dataset_fingerprint, get_model, get_trainer
+from recbole_dealrec.utils import atomic_write, cache_dir, dataset_fingerprint, get_model, get_trainer, stable_key
 
 # Keys that never change the trained weights (paths, logging, devices) or belong to later stages.
 _NOT_IN_KEY = {"checkpoint_dir", "output_dir", "show_progress", "device", "gpu_id", "state", "local_rank",
@@ -57,15 +55,13 @@ def surrogate_config(config: DealrecConfig) -> DealrecConfig:
     return scfg
 
 
-def config_key(config: DealrecConfig, extra: Mapping[str, Any] = ()) -> str:
-    """Hash of everything in ``config`` that can change a result, plus the dataset files and ``extra``."""
+def config_key(config: DealrecConfig) -> str:
+    """Key of everything in ``config`` that can change the trained weights, plus the dataset files."""
     relevant = {
-        k: v for k, v in sorted(config.final_config_dict.items())
+        k: v for k, v in config.final_config_dict.items()
         if k not in _NOT_IN_KEY and not k.startswith(_LATER_STAGE_PREFIXES)
     }
-    payload = json.dumps({"config": relevant, "data": dataset_fingerprint(config), **dict(extra)},
-                         sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return stable_key({"config": relevant, "data": dataset_fingerprint(config)})
 
 
 def train_surrogate(config: DealrecConfig) -> SurrogateRun:
