@@ -24,6 +24,11 @@ TINY_SASREC = {
 }
 
 
+# Smaller still, for surrogates trained inside influence / dealrec tests.
+TINY_SURROGATE = {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 6,
+                  "epochs": 1, "train_batch_size": 1024, "show_progress": False}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Tiny models' ops are far too small for intra-op threads: on 2 shared cores OpenMP's spinning made

@@ -5,20 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_bigrec_config
+from conftest import TINY_SURROGATE, tiny_bigrec_config
 from recbole_dealrec.quick_start import run_recbole
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.selection import SAMPLERS, UserScores
 
-SURROGATE = {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 6,
-             "epochs": 1, "train_batch_size": 2048, "show_progress": False}
 
 
 def dealrec_config(llm_path, tmp, **extra):
     return {
         **tiny_bigrec_config(llm_path, tmp),
         "sampler": "dealrec", "selection_num": 16, "dealrec_num_groups": 5,
-        "surrogate_config": SURROGATE, "cg_max_iter": 3, "influence_batch_rows": 8192,
+        "surrogate_config": TINY_SURROGATE, "cg_max_iter": 3, "influence_batch_rows": 8192,
         "influence_params": [r"trm_encoder\.layer\.0\.multi_head_attention\.dense\.weight$"],
         "eval_user_subset": 8, "valid_user_subset": 8, "effort_batch_size": 32, "llm_max_length": 160,
         **extra,

@@ -18,8 +18,7 @@ from recbole_dealrec.scoring.influence_core import (
 from recbole_dealrec.surrogate import SurrogateLoss, surrogate_config, train_surrogate, user_batches
 from recbole_dealrec.utils import get_model
 
-TINY = {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 6,
-        "epochs": 1, "train_batch_size": 1024, "show_progress": False}
+from conftest import TINY_SURROGATE as TINY
 
 
 def untrained(model_name):
