@@ -122,6 +122,15 @@ class _TorchProxy(types.ModuleType):
         return torch.load(*args, **kwargs)
 
 
+def _bert4rec_reconstruct_test_data(self, item_seq, item_seq_len):
+    # Same output as RecBole's version (mask token after each history, then the first column dropped), without
+    # its Python loop over rows, whose data-dependent indexing torch.func.vmap cannot run (per-user GraNd).
+    padding = torch.zeros(item_seq.size(0), 1, dtype=torch.long, device=item_seq.device)
+    item_seq = torch.cat((item_seq, padding), dim=-1)
+    positions = torch.arange(item_seq.size(1), device=item_seq.device)
+    return torch.where(positions[None, :] == item_seq_len[:, None], self.mask_token, item_seq)[:, 1:]
+
+
 def apply() -> None:
     """Apply every shim once (idempotent)."""
     global _APPLIED
@@ -144,6 +153,8 @@ def apply() -> None:
     # checks that slow training several-fold and turn NaN gradients into RuntimeErrors. Import it now and
     # switch anomaly detection back off.
     import recbole.model.sequential_recommender  # noqa: F401
+    from recbole.model.sequential_recommender.bert4rec import BERT4Rec
 
     torch.autograd.set_detect_anomaly(False)
+    BERT4Rec.reconstruct_test_data = _bert4rec_reconstruct_test_data
     _APPLIED = True

@@ -7,9 +7,12 @@ from the ``argv`` given (the CLI passes its own), never from the process's ``sys
 """
 from __future__ import annotations
 
+import difflib
 import os
+from functools import lru_cache
 from typing import Optional, Sequence
 
+import yaml
 from recbole.config import Config
 
 from recbole_dealrec.registry import ConfigError
@@ -68,6 +71,8 @@ class DealrecConfig(Config):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         self._update_plugin_layer(os.path.join(PROPERTIES_DIR, "overall.yaml"))
+        for name in property_names("signal"):  # every signal's defaults: any sampler may need any signal
+            self._update_plugin_layer(os.path.join(PROPERTIES_DIR, "signal", f"{name}.yaml"))
         self._update_plugin_layer(os.path.join(PROPERTIES_DIR, "model", f"{model}.yaml"))
         dataset_keys = self._update_plugin_layer(os.path.join(PROPERTIES_DIR, "dataset", f"{dataset}.yaml"))
         # RecBole compares "Dataset" keys to decide whether a saved dataset can be reused.
@@ -79,3 +84,35 @@ class DealrecConfig(Config):
         if not os.path.isfile(path):
             return {}
         return self._update_internal_config_dict(path) or {}
+
+
+@lru_cache(maxsize=None)
+def plugin_keys() -> tuple[frozenset, frozenset, frozenset]:
+    """``(every key of every property file, the keys of the sampler and signal files, their prefixes)``."""
+    keys, selection_keys, prefixes = set(), set(), set()
+    for kind in ("", "model", "dataset", "sampler", "signal"):
+        folder = os.path.join(PROPERTIES_DIR, kind)
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".yaml"):
+                continue
+            with open(os.path.join(folder, name), encoding="utf-8") as handle:
+                file_keys = list((yaml.safe_load(handle) or {}).keys())
+            keys.update(file_keys)
+            if kind in ("sampler", "signal"):
+                selection_keys.update(file_keys)
+                prefixes.update(k.split("_", 1)[0] + "_" for k in file_keys if "_" in k)
+    return frozenset(keys), frozenset(selection_keys), frozenset(prefixes)
+
+
+def check_plugin_keys(config: Config) -> None:
+    """A key given by the user with a sampler's or signal's prefix (``ccs_``, ``grand_``, ``dealrec_``, ...) that
+    no property file defines is a typo: fail with the closest known key instead of ignoring it."""
+    known, _, prefixes = plugin_keys()
+    given = {**config.file_config_dict, **config.variable_config_dict, **config.cmd_config_dict}
+    for key in given:
+        if key in known or key.split("_", 1)[0] + "_" not in prefixes:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown key {key!r}: no sampler or signal defines it{hint} "
+                          f"(keys of each method: properties/sampler/<name>.yaml, properties/signal/<name>.yaml)")

@@ -3,19 +3,26 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from recbole_dealrec.data.pruning import kept_train_interactions, write_inter_file
 from recbole_dealrec.selection import Selection
-from recbole_dealrec.utils import atomic_write
+from recbole_dealrec.utils import atomic_write, stable_key
 
 
-def selection_dir(config: Mapping[str, Any], budget: int) -> str:
-    """``<output_dir>/<dataset>/<sampler>-n<budget>-seed<seed>``: one folder per selection setting."""
+def selection_dir(config: Mapping[str, Any], budget: int, method_keys: Sequence[str], signal_meta: Mapping[str, Any]) -> str:
+    """``<output_dir>/<dataset>/<sampler>-n<budget>-seed<seed>-<key>``: one folder per selection setting.
+
+    ``<key>`` hashes everything else the selection depends on: the method's own keys (``method_keys``: lambda,
+    K, hard prune, ...) and the cache file of every signal it read (whose name is a key of the signal's
+    settings, the surrogate and the data), so a grid over any of them never overwrites its own outputs.
+    """
     seed = config["selection_seed"] if config["selection_seed"] is not None else config["seed"]
-    return os.path.join(config["output_dir"], config["dataset"], f"{config['sampler']}-n{budget}-seed{seed}")
+    key = stable_key({"method": {k: config[k] for k in method_keys},
+                      "signals": {name: os.path.basename(meta["path"]) for name, meta in signal_meta.items()}})
+    return os.path.join(config["output_dir"], config["dataset"], f"{config['sampler']}-n{budget}-seed{seed}-{key[:8]}")
 
 
 def save_selection(folder: str, selection: Selection, pruned_train_dataset, meta: Mapping[str, Any]) -> dict:

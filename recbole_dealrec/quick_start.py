@@ -1,6 +1,7 @@
 """``run_recbole`` for the plugin: RecBole's quick start with a pruning step before training.
 
-dataset -> signals a selection method declared (surrogate -> influence; backend LLM -> effort) -> selection
+dataset -> signals a selection method declared (``scoring.signals``: surrogate -> influence, GraNd, EL2N,
+embeddings; backend LLM -> effort) -> selection
 (saved with its report) -> pruned train loader -> training -> test.
 This is the only module that wires the stages together; ``recbole.quick_start`` is never imported
 (it pulls in ray).
@@ -14,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
-from recbole_dealrec.config import DealrecConfig
+from recbole_dealrec.config import DealrecConfig, check_plugin_keys
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
 from recbole_dealrec.export import save_selection, selection_dir
 from recbole_dealrec.registry import ConfigError
@@ -38,6 +39,7 @@ def run_recbole(
     ``test_result``) plus ``selection`` (a summary of what was kept and where it was saved).
     """
     config = DealrecConfig(model, dataset, config_file_list, config_dict, argv=argv)
+    check_plugin_keys(config)
     method = check_selection_config(config)  # bad sampler/budget keys fail here, before any data is read
     needed = method.required_signals()
     check_signal_config(needed, config)
@@ -67,7 +69,7 @@ def run_recbole(
         + f" sampler={method.name}: kept {len(selection.user_ids)} of {len(candidates)} users, "
         f"{len(train_data.dataset)} of {n_before} training samples"
     )
-    folder = selection_dir(config, budget)
+    folder = selection_dir(config, budget, method.keys, signal_meta)
     summary = save_selection(
         folder,
         selection,
@@ -120,7 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.list_samplers:
         import recbole_dealrec.selection  # noqa: F401
 
-        print("\n".join(SAMPLERS.names()))
+        for name in SAMPLERS.names():
+            print(f"{name:<10} {SAMPLERS.get(name).description}")
         return
     files = [f for f in (args.config_files or "").replace(",", " ").split() if f]
     try:

@@ -1,7 +1,8 @@
 """Selection report: what was chosen, from which scores, and how well it covers the data.
 
 Saved beside the selection: ``report.json`` (always) and PNG plots (``report_plots``): score
-distributions of all vs selected users, group sizes and picks of Algorithm 2, and coverage (history
+distributions of all vs selected users, group sizes and picks (Algorithm 2 / CCS bins, TF-DCon / RecRanker
+clusters), and coverage (history
 lengths, item popularity).
 """
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _plot(folder, selection, groups, arrays) -> None:
         index = np.arange(len(groups["bin_sizes"]))
         axis.bar(index, groups["bin_sizes"], label="group size", alpha=0.5)
         axis.bar(index, groups["bin_picks"], label="picked", alpha=0.8)
-        axis.set_xlabel("group (by overall score, low to high)")
+        axis.set_xlabel("group (score bin, low to high; or cluster)")
         axis.set_yscale("symlog")
         axis.legend()
         _save(figure, os.path.join(folder, "groups.png"))

@@ -17,7 +17,7 @@ def test_console_script_random_sampler(tiny_config, tmp_path):
     test_line = [line for line in output.splitlines() if "test result" in line][-1]
     assert re.search(r"'recall@10', np\.float64\(0\.\d+\)", test_line), test_line
     assert re.search(r"'ndcg@10', np\.float64\(0\.\d+\)", test_line), test_line
-    folder = tmp_path / "out" / "ml-100k" / "random-n100-seed2020"
+    (folder,) = (tmp_path / "out" / "ml-100k").glob("random-n100-seed2020-*")
     assert (folder / "selection.tsv").read_text().count("\n") == 101
     assert (folder / "ml-100k.inter").exists()
 
@@ -25,4 +25,6 @@ def test_console_script_random_sampler(tiny_config, tmp_path):
 def test_python_dash_m_lists_samplers():
     result = subprocess.run([sys.executable, "-m", "recbole_dealrec", "--list-samplers"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert {"full", "random"} <= set(result.stdout.split())
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert names == ["ccs", "dealrec", "el2n", "full", "grand", "random", "recranker", "tfdcon"]
+    assert all(len(line.split()) > 3 for line in result.stdout.splitlines())  # each with its description

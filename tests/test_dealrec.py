@@ -27,7 +27,7 @@ def dealrec_config(llm_path, tmp, **extra):
 def test_run_recbole_bigrec_dealrec_writes_selection_subset_and_report(tiny_llm_path, tmp_path, monkeypatch):
     result = run_recbole("BIGRec", config_dict=dealrec_config(tiny_llm_path, tmp_path))
     assert {"recall@10", "ndcg@10"} <= set(result["test_result"])
-    folder = tmp_path / "out" / "ml-100k" / "dealrec-n16-seed2020"
+    (folder,) = (tmp_path / "out" / "ml-100k").glob("dealrec-n16-seed2020-*")
     rows = (folder / "selection.tsv").read_text().splitlines()
     assert rows[0].split("\t") == ["user_id", "internal_uid", "influence", "effort", "overall"] and len(rows) == 17
     assert (folder / "ml-100k.inter").read_text().startswith("user_id:token\titem_id:token\ttimestamp:float\n")
@@ -51,6 +51,7 @@ def test_run_recbole_bigrec_dealrec_writes_selection_subset_and_report(tiny_llm_
     monkeypatch.setattr(surrogate_train, "get_trainer", forbidden)  # the surrogate is not retrained either
     again = run_recbole("BIGRec", config_dict=dealrec_config(tiny_llm_path, tmp_path, dealrec_lambda=1.0, epochs=0), saved=False)
     assert again["selection"]["signals"]["influence"]["cached"] and again["selection"]["signals"]["effort"]["cached"]
+    assert again["selection"]["folder"] != str(folder)  # another lambda never overwrites this selection
     # Same seed, same scores, same lambda -> same ids; another lambda may differ but keeps the budget.
     same = run_recbole("BIGRec", config_dict=dealrec_config(tiny_llm_path, tmp_path, epochs=0), saved=False)
     rows_again = (folder / "selection.tsv").read_text().splitlines()

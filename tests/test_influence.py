@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from recbole_dealrec.config import DealrecConfig
-from recbole_dealrec.data import create_dataset, data_preparation
+from recbole_dealrec.data import create_dataset, data_preparation, training_user_ids
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.scoring.hessian import conjugate_gradient, dense_hessian, exact_solve, lissa, lissa_damping_for
-from recbole_dealrec.scoring.influence import cached_influence_scores, check_influence_config, influence_scores
+from recbole_dealrec.scoring.influence import check_influence_config, influence_scores
+from recbole_dealrec.scoring.signals import compute_signals
 from recbole_dealrec.scoring.influence_core import (
     directional_derivatives,
     flatten,
@@ -106,21 +107,29 @@ def run_config(tmp_path):
     })
 
 
+def influence_signal(config):
+    train, _, _ = data_preparation(config, create_dataset(config))
+    scores, meta = compute_signals(["influence"], config, train.dataset, training_user_ids(train.dataset))
+    return scores["influence"], meta["influence"]
+
+
 @pytest.mark.filterwarnings("ignore:iHVP solve")
 def test_influence_end_to_end_cached_and_reused(run_config, monkeypatch):
-    surrogate = train_surrogate(run_config)
-    first = cached_influence_scores(run_config, surrogate)
-    assert len(first.tokens) == 943 and np.isfinite(first.scores).all() and first.scores.std() > 0
-    assert first.meta["cached"] is False and first.meta["residual"] is not None
-    # Second time: nothing is recomputed (the scorer is not even callable).
+    first, first_meta = influence_signal(run_config)
+    assert len(first.user_ids) == 943 and np.isfinite(first.values).all() and first.values.std() > 0
+    assert first_meta["cached"] is False and first_meta["residual"] is not None
+    # Second time: nothing is recomputed (neither the scorer nor the surrogate's trainer is callable).
     import recbole_dealrec.scoring.influence as influence
+    from recbole_dealrec.surrogate import train as surrogate_train
 
+    surrogate = train_surrogate(run_config)
     monkeypatch.setattr(influence, "influence_scores", None)
+    monkeypatch.setattr(surrogate_train, "get_trainer", None)
+    second, second_meta = influence_signal(run_config)
+    assert second_meta["cached"] is True
+    np.testing.assert_array_equal(second.user_ids, first.user_ids)
+    np.testing.assert_array_equal(second.values, first.values)
     again = train_surrogate(run_config)
-    second = cached_influence_scores(run_config, again)
-    assert second.meta["cached"] is True
-    np.testing.assert_array_equal(second.tokens, first.tokens)
-    np.testing.assert_array_equal(second.scores, first.scores)
     for k, v in surrogate.model.state_dict().items():
         torch.testing.assert_close(again.model.state_dict()[k], v)
     # The surrogate checkpoint holds tensors only.

@@ -24,9 +24,9 @@ from recbole.utils import init_seed
 
 from recbole_dealrec.data.prompts import last_rows
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.scoring.cache import ScoredUsers, cached_user_scores
+from recbole_dealrec.scoring.cache import ScoredUsers
 from recbole_dealrec.scoring.effort import effort_scores
-from recbole_dealrec.utils import stable_key
+from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
 
 EFFORT_KEYS = ("llm_path", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "llm_max_length",
                "bigrec_instruction", "bigrec_loss_on", "MAX_ITEM_LIST_LENGTH", "effort_params",
@@ -76,12 +76,15 @@ def effort_scores_for_users(config, train_dataset, user_ids: Sequence[int], show
     return ScoredUsers(tokens, norms.numpy(), meta)
 
 
-def cached_effort_scores(config, train_dataset, user_ids: Sequence[int], data_key: str) -> ScoredUsers:
-    """:func:`effort_scores_for_users`, reused from ``<output_dir>/<dataset>/cache`` when nothing changed."""
-    users = np.asarray(train_dataset.id2token(train_dataset.uid_field, np.sort(np.asarray(user_ids)))).astype(str)
-    # The user list enters the key as its own hash: the metadata file stays small on 49k users.
-    key_payload = {**{k: config[k] for k in EFFORT_KEYS}, "data": data_key, "users": stable_key({"users": users.tolist()})}
-    return cached_user_scores(
-        config, "effort", key_payload,
-        lambda: effort_scores_for_users(config, train_dataset, user_ids, show_progress=bool(config["show_progress"])),
-    )
+@SIGNALS.register("effort")
+class Effort(Signal):
+    name = "effort"
+    description = "DEALRec Eq. 12: norm of each user's gradient of the backend LLM's loss w.r.t. its LoRA weights"
+    keys = EFFORT_KEYS
+
+    def check_config(self, config) -> None:
+        check_effort_config(config)
+
+    def compute(self, ctx: SignalContext) -> ScoredUsers:
+        return effort_scores_for_users(ctx.config, ctx.train_dataset, ctx.candidates,
+                                       show_progress=bool(ctx.config["show_progress"]))

@@ -1,7 +1,6 @@
-"""Per-user scores saved as plain TSV files, named by a key of everything they depend on."""
+"""Per-user signal values and their cache: one ``.npz`` per signal, named by a key of everything it depends on."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -14,42 +13,57 @@ from recbole.utils import set_color
 from recbole_dealrec.utils import atomic_write, cache_dir, stable_key
 
 
-def load_scores(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(user tokens [n] str, scores [n] float64)`` from a ``user_id<TAB>score`` file."""
-    with open(path, encoding="utf-8") as handle:
-        rows = list(csv.reader(handle, delimiter="\t"))[1:]
-    return np.array([r[0] for r in rows]), np.array([float(r[1]) for r in rows], dtype=np.float64)
+@dataclasses.dataclass(frozen=True)
+class UserScores:
+    """One value per user (a score ``[n]`` or a vector ``[n, d]``), always carried with the user ids it
+    belongs to (never aligned by position).
 
+    user_ids: int64 [n] internal RecBole user ids, unique. values: float64 [n] or float [n, d].
+    """
 
-def save_scores(path: str, tokens: np.ndarray, scores: np.ndarray, meta: Mapping[str, Any]) -> None:
-    """Write ``path`` (TSV, exact float repr) and ``path``'s ``.json`` metadata, each atomically."""
-    with atomic_write(path, encoding="utf-8") as handle:
-        handle.write("user_id\tscore\n")
-        for token, score in zip(tokens, scores):
-            handle.write(f"{token}\t{float(score)!r}\n")
-    with atomic_write(path[: -len(".tsv")] + ".json", encoding="utf-8") as handle:
-        json.dump(dict(meta), handle, indent=2, default=str)
+    user_ids: np.ndarray
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.user_ids.ndim != 1 or self.values.ndim not in (1, 2) or len(self.values) != len(self.user_ids):
+            raise ValueError("UserScores needs 1-D user_ids and values [n] or [n, d] of the same length")
+        if len(np.unique(self.user_ids)) != len(self.user_ids):
+            raise ValueError("UserScores has duplicate user ids")
 
 
 @dataclasses.dataclass
 class ScoredUsers:
-    """One score per user: ``tokens`` [n] user tokens (str), ``scores`` [n] float64, ``meta`` (facts, key)."""
+    """A signal as computed: ``tokens`` [n] user tokens (str), ``scores`` [n] or [n, d], ``meta`` (facts, key)."""
 
     tokens: np.ndarray
     scores: np.ndarray
     meta: dict
 
 
+def save_scores(path: str, tokens: np.ndarray, scores: np.ndarray, meta: Mapping[str, Any]) -> None:
+    """Write ``path`` (``.npz``: ``user_id`` tokens, exact ``values``) and its ``.json`` metadata, each atomically."""
+    with atomic_write(path, "wb") as handle:
+        np.savez(handle, user_id=np.asarray(tokens).astype(str), values=np.asarray(scores))
+    with atomic_write(path[: -len(".npz")] + ".json", encoding="utf-8") as handle:
+        json.dump(dict(meta), handle, indent=2, default=str)
+
+
+def load_scores(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(user tokens [n] str, values [n] or [n, d])`` from a file written by :func:`save_scores`."""
+    with np.load(path, allow_pickle=False) as data:
+        return data["user_id"], data["values"]
+
+
 def cached_user_scores(
     config: Mapping[str, Any], stage: str, key_payload: Mapping[str, Any], compute: Callable[[], ScoredUsers]
 ) -> ScoredUsers:
-    """``<cache_dir>/<stage>-<key>.tsv`` if present, else ``compute()``, saved there; ``meta['cached']`` says which.
+    """``<cache_dir>/<stage>-<key>.npz`` if present, else ``compute()``, saved there; ``meta['cached']`` says which.
 
-    ``key_payload`` holds everything the scores depend on, so a changed input is a different file, never
-    a silently reused one; it is saved in the metadata beside the scores.
+    ``key_payload`` holds everything the values depend on, so a changed input is a different file, never
+    a silently reused one; it is saved in the metadata beside the values.
     """
-    path = os.path.join(cache_dir(config), f"{stage}-{stable_key(key_payload)}.tsv")
-    meta_path = path[: -len(".tsv")] + ".json"
+    path = os.path.join(cache_dir(config), f"{stage}-{stable_key(key_payload)}.npz")
+    meta_path = path[: -len(".npz")] + ".json"
     if os.path.isfile(path) and os.path.isfile(meta_path):
         tokens, scores = load_scores(path)
         with open(meta_path, encoding="utf-8") as handle:

@@ -27,7 +27,7 @@ from recbole.data.interaction import cat_interactions
 from recbole.utils import set_color
 
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.scoring.cache import ScoredUsers, cached_user_scores
+from recbole_dealrec.scoring.cache import ScoredUsers
 from recbole_dealrec.scoring.hessian import SOLVERS, ensure_finite, lissa_damping_for, solve
 from recbole_dealrec.scoring.influence_core import (
     directional_derivatives,
@@ -38,6 +38,7 @@ from recbole_dealrec.scoring.influence_core import (
     select_parameters,
     unflatten,
 )
+from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, UserBatch, user_batches
 
 INFLUENCE_KEYS = ("influence_params", "influence_hessian", "influence_hessian_users", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
@@ -134,10 +135,15 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     return ScoredUsers(np.asarray(tokens).astype(str), scores, meta)
 
 
-def cached_influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun) -> ScoredUsers:
-    """:func:`influence_scores`, reused from ``<output_dir>/<dataset>/cache`` when nothing it depends on changed."""
-    key_payload = {"surrogate_key": surrogate.key, **{k: config[k] for k in INFLUENCE_KEYS}}
-    return cached_user_scores(
-        config, "influence", key_payload,
-        lambda: influence_scores(config, surrogate, show_progress=bool(config["show_progress"])),
-    )
+@SIGNALS.register("influence")
+class Influence(Signal):
+    name = "influence"
+    description = "DEALRec Eq. 11: <grad L_u, H^-1 mean gradient> on the trained surrogate"
+    keys = INFLUENCE_KEYS
+    uses_surrogate = True
+
+    def check_config(self, config) -> None:
+        check_influence_config(config)
+
+    def compute(self, ctx: SignalContext) -> ScoredUsers:
+        return influence_scores(ctx.config, ctx.surrogate(), show_progress=bool(ctx.config["show_progress"]))

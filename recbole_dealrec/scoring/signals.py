@@ -1,37 +1,137 @@
-"""The per-user signals a selection method declares, computed (or loaded from the cache) and keyed by user id."""
+"""One registry of per-user signals (``SIGNALS``): every score or vector a selection method may need.
+
+A signal is a named scorer with its own config check (run before any data is read), the config keys its
+values depend on (its cache key) and ``compute(ctx)`` over the candidate users. A selection method declares
+the signals it needs; :func:`compute_signals` computes each once per run (or reuses it from
+``<output_dir>/<dataset>/cache``) and hands them over keyed by user id. Signals that read the surrogate share
+one :class:`SignalContext`, so the surrogate is trained at most once per run, and only when a signal is not
+cached. Adding a signal is one small class registered here (see ``recbole_dealrec/scoring/*``).
+"""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import abc
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
 
-from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.selection.base import UserScores
-from recbole_dealrec.utils import StageTimer, dataset_fingerprint
+from recbole_dealrec.registry import ConfigError, Registry
+from recbole_dealrec.scoring.cache import ScoredUsers, UserScores, cached_user_scores
+from recbole_dealrec.utils import StageTimer, dataset_fingerprint, stable_key
 
-KNOWN_SIGNALS = ("influence", "effort")
+
+class SignalContext:
+    """What signals compute from, built lazily and shared: the run's config and train data, the candidate
+    users, the data fingerprint, the trained surrogate and its early-epoch snapshots."""
+
+    def __init__(self, config, train_dataset, candidates: np.ndarray, snapshot_epochs: Sequence[int] = (),
+                 timer: StageTimer | None = None) -> None:
+        self.config = config
+        self.timer = timer or StageTimer()
+        self.train_dataset = train_dataset
+        self.candidates = np.sort(np.asarray(candidates, dtype=np.int64))
+        self.candidate_tokens = np.asarray(
+            train_dataset.id2token(train_dataset.uid_field, self.candidates)).astype(str)
+        self.snapshot_epochs = tuple(sorted(set(int(e) for e in snapshot_epochs)))
+        self._data_key: Optional[str] = None
+        self._surrogate_key: Optional[str] = None
+        self._surrogate = None
+
+    @property
+    def data_key(self) -> str:
+        if self._data_key is None:
+            self._data_key = dataset_fingerprint(self.config)
+        return self._data_key
+
+    @property
+    def users_key(self) -> str:
+        return stable_key({"users": self.candidate_tokens.tolist()})
+
+    @property
+    def surrogate_key(self) -> str:
+        if self._surrogate_key is None:
+            from recbole_dealrec.surrogate import surrogate_key
+
+            self._surrogate_key = surrogate_key(self.config)
+        return self._surrogate_key
+
+    def surrogate(self):
+        """The surrogate trained on all training data (trained once per run, or loaded from the cache)."""
+        if self._surrogate is None:
+            from recbole_dealrec.surrogate import train_surrogate
+
+            with self.timer("surrogate"):
+                self._surrogate = train_surrogate(self.config, snapshot_epochs=self.snapshot_epochs)
+        return self._surrogate
+
+    def snapshot(self, run: int, epoch: int):
+        """The surrogate of seeded run ``run`` after ``epoch`` epochs (run 0 = the main training's own)."""
+        from recbole_dealrec.surrogate.train import snapshot_cached, surrogate_snapshot
+
+        if (run == 0 and epoch > 0 and epoch in self.snapshot_epochs and self._surrogate is None
+                and not snapshot_cached(self.config, run, epoch)):
+            self.surrogate()  # trains the main surrogate if needed, saving its early snapshots on the way
+        return surrogate_snapshot(self.config, run, epoch)
+
+    def surrogate_ids(self, surrogate) -> np.ndarray:
+        """The candidates as internal ids of the surrogate's own dataset (joined by token, never by position)."""
+        dataset = surrogate.train_dataset
+        return np.asarray(dataset.token2id(dataset.uid_field, list(self.candidate_tokens)), dtype=np.int64)
+
+
+class Signal(abc.ABC):
+    """A per-user signal. ``keys``: the config keys its values depend on (checked, and part of its cache key)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    keys: ClassVar[tuple[str, ...]] = ()
+    uses_surrogate: ClassVar[bool] = False
+
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """Validate this signal's keys before any data is read (override where needed)."""
+
+    def snapshot_epochs(self, config: Mapping[str, Any]) -> tuple[int, ...]:
+        """Epochs of the main surrogate training whose weights this signal reads (GraNd, EL2N)."""
+        return ()
+
+    def cache_payload(self, ctx: SignalContext) -> dict[str, Any]:
+        payload = {k: ctx.config[k] for k in self.keys}
+        payload.update(data=ctx.data_key, users=ctx.users_key)
+        if self.uses_surrogate:
+            payload["surrogate"] = ctx.surrogate_key
+        return payload
+
+    @abc.abstractmethod
+    def compute(self, ctx: SignalContext) -> ScoredUsers:
+        """Values for every candidate user (``ctx.candidate_tokens``), with facts for the metadata."""
+
+
+SIGNALS: Registry[type[Signal]] = Registry("signal")
+
+
+def _registered() -> Registry[type[Signal]]:
+    # Each signal module registers itself on import.
+    from recbole_dealrec.scoring import backend_effort, influence, training_dynamics, user_features  # noqa: F401
+
+    return SIGNALS
 
 
 def check_signal_config(names: Sequence[str], config) -> None:
     """Validate the keys of every needed signal before any data is read or model trained."""
-    unknown = [n for n in names if n not in KNOWN_SIGNALS]
-    if unknown:
-        raise ConfigError(f"unknown signals {unknown}; known: {', '.join(KNOWN_SIGNALS)}")
-    if "influence" in names:
-        from recbole_dealrec.scoring.influence import check_influence_config
-        from recbole_dealrec.surrogate import surrogate_config
+    registry = _registered()
+    for name in names:
+        signal = registry.get(name)()
+        signal.check_config(config)
+        if signal.uses_surrogate:
+            from recbole_dealrec.surrogate import surrogate_config
 
-        check_influence_config(config)
-        surrogate_config(config)  # a non-sequential surrogate_model fails here
-    if "effort" in names:
-        from recbole_dealrec.scoring.backend_effort import check_effort_config
-
-        check_effort_config(config)
+            surrogate_config(config)  # a non-sequential surrogate_model fails here
 
 
-def _by_internal_id(train_dataset, tokens: np.ndarray, scores: np.ndarray) -> UserScores:
-    ids = np.asarray(train_dataset.token2id(train_dataset.uid_field, list(tokens)), dtype=np.int64)
-    return UserScores(ids, np.asarray(scores, dtype=np.float64))
+def _check_values(name: str, values: np.ndarray) -> None:
+    if not np.all(np.isfinite(values)):
+        bad = int((~np.isfinite(values)).sum())
+        raise ConfigError(f"signal '{name}' has {bad} non-finite values (NaN or inf): the surrogate or LLM it "
+                          "comes from diverged; check its training log and keys")
 
 
 def compute_signals(
@@ -39,25 +139,21 @@ def compute_signals(
 ) -> tuple[dict[str, UserScores], dict[str, Any]]:
     """``({name: UserScores}, {name: facts})`` over ``candidates`` (internal ids of ``train_dataset``).
 
-    Each stage returns user tokens; they are mapped to this dataset's ids here, so a surrogate trained on
-    its own copy of the dataset can never be joined by position.
+    Each signal is computed once (or reused from the cache); its user tokens are mapped to this dataset's
+    ids here, so values from a model trained on its own copy of the dataset are never joined by position.
     """
+    registry = _registered()
     timer = timer or StageTimer()
+    signals = {name: registry.get(name)() for name in names}
+    epochs = [e for s in signals.values() for e in s.snapshot_epochs(config)]
+    ctx = SignalContext(config, train_dataset, candidates, snapshot_epochs=epochs, timer=timer)
     out: dict[str, UserScores] = {}
     meta: dict[str, Any] = {}
-    if "influence" in names:
-        from recbole_dealrec.scoring.influence import cached_influence_scores
-        from recbole_dealrec.surrogate import train_surrogate
-
-        with timer("surrogate"):
-            surrogate = train_surrogate(config)
-        with timer("influence scores"):
-            result = cached_influence_scores(config, surrogate)
-        out["influence"], meta["influence"] = _by_internal_id(train_dataset, result.tokens, result.scores), result.meta
-    if "effort" in names:
-        from recbole_dealrec.scoring.backend_effort import cached_effort_scores
-
-        with timer("effort scores"):
-            result = cached_effort_scores(config, train_dataset, candidates, dataset_fingerprint(config))
-        out["effort"], meta["effort"] = _by_internal_id(train_dataset, result.tokens, result.scores), result.meta
+    for name, signal in signals.items():
+        with timer(f"{name} signal"):
+            result = cached_user_scores(config, name, signal.cache_payload(ctx), lambda s=signal: s.compute(ctx))
+        _check_values(name, np.asarray(result.scores, dtype=np.float64))
+        ids = np.asarray(train_dataset.token2id(train_dataset.uid_field, list(result.tokens)), dtype=np.int64)
+        values = np.asarray(result.scores, dtype=np.float64 if np.ndim(result.scores) == 1 else np.float32)
+        out[name], meta[name] = UserScores(ids, values), result.meta
     return out, meta

@@ -8,17 +8,19 @@ from recbole_dealrec.selection.base import (
     SAMPLERS,
     Selection,
     SelectionMethod,
+    TopScoreSelection,
     UserScores,
     check_selection_config,
     resolve_budget,
     selection_rng,
 )
-from recbole_dealrec.selection import dealrec, full, random  # noqa: F401,E402  (register the methods)
+from recbole_dealrec.selection import ccs, dealrec, el2n, full, grand, random, recranker, tfdcon  # noqa: F401,E402
 
 __all__ = [
     "SAMPLERS",
     "Selection",
     "SelectionMethod",
+    "TopScoreSelection",
     "UserScores",
     "check_selection_config",
     "resolve_budget",

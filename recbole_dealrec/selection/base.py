@@ -9,23 +9,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from recbole_dealrec.registry import ConfigError, Registry
-
-
-@dataclasses.dataclass(frozen=True)
-class UserScores:
-    """One score per user, always carried with the user ids it belongs to (never aligned by position).
-
-    user_ids: int64 [n] internal RecBole user ids, unique. values: float64 [n].
-    """
-
-    user_ids: np.ndarray
-    values: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.user_ids.shape != self.values.shape or self.user_ids.ndim != 1:
-            raise ValueError("UserScores needs 1-D user_ids and values of the same length")
-        if len(np.unique(self.user_ids)) != len(self.user_ids):
-            raise ValueError("UserScores has duplicate user ids")
+from recbole_dealrec.scoring.cache import UserScores
 
 
 @dataclasses.dataclass
@@ -45,7 +29,10 @@ class SelectionMethod(abc.ABC):
     """
 
     name: ClassVar[str]
+    description: ClassVar[str]
     signals: ClassVar[tuple[str, ...]] = ()
+    #: the method's own config keys (in ``properties/sampler/<name>.yaml``): they name its selection folder
+    keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = config
@@ -72,6 +59,37 @@ class SelectionMethod(abc.ABC):
 
 
 SAMPLERS: Registry[type[SelectionMethod]] = Registry("sampler")
+
+
+def joined_values(candidates: np.ndarray, signal: UserScores, name: str) -> np.ndarray:
+    """``signal``'s values in the order of ``candidates`` (sorted ids); both must hold the same users."""
+    position = {u: i for i, u in enumerate(signal.user_ids.tolist())}
+    missing = [u for u in candidates.tolist() if u not in position]
+    if missing or len(position) != len(candidates):
+        raise ValueError(f"signal '{name}' covers {len(position)} users, the candidates are {len(candidates)} "
+                         f"({len(missing)} candidates missing, e.g. {missing[:5]}): id sets differ")
+    return signal.values[[position[u] for u in candidates.tolist()]]
+
+
+class TopScoreSelection(SelectionMethod):
+    """The ``budget`` users with the highest value of one signal (ties: lower user id), as GraNd and EL2N keep
+    ``scores.argsort()[-size:]``. A signal equal for every user ranks nothing: a warning, then a uniform draw."""
+
+    def select(self, candidates, signals, budget, rng) -> Selection:
+        from recbole_dealrec.selection.clustering import warn_constant
+        from recbole_dealrec.selection.stratified import greedy_top
+
+        (name,) = self.signals
+        ids = np.sort(candidates)
+        values = joined_values(ids, signals[name], name)
+        if np.all(values == values[0]):
+            warn_constant(name, "drawing the budget uniformly with selection_seed instead")
+            picked = np.sort(rng.choice(len(ids), size=budget, replace=False))
+            fallback = True
+        else:
+            picked, fallback = greedy_top(values, budget), False
+        return Selection(user_ids=ids[picked], scores={name: UserScores(ids, values)},
+                         info={"signal": name, "rule": "top", "uniform_fallback": fallback})
 
 
 def _is_int(value: Any) -> bool:

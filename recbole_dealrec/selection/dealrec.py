@@ -12,7 +12,8 @@ import numbers
 import numpy as np
 
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod, UserScores
+from recbole_dealrec.scoring.cache import UserScores
+from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod
 from recbole_dealrec.selection.scores import join_by_id, min_max_normalise, overall_score
 from recbole_dealrec.selection.stratified import coverage_stratified_select, greedy_top, hard_prune_count
 
@@ -22,7 +23,9 @@ SELECTIONS = ("stratified", "greedy")
 @SAMPLERS.register("dealrec")
 class DealRec(SelectionMethod):
     name = "dealrec"
+    description = "DEALRec: influence + lambda * effort, then coverage-enhanced stratified selection (Algorithm 2)"
     signals = ("influence", "effort")
+    keys = ("dealrec_lambda", "dealrec_use_influence", "dealrec_selection", "dealrec_num_groups", "dealrec_hard_prune")
 
     def required_signals(self) -> tuple[str, ...]:
         needed = []

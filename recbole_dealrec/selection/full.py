@@ -10,6 +10,7 @@ from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod
 @SAMPLERS.register("full")
 class FullData(SelectionMethod):
     name = "full"
+    description = "Full: no pruning, every user with training samples (the default)"
 
     def check_config(self) -> None:
         if self.config["selection_num"] is not None or self.config["selection_ratio"] is not None:

@@ -9,6 +9,7 @@ from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod
 @SAMPLERS.register("random")
 class RandomSelection(SelectionMethod):
     name = "random"
+    description = "Random: users drawn uniformly without replacement (the paper's strong baseline)"
 
     def select(self, candidates, signals, budget, rng) -> Selection:
         chosen = rng.choice(np.sort(candidates), size=budget, replace=False)

@@ -130,3 +130,34 @@ class SurrogateLoss:
     def __call__(self, params: dict[str, torch.Tensor], batch: UserBatch) -> torch.Tensor:
         rows = self.row_losses(params, batch.interaction)
         return torch.zeros(len(batch), dtype=rows.dtype, device=rows.device).index_add(0, batch.segment, rows)
+
+
+@torch.no_grad()
+def user_representations(model: torch.nn.Module, train_dataset, user_ids: np.ndarray, batch_size: int = 1024) -> torch.Tensor:
+    """The surrogate's representation of each user: its sequence output for the user's whole training
+    history (the user's last training row), the vector the model scores every item with. ``[users, hidden]``.
+
+    ``user_ids`` (int64 [users], internal ids of ``train_dataset``, every one with training rows) sets the
+    order. SASRec-like models return it from ``forward(item_seq, item_seq_len)``; BERT4Rec from its next-item
+    head (mask appended after the history), as in its ``full_sort_predict``.
+    """
+    from recbole_dealrec.data.prompts import last_rows
+
+    model.eval()
+    rows = last_rows(train_dataset)
+    uid = train_dataset.inter_feat[train_dataset.uid_field].numpy()[rows]
+    position = {int(u): i for i, u in enumerate(uid)}
+    missing = [int(u) for u in user_ids if int(u) not in position]
+    if missing:
+        raise ValueError(f"{len(missing)} users have no training rows, e.g. {missing[:5]}")
+    wanted = torch.from_numpy(rows[[position[int(u)] for u in user_ids]])
+    out = []
+    for start in range(0, len(wanted), batch_size):
+        inter = train_dataset.inter_feat[wanted[start:start + batch_size]]
+        seq, seq_len = inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN]
+        if hasattr(model, "reconstruct_test_data"):  # BERT4Rec: bidirectional, mask token after the history
+            hidden = model.forward(model.reconstruct_test_data(seq, seq_len))
+            out.append(model.gather_indexes(hidden, seq_len - 1))
+        else:
+            out.append(model.forward(seq, seq_len))
+    return torch.cat(out) if out else torch.zeros(0, model.hidden_size if hasattr(model, "hidden_size") else 0)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from logging import getLogger
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from recbole.utils import ModelType, init_seed, set_color
 
-from recbole_dealrec.config import DealrecConfig
+from recbole_dealrec.config import DealrecConfig, plugin_keys
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.utils import atomic_write, cache_dir, dataset_fingerprint, get_model, get_trainer, stable_key
@@ -57,15 +57,58 @@ def surrogate_config(config: DealrecConfig) -> DealrecConfig:
 
 def config_key(config: DealrecConfig) -> str:
     """Key of everything in ``config`` that can change the trained weights, plus the dataset files."""
+    _, selection_keys, _ = plugin_keys()  # every sampler's and signal's keys: later stages
     relevant = {
         k: v for k, v in config.final_config_dict.items()
-        if k not in _NOT_IN_KEY and not k.startswith(_LATER_STAGE_PREFIXES)
+        if k not in _NOT_IN_KEY and k not in selection_keys and not k.startswith(_LATER_STAGE_PREFIXES)
     }
     return stable_key({"config": relevant, "data": dataset_fingerprint(config)})
 
 
-def train_surrogate(config: DealrecConfig) -> SurrogateRun:
-    """Train the surrogate on the full training data (or load it from the cache) and return it in eval mode."""
+def _snapshot_path(config, scfg, key: str, run: int, epoch: int) -> str:
+    return os.path.join(cache_dir(config), f"surrogate-{scfg['model']}-{key}-run{run}-epoch{epoch}.pt")
+
+
+def snapshot_cached(config: DealrecConfig, run: int, epoch: int) -> bool:
+    """Whether :func:`surrogate_snapshot` would load ``(run, epoch)`` from the cache."""
+    scfg = surrogate_config(config)
+    return os.path.isfile(_snapshot_path(config, scfg, config_key(scfg), run, epoch))
+
+
+def _save_state(model: torch.nn.Module, path: str) -> None:
+    with atomic_write(path, "wb") as handle:
+        torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, handle)
+
+
+def _capture_epochs(trainer, model, paths: dict[int, str]) -> None:
+    """Save the weights after each epoch in ``paths`` (1-based epoch -> file) while ``trainer.fit`` runs.
+
+    A hook on the trainer's own epoch step, so the early-epoch snapshots GraNd/EL2N need come from the one
+    surrogate training instead of a second trainer.
+    """
+    train_epoch = trainer._train_epoch
+
+    def hooked(train_data, epoch_idx, *args, **kwargs):
+        loss = train_epoch(train_data, epoch_idx, *args, **kwargs)
+        path = paths.get(epoch_idx + 1)
+        if path is not None and not os.path.isfile(path):
+            _save_state(model, path)
+        return loss
+
+    trainer._train_epoch = hooked
+
+
+def surrogate_key(config: DealrecConfig) -> str:
+    """Cache key of the surrogate this run would train (cheap: builds its config, reads no dataset)."""
+    return config_key(surrogate_config(config))
+
+
+def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) -> SurrogateRun:
+    """Train the surrogate on the full training data (or load it from the cache) and return it in eval mode.
+
+    While it trains, the weights after each epoch in ``snapshot_epochs`` are cached as run 0's snapshots
+    (see :func:`surrogate_snapshot`).
+    """
     logger = getLogger()
     scfg = surrogate_config(config)
     init_seed(scfg["seed"], scfg["reproducibility"])
@@ -81,12 +124,43 @@ def train_surrogate(config: DealrecConfig) -> SurrogateRun:
     else:
         logger.info(set_color("[Surrogate]", "pink") + f" training {scfg['model']} on all training data")
         trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
+        _capture_epochs(trainer, model, {e: _snapshot_path(config, scfg, key, 0, e) for e in snapshot_epochs})
         trainer.fit(train_data, valid_data, saved=True, show_progress=scfg["show_progress"])
         # fit() leaves the LAST epoch's weights in memory; the best-by-validation ones are on disk.
         best = torch.load(trainer.saved_model_file, map_location=scfg["device"], weights_only=False)
         model.load_state_dict(best["state_dict"])
-        with atomic_write(path, "wb") as handle:
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, handle)
+        _save_state(model, path)
         logger.info(set_color("[Surrogate]", "pink") + f" best epoch by {scfg['valid_metric']} saved to {path}")
     model.eval()
     return SurrogateRun(config=scfg, model=model, train_dataset=train_data.dataset, key=key)
+
+
+def surrogate_snapshot(config: DealrecConfig, run: int, epoch: int) -> SurrogateRun:
+    """The surrogate after ``epoch`` training epochs of run ``run`` (seed = ``seed + run``), in eval mode.
+
+    Epoch 0 is the seeded initialisation. Run 0 is the main surrogate training: its snapshots are saved by
+    :func:`train_surrogate` as it trains. A snapshot not in the cache (another run, or an epoch the main
+    training did not reach or was not asked for) is made by training ``epoch`` epochs with the same config
+    and seed and no early stopping, which repeats the main training's first epochs exactly.
+    """
+    scfg = surrogate_config(config)
+    scfg["seed"] = int(scfg["seed"]) + int(run)
+    key = config_key(surrogate_config(config))  # the main surrogate's key: the snapshot is a function of it
+    path = _snapshot_path(config, scfg, key, run, epoch)
+    init_seed(scfg["seed"], scfg["reproducibility"])
+    dataset = create_dataset(scfg)
+    train_data, valid_data, _ = data_preparation(scfg, dataset)
+    init_seed(scfg["seed"], scfg["reproducibility"])
+    model = get_model(scfg["model"])(scfg, train_data.dataset).to(scfg["device"])
+    if os.path.isfile(path):
+        model.load_state_dict(torch.load(path, map_location=scfg["device"], weights_only=True))
+    elif epoch > 0:
+        getLogger().info(set_color("[Surrogate]", "pink") + f" training run {run} (seed {scfg['seed']}) for {epoch} epochs")
+        scfg["epochs"], scfg["stopping_step"] = int(epoch), int(epoch) + 1
+        trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
+        _capture_epochs(trainer, model, {int(epoch): path})
+        trainer.fit(train_data, valid_data, saved=False, show_progress=scfg["show_progress"])
+    else:
+        _save_state(model, path)
+    model.eval()
+    return SurrogateRun(config=scfg, model=model, train_dataset=train_data.dataset, key=f"{key}-run{run}-epoch{epoch}")

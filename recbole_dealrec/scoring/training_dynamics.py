@@ -1,0 +1,179 @@
+"""GraNd and EL2N (Paul et al., NeurIPS'21): difficulty of each user early in the surrogate's training.
+
+The unit is the user, as for influence: L_u = the surrogate's per-user loss (``SurrogateLoss``: the sum over
+the user's training prefixes of the full-softmax cross-entropy of the next item), in eval mode.
+
+- GraNd(u) = E_runs || grad_theta L_u(theta_t) ||_2 over the parameters matched by ``grand_params``
+  (default all, as the original; DeepCore used the last layer only).
+- EL2N(u)  = E_runs sqrt( sum_prefixes || softmax(f(x)) - onehot(y) ||_2^2 ), the L2 norm of the error of
+  all the user's next-item predictions (one class per item).
+
+theta_t = the surrogate after ``grand_epoch`` / ``el2n_epoch`` epochs (0 = the seeded initialisation, the
+original GraNd). Run 0 is the main surrogate training (its weights are saved by a hook as it passes that
+epoch); runs 1 .. ``*_seeds``-1 retrain that many epochs with seed ``seed + run`` (the original averages 10).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Mapping
+
+import numpy as np
+import torch
+from recbole.data.interaction import Interaction
+from tqdm import tqdm
+
+from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.scoring.cache import ScoredUsers
+from recbole_dealrec.scoring.influence_core import select_parameters
+from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
+from recbole_dealrec.surrogate import SurrogateLoss, user_batches
+
+
+#: per-user gradients held at once by :func:`per_user_gradient_norms` (x 4 bytes): bounds its memory.
+GRADIENT_FLOATS_PER_CALL = 50_000_000
+
+
+def _rows_by_user(train_dataset, user_ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``(users [U] as given, row indices of each user)``; every user must have training rows."""
+    uid = train_dataset.inter_feat[train_dataset.uid_field].numpy()
+    order = np.argsort(uid, kind="stable")
+    users, starts, counts = np.unique(uid[order], return_index=True, return_counts=True)
+    position = np.searchsorted(users, user_ids)
+    if np.any(position >= len(users)) or np.any(users[np.minimum(position, len(users) - 1)] != user_ids):
+        raise ValueError("GraNd/EL2N asked for users without training rows")
+    return user_ids, [order[starts[p]:starts[p] + counts[p]] for p in position]
+
+
+def per_user_gradient_norms(
+    loss: SurrogateLoss, params: dict[str, torch.Tensor], train_dataset, user_ids: np.ndarray, max_rows: int,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """``|| grad_params L_u ||_2`` for every user in ``user_ids`` (int64 [U]): float64 ``[U]``, in that order.
+
+    Exact per-user gradients without a per-user backward: users with the same number of training rows are
+    stacked (no padding) and one ``vmap(grad)`` gives all their gradients; about ``max_rows`` rows per call,
+    and at most ``GRADIENT_FLOATS_PER_CALL`` gradient entries held at once (every user's gradient is dense in
+    the item embedding, which the full softmax touches entirely).
+    """
+    _, rows = _rows_by_user(train_dataset, np.asarray(user_ids, dtype=np.int64))
+    fields = (loss.model.ITEM_SEQ, loss.model.ITEM_SEQ_LEN, loss.target_field)
+    inter = train_dataset.inter_feat
+    fixed = {k: v.detach() for k, v in params.items()}
+
+    def norm_sq(p, user_fields):
+        def total(q):
+            return loss.row_losses(q, Interaction(dict(zip(fields, user_fields)))).sum()
+
+        grads = torch.func.grad(total)(p)
+        return sum((g.double() ** 2).sum() for g in grads.values())
+
+    batched = torch.func.vmap(norm_sq, in_dims=(None, 0))
+    counts = np.array([len(r) for r in rows])
+    n_params = sum(p.numel() for p in params.values())
+    out = torch.zeros(len(rows), dtype=torch.float64)
+    chunks = []
+    for count in np.unique(counts):
+        members = np.flatnonzero(counts == count)
+        step = max(1, min(max_rows // int(count), GRADIENT_FLOATS_PER_CALL // n_params))
+        chunks += [members[i:i + step] for i in range(0, len(members), step)]
+    for members in tqdm(chunks, desc="per-user gradient norms", disable=not show_progress):
+        index = torch.from_numpy(np.stack([rows[m] for m in members]))  # [users, rows each]
+        user_fields = tuple(inter[f][index] for f in fields)
+        out[torch.from_numpy(members)] = batched(fixed, user_fields).detach()
+    return out.sqrt()
+
+
+def per_user_gradient_norms_loop(
+    loss: SurrogateLoss, params: dict[str, torch.Tensor], train_dataset, user_ids: np.ndarray
+) -> torch.Tensor:
+    """Reference for :func:`per_user_gradient_norms`: one backward per user (tests and benchmarks only)."""
+    out = []
+    for batch in user_batches(train_dataset, 1, user_ids=np.asarray(user_ids)):
+        leaf = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        grads = torch.autograd.grad(loss(leaf, batch).sum(), list(leaf.values()))
+        out.append(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+    order = {u: i for i, u in enumerate(np.sort(np.asarray(user_ids)).tolist())}
+    return torch.stack(out)[[order[int(u)] for u in user_ids]]
+
+
+@torch.no_grad()
+def per_user_el2n(loss: SurrogateLoss, train_dataset, user_ids: np.ndarray, max_rows: int) -> torch.Tensor:
+    """``sqrt(sum_prefixes ||softmax(logits) - onehot(target)||^2)`` per user: float64 ``[U]``, in ``user_ids`` order.
+
+    Per prefix, ``||p - e_y||^2 = sum_j p_j^2 - 2 p_y + 1``: no one-hot matrix is built.
+    """
+    params = {k: v.detach() for k, v in loss.model.named_parameters()}
+    order = {u: i for i, u in enumerate(np.sort(np.asarray(user_ids)).tolist())}
+    values = torch.zeros(len(order), dtype=torch.float64)
+    for batch in user_batches(train_dataset, max_rows, user_ids=np.asarray(user_ids)):
+        prob = torch.softmax(loss.logits(params, batch.interaction), dim=-1)
+        target = batch.interaction[loss.target_field]
+        err = ((prob ** 2).sum(-1) - 2 * prob.gather(1, target[:, None]).squeeze(1) + 1).double()
+        per_user = torch.zeros(len(batch), dtype=torch.float64).index_add(0, batch.segment, err)
+        values[[order[int(u)] for u in batch.user_ids]] = per_user
+    return values.clamp(min=0).sqrt()[[order[int(u)] for u in user_ids]]
+
+
+def _check_epoch_and_seeds(config: Mapping, prefix: str) -> None:
+    epoch, seeds = config[f"{prefix}_epoch"], config[f"{prefix}_seeds"]
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+        raise ConfigError(f"{prefix}_epoch must be an integer >= 0 (0 = at initialisation), got {epoch!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, numbers.Integral) or seeds < 1:
+        raise ConfigError(f"{prefix}_seeds must be an integer >= 1 (runs averaged; the original: 10), got {seeds!r}")
+
+
+class _EarlyTrainingSignal(Signal):
+    prefix: str
+    uses_surrogate = True
+
+    def check_config(self, config) -> None:
+        _check_epoch_and_seeds(config, self.prefix)
+
+    def snapshot_epochs(self, config) -> tuple[int, ...]:
+        return (int(config[f"{self.prefix}_epoch"]),)
+
+    def score_run(self, ctx: SignalContext, surrogate, user_ids: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute(self, ctx: SignalContext) -> ScoredUsers:
+        config = ctx.config
+        epoch, runs = int(config[f"{self.prefix}_epoch"]), int(config[f"{self.prefix}_seeds"])
+        total = None
+        for run in range(runs):
+            surrogate = ctx.snapshot(run, epoch)
+            scores = self.score_run(ctx, surrogate, ctx.surrogate_ids(surrogate))
+            total = scores if total is None else total + scores
+        meta = {"epoch": epoch, "runs": runs, "n_users": int(len(ctx.candidates))}
+        return ScoredUsers(ctx.candidate_tokens, (total / runs).numpy(), meta)
+
+
+@SIGNALS.register("grand")
+class GraNd(_EarlyTrainingSignal):
+    name = "grand"
+    prefix = "grand"
+    description = "GraNd: per-user loss gradient norm of the surrogate early in training, averaged over seeds"
+    keys = ("grand_epoch", "grand_seeds", "grand_params")
+
+    def check_config(self, config) -> None:
+        super().check_config(config)
+        patterns = config["grand_params"]
+        if not isinstance(patterns, (list, tuple)) or not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ConfigError(f"grand_params must be a non-empty list of regex patterns, got {patterns!r}")
+
+    def score_run(self, ctx, surrogate, user_ids) -> torch.Tensor:
+        loss = SurrogateLoss(surrogate.model)
+        params = select_parameters(surrogate.model.named_parameters(), list(ctx.config["grand_params"]))
+        return per_user_gradient_norms(loss, params, surrogate.train_dataset, user_ids,
+                                       int(ctx.config["influence_batch_rows"]), bool(ctx.config["show_progress"]))
+
+
+@SIGNALS.register("el2n")
+class EL2N(_EarlyTrainingSignal):
+    name = "el2n"
+    prefix = "el2n"
+    description = "EL2N: L2 norm of softmax - one-hot of the surrogate's next-item predictions early in training"
+    keys = ("el2n_epoch", "el2n_seeds")
+
+    def score_run(self, ctx, surrogate, user_ids) -> torch.Tensor:
+        return per_user_el2n(SurrogateLoss(surrogate.model), surrogate.train_dataset, user_ids,
+                             int(ctx.config["influence_batch_rows"]))
