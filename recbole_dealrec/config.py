@@ -16,7 +16,6 @@ import yaml
 from recbole.config import Config
 
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.utils import get_model
 
 PROPERTIES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties")
 if not os.path.isdir(PROPERTIES_DIR):  # source checkout: properties/ sits beside the package
@@ -63,6 +62,8 @@ class DealrecConfig(Config):
             model = self.external_config_dict.get("model")
             if model is None:
                 raise ConfigError("no model given: pass --model=<Model> (e.g. SASRec, BIGRec)")
+        from recbole_dealrec.model import get_model  # the models read datasets; the data stage reads this module
+
         model_class = get_model(model) if isinstance(model, str) else model
         model_name = model if isinstance(model, str) else model.__name__
         dataset = dataset or self.external_config_dict.get("dataset") or DEFAULT_DATASET

@@ -22,7 +22,9 @@ from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.report import write_report
 from recbole_dealrec.scoring.signals import check_signal_config, compute_signals
 from recbole_dealrec.selection import SAMPLERS, check_selection_config, resolve_budget, selection_rng
-from recbole_dealrec.utils import StageTimer, get_model, get_trainer
+from recbole_dealrec.model import get_model, get_trainer
+from recbole_dealrec.model.backend import GenerativeBackend
+from recbole_dealrec.utils import StageTimer
 
 
 def run_recbole(
@@ -84,6 +86,8 @@ def run_recbole(
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model_obj = get_model(config["model"])(config, train_data.dataset).to(config["device"])
     logger.info(model_obj)
+    if isinstance(model_obj, GenerativeBackend):
+        model_obj.export(folder)  # e.g. TIGER's item semantic IDs, beside the selection
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
     with timer("training"):
         best_valid_score, best_valid_result = trainer.fit(

@@ -1,2 +1,305 @@
-"""Trainers for the plugin's models, found by ``recbole_dealrec.utils.get_trainer`` as ``<Model>Trainer``."""
-from recbole_dealrec.bigrec_trainer import BIGRecTrainer  # noqa: F401,E402
+"""The trainer of every generative backend (:class:`recbole_dealrec.model.backend.GenerativeBackend`: BIGRec, TIGER).
+
+It names no concrete model. Differences from RecBole's ``Trainer``:
+
+- the rows fed are the backend's ``training_rows``: one sample per user for BIGRec (each user's LAST
+  training row: history = all earlier training items, target = the last one), every prefix for TIGER;
+- gradient accumulation (``gradient_accumulation_steps``); only the parameters that require grad are
+  optimised (LoRA for BIGRec, all for TIGER);
+- early stopping on the VALIDATION LM LOSS (one row per user: history = training items, target = the first
+  valid item), lower is better, patience ``stopping_step``; generation runs only at test time;
+- checkpoints hold only the backend's ``trainable_state_dict`` (LoRA weights for BIGRec) plus epoch/optimizer
+  state, written atomically into ``checkpoint_dir``: ``<Model>-<time>.pth`` (best validation loss) and
+  ``<Model>-<time>-last.pth`` (every epoch, for :meth:`GenerativeTrainer.resume_checkpoint`);
+- ``eval_user_subset`` / ``valid_user_subset``: evaluate on / compute the validation loss over a fixed seeded
+  subset (``seed``) of that many evaluation rows / validation users (CPU runs).
+"""
+from __future__ import annotations
+
+import glob
+import os
+from time import time
+from typing import Optional
+
+import numpy as np
+import torch
+from recbole.data.utils import get_dataloader
+from recbole.trainer import Trainer
+from recbole.utils import early_stopping, set_color
+from torch.nn.utils.clip_grad import clip_grad_norm_
+from tqdm import tqdm
+
+from recbole_dealrec.utils import atomic_write
+
+CHECKPOINT_FORMAT = "recbole-dealrec/generative-v1"
+
+
+def first_rows(dataset) -> np.ndarray:
+    """Row index of each user's first row in ``dataset`` (sorted by user id)."""
+    uid = dataset.inter_feat[dataset.uid_field].numpy()
+    if len(uid) == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, first = np.unique(uid, return_index=True)
+    return first.astype(np.int64)
+
+
+class GenerativeTrainer(Trainer):
+    """RecBole trainer for generative backends: trained-weights-only optimisation and checkpoints,
+    validation-loss early stopping."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.grad_accum = int(config["gradient_accumulation_steps"] or 1)
+        if self.grad_accum < 1:
+            raise ValueError(f"`gradient_accumulation_steps` must be >= 1, got {self.grad_accum}")
+        # The validation score is a loss: lower is better (also reported by run_recbole as valid_score_bigger).
+        self.valid_metric_bigger = False
+        config["valid_metric_bigger"] = False
+        self.best_valid_score = np.inf
+        self.best_epoch: Optional[int] = None
+        self._best_weights: Optional[dict] = None  # in-memory copy (used when nothing is saved)
+        self._subset_cache: dict[int, object] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def _build_optimizer(self, **kwargs):
+        kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
+        return super()._build_optimizer(**kwargs)
+
+    @property
+    def last_model_file(self) -> str:
+        base, ext = os.path.splitext(self.saved_model_file)
+        return base + "-last" + (ext or ".pth")
+
+    def training_loader(self, train_data):
+        """A train loader over the backend's ``training_rows`` (BIGRec: each user's last training row)."""
+        dataset = train_data.dataset
+        rows = self.model.training_rows(dataset)
+        if rows is None or len(rows) == len(dataset):
+            return train_data
+        kept = dataset.copy(dataset.inter_feat[torch.from_numpy(rows)])
+        self.logger.info(
+            set_color(f"[{self.config['model']}]", "pink")
+            + f" one sample per user: {len(rows)} training samples (each user's last) of {len(dataset)} rows"
+        )
+        return get_dataloader(self.config, "train")(
+            self.config, kept, train_data._sampler, shuffle=self.config["shuffle"]
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self.model.train()
+        loss_func = loss_func or self.model.calculate_loss
+        iter_data = (
+            tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+            if show_progress
+            else train_data
+        )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        total_loss, n_batches, pending = 0.0, 0, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for interaction in iter_data:
+            interaction = interaction.to(self.device)
+            loss = loss_func(interaction)
+            self._check_nan(loss)
+            (loss / self.grad_accum).backward()
+            total_loss += loss.item()
+            n_batches += 1
+            pending += 1
+            if pending == self.grad_accum:
+                self._optimizer_step(params)
+                pending = 0
+            if show_progress:
+                iter_data.set_postfix(loss=f"{loss.item():.4f}")
+        if pending:  # a last, partial accumulation window
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(self.grad_accum / pending)
+            self._optimizer_step(params)
+        self.model.log_pass(f"train epoch {epoch_idx}")
+        return total_loss / max(n_batches, 1)
+
+    def _optimizer_step(self, params) -> None:
+        if self.clip_grad_norm:
+            clip_grad_norm_(params, **self.clip_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def validation_loss(self, valid_data, show_progress: bool = False) -> float:
+        """Mean LM loss over one valid row per user (the first: history = train items, target = first valid item)."""
+        dataset = valid_data.dataset if hasattr(valid_data, "dataset") else valid_data
+        rows = first_rows(dataset)
+        n = self.config["valid_user_subset"]
+        if n is not None and 0 < n < len(rows):  # a fixed seeded subset of users (the same every epoch)
+            rng = np.random.default_rng(int(self.config["seed"]))
+            rows = np.sort(rng.choice(rows, size=int(n), replace=False))
+        was_training = self.model.training
+        self.model.eval()
+        batch_size = int(self.config["eval_batch_size"])
+        starts = range(0, len(rows), batch_size)
+        if show_progress:
+            starts = tqdm(starts, total=len(starts), ncols=100, desc=set_color("Valid loss ", "pink"))
+        total, count = 0.0, 0
+        try:
+            for s in starts:
+                index = torch.from_numpy(rows[s : s + batch_size])
+                interaction = dataset[index].to(self.device)
+                loss = self.model.calculate_loss(interaction)
+                total += loss.item() * len(index)
+                count += len(index)
+        finally:
+            self.model.train(was_training)
+        self.model.log_pass("validation")
+        return total / count if count else float("nan")
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        loss = self.validation_loss(valid_data, show_progress=show_progress)
+        return loss, {"valid_loss": round(loss, 6)}
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        """Train on the backend's training rows; early-stop on the validation loss; save trained-weights-only checkpoints.
+
+        Returns:
+            ``(best validation loss, {"valid_loss": best validation loss})`` (``(inf, None)`` without validation).
+        """
+        train_data = self.training_loader(train_data)
+        self.eval_collector.data_collect(train_data)
+        for epoch_idx in range(self.start_epoch, self.epochs):
+            start = time()
+            train_loss = self._train_epoch(train_data, epoch_idx, show_progress=show_progress)
+            self.train_loss_dict[epoch_idx] = train_loss
+            if verbose:
+                self.logger.info(self._generate_train_loss_output(epoch_idx, start, time(), train_loss))
+            self._add_train_loss_to_tensorboard(epoch_idx, train_loss)
+
+            stop_flag = False
+            if self.eval_step <= 0 or not valid_data:
+                self._mark_best(epoch_idx, None, saved, verbose)
+            elif (epoch_idx + 1) % self.eval_step == 0:
+                valid_start = time()
+                valid_score, valid_result = self._valid_epoch(valid_data, show_progress=show_progress)
+                self.best_valid_score, self.cur_step, stop_flag, update_flag = early_stopping(
+                    valid_score, self.best_valid_score, self.cur_step, max_step=self.stopping_step, bigger=False
+                )
+                if verbose:
+                    self.logger.info(
+                        set_color(f"epoch {epoch_idx} evaluating", "green")
+                        + f" [{set_color('time', 'blue')}: {time() - valid_start:.2f}s, "
+                        + f"{set_color('valid_loss', 'blue')}: {valid_score:.6f}]"
+                    )
+                self.tensorboard.add_scalar("Valid_loss", valid_score, epoch_idx)
+                if update_flag:
+                    self._mark_best(epoch_idx, valid_result, saved, verbose)
+                if callback_fn:
+                    callback_fn(epoch_idx, valid_score)
+            if saved:
+                self._save_checkpoint(epoch_idx, verbose=False, saved_model_file=self.last_model_file, last=True)
+            if stop_flag:
+                if verbose:
+                    self.logger.info(f"Finished training, best eval result in epoch {self.best_epoch}")
+                break
+        return self.best_valid_score, self.best_valid_result
+
+    def _mark_best(self, epoch_idx, valid_result, saved, verbose) -> None:
+        self.best_epoch = epoch_idx
+        self.best_valid_result = valid_result
+        self._best_weights = self.model.trainable_state_dict()
+        if saved:
+            self._save_checkpoint(epoch_idx, verbose=verbose)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        """Atomically save the trained weights (+ optimizer/epoch state) to ``saved_model_file`` (the best checkpoint)
+        or, with ``last=True``, to the ``-last.pth`` checkpoint used for resuming."""
+        path = kwargs.pop("saved_model_file", self.saved_model_file)
+        last = kwargs.pop("last", False)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.config["model"],
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": float(self.best_valid_score),
+            "best_epoch": self.best_epoch,
+            "best_file": self.saved_model_file,
+            "weights": self.model.trainable_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "last": bool(last),
+        }
+        with atomic_write(path, "wb") as handle:
+            torch.save(state, handle)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {path}")
+
+    @staticmethod
+    def load_checkpoint(path: str) -> dict:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a recbole-dealrec generative-backend checkpoint (format {CHECKPOINT_FORMAT})")
+        return state
+
+    def latest_checkpoint(self) -> Optional[str]:
+        """Newest ``<Model>-*-last.pth`` in ``checkpoint_dir`` (None if there is none)."""
+        files = glob.glob(os.path.join(self.checkpoint_dir, f"{self.config['model']}-*-last.pth"))
+        return max(files, key=os.path.getmtime) if files else None
+
+    def resume_checkpoint(self, resume_file=None):
+        """Continue training from a checkpoint (default: the newest ``-last.pth`` one in ``checkpoint_dir``)."""
+        resume_file = str(resume_file) if resume_file is not None else self.latest_checkpoint()
+        if resume_file is None:
+            raise FileNotFoundError(f"no {self.config['model']}-*-last.pth checkpoint in {self.checkpoint_dir}")
+        state = self.load_checkpoint(resume_file)
+        self.model.load_trainable_state_dict(state["weights"])
+        if state.get("optimizer"):
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.cur_step = int(state["cur_step"])
+        self.best_valid_score = float(state["best_valid_score"])
+        self.best_epoch = state.get("best_epoch")
+        best_file = state.get("best_file")
+        self.saved_model_file = best_file if best_file and os.path.isfile(best_file) else resume_file
+        if self.best_valid_score < np.inf:
+            self.best_valid_result = {"valid_loss": round(self.best_valid_score, 6)}
+        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_subset(self, eval_data):
+        """``eval_data`` restricted to ``eval_user_subset`` rows drawn with ``seed`` (the same rows every call)."""
+        n = self.config["eval_user_subset"]
+        if n is None or n <= 0 or n >= len(eval_data.dataset):
+            return eval_data
+        key = id(eval_data)
+        if key not in self._subset_cache:
+            dataset = eval_data.dataset
+            rng = np.random.default_rng(int(self.config["seed"]))
+            rows = np.sort(rng.choice(len(dataset), size=int(n), replace=False))
+            sub = dataset.copy(dataset.inter_feat[torch.from_numpy(rows)])
+            targets = getattr(dataset, "multi_targets", None)
+            if targets is not None:
+                sub.multi_targets = targets[torch.from_numpy(rows)]
+            loader = type(eval_data)(self.config, sub, eval_data._sampler, shuffle=False)
+            self.logger.info(
+                set_color(f"[{self.config['model']}]", "pink") + f" eval_user_subset: evaluating {n} of {len(dataset)} rows"
+            )
+            self._subset_cache[key] = (eval_data, loader)  # keep eval_data alive so its id stays unique
+        return self._subset_cache[key][1]
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        """RecBole's full-sort evaluation (generation + grounding) with the best LoRA weights."""
+        if not eval_data:
+            return
+        if load_best_model:
+            checkpoint_file = model_file or self.saved_model_file
+            if model_file or os.path.isfile(checkpoint_file):
+                self.model.load_trainable_state_dict(self.load_checkpoint(checkpoint_file)["weights"])
+                self.logger.info(f"Loading trained weights from {checkpoint_file}")
+            elif self._best_weights is not None:
+                self.model.load_trainable_state_dict(self._best_weights)
+            else:
+                raise FileNotFoundError(f"no checkpoint {checkpoint_file} to load the best model from")
+        result = super().evaluate(self.eval_subset(eval_data), load_best_model=False, show_progress=show_progress)
+        self.model.log_pass("evaluation")
+        return result

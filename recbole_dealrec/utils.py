@@ -1,69 +1,13 @@
-"""Model / trainer lookup (plugin first, then RecBole) and atomic file writes."""
+"""Small shared helpers: stage timing, cache keys and folders, atomic file writes."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
 import os
 import tempfile
 import time
 from typing import Any, Iterator, Mapping
-
-from recbole.utils import ModelType
-
-from recbole_dealrec.registry import ConfigError, Registry
-
-#: Models shipped by the plugin; each registers itself on import of ``recbole_dealrec.model``.
-MODELS: Registry[type] = Registry("model")
-
-# ``exlib_recommender`` is left out on purpose: importing it needs lightgbm/xgboost, which is how RecBole
-# reports an unknown model name as ``ModuleNotFoundError: lightgbm``.
-_RECBOLE_MODEL_PACKAGES = (
-    "general_recommender",
-    "context_aware_recommender",
-    "sequential_recommender",
-    "knowledge_aware_recommender",
-)
-
-
-def recbole_model_names() -> list[str]:
-    """Class names of RecBole's own models (for error messages)."""
-    from recbole.model.abstract_recommender import AbstractRecommender
-
-    names = set()
-    for package in _RECBOLE_MODEL_PACKAGES:
-        module = importlib.import_module(f"recbole.model.{package}")
-        for name, obj in vars(module).items():
-            if isinstance(obj, type) and issubclass(obj, AbstractRecommender):
-                names.add(name)
-    return sorted(names)
-
-
-def get_model(model_name: str) -> type:
-    """Model class by name: the plugin's models first, then RecBole's."""
-    import recbole_dealrec.model  # noqa: F401  (registers the plugin's models)
-
-    if model_name in MODELS:
-        return MODELS.get(model_name)
-    module_name = model_name.lower()
-    for package in _RECBOLE_MODEL_PACKAGES:
-        path = f"recbole.model.{package}.{module_name}"
-        if importlib.util.find_spec(path) is not None:
-            module = importlib.import_module(path)
-            if hasattr(module, model_name):
-                return getattr(module, model_name)
-    known = sorted(set(MODELS.names()) | set(recbole_model_names()))
-    raise ConfigError(f"unknown model '{model_name}'; known models: {', '.join(known)}")
-
-
-def get_trainer(model_type: ModelType, model_name: str) -> type:
-    """Trainer class: ``<Model>Trainer`` from the plugin, then RecBole's lookup."""
-    import recbole_dealrec.trainer as plugin_trainers
-    from recbole.utils import get_trainer as recbole_get_trainer
-
-    trainer = getattr(plugin_trainers, f"{model_name}Trainer", None)
-    return trainer if trainer is not None else recbole_get_trainer(model_type, model_name)
 
 
 class StageTimer:

@@ -17,7 +17,7 @@ import torch
 import recbole_dealrec  # noqa: F401
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
-from recbole_dealrec.data.prompts import last_rows
+from recbole_dealrec.data.items import last_rows
 from recbole_dealrec.scoring.backend_effort import _backend
 from recbole_dealrec.scoring.effort import effort_scores, effort_scores_loop, last_layer_lora_pattern
 

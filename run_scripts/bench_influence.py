@@ -28,7 +28,7 @@ from recbole_dealrec.scoring.influence_core import (
 )
 from recbole_dealrec.scoring.influence import hessian_vector_product
 from recbole_dealrec.surrogate import SurrogateLoss, user_batches
-from recbole_dealrec.utils import get_model, get_trainer
+from recbole_dealrec.model import get_model, get_trainer
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from recbole_dealrec.scoring.signals import SignalContext
 from recbole_dealrec.scoring.training_dynamics import per_user_el2n, per_user_gradient_norms, per_user_gradient_norms_loop
 from recbole_dealrec.scoring.user_features import InteractionCount, TextEmbedding
 from recbole_dealrec.surrogate import SurrogateLoss, user_representations
-from recbole_dealrec.utils import get_model, get_trainer
+from recbole_dealrec.model import get_model, get_trainer
 
 METHODS = {"grand": ["grand"], "el2n": ["el2n"], "ccs": ["el2n"], "tfdcon": ["surrogate_embedding", "text_embedding"],
            "recranker": ["interaction_count", "surrogate_embedding"]}

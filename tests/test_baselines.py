@@ -17,7 +17,7 @@ from recbole_dealrec.scoring.training_dynamics import per_user_el2n, per_user_gr
 from recbole_dealrec.selection import SAMPLERS
 from recbole_dealrec.selection.clustering import proportional_quotas
 from recbole_dealrec.surrogate import SurrogateLoss
-from recbole_dealrec.utils import get_model
+from recbole_dealrec.model import get_model
 
 BASELINES = ("grand", "el2n", "ccs", "tfdcon", "recranker")
 

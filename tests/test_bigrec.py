@@ -13,17 +13,12 @@ import pytest
 import torch
 
 from conftest import make_byte_tokenizer, make_tiny_llama, tiny_bigrec_config  # noqa: F401
-from recbole_dealrec.bigrec_trainer import BIGRecTrainer
+from recbole_dealrec.trainer import GenerativeTrainer as BIGRecTrainer
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
-from recbole_dealrec.data.prompts import (
-    build_prompt,
-    format_prompt,
-    read_item_titles,
-    tokenize_samples,
-    user_samples,
-)
-from recbole_dealrec.model.bigrec import BIGRec, clean_generation
+from recbole_dealrec.data.items import read_item_titles, user_samples
+from recbole_dealrec.model.bigrec.prompts import build_prompt, format_prompt, tokenize_samples
+from recbole_dealrec.model.bigrec.model import BIGRec, clean_generation
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +103,7 @@ def test_read_item_titles_exact(ml100k):
     assert all(titles[1:])
 
 
-def test_one_sample_per_user(ml100k):
+def test_training_loader(ml100k):
     config, dataset, train, valid, _ = ml100k
     users, histories, targets = user_samples(train.dataset)
     train_users = np.unique(train.dataset.inter_feat["user_id"].numpy())
@@ -129,7 +124,8 @@ def test_one_sample_per_user(ml100k):
 
     trainer = BIGRecTrainer.__new__(BIGRecTrainer)  # only the loader helper is needed
     trainer.config, trainer.logger = config, logging.getLogger()
-    one = trainer.one_sample_per_user(train)
+    trainer.model = BIGRec.__new__(BIGRec)  # training_rows reads only the class's protocol
+    one = trainer.training_loader(train)
     assert len(one.dataset) == len(users)
     assert np.array_equal(np.sort(one.dataset.inter_feat["item_id"].numpy()), np.sort(targets))
 
@@ -160,8 +156,8 @@ def test_training_step_lowers_loss_and_lora_checkpoint_roundtrip(ml100k, model, 
     trainer.saved_model_file = str(tmp_path / "BIGRec-test.pth")
     trainer._save_checkpoint(0, verbose=False)
     state = BIGRecTrainer.load_checkpoint(trainer.saved_model_file)
-    assert state["lora"] and all("lora_" in k for k in state["lora"])
-    n_lora = sum(v.numel() for v in state["lora"].values())
+    assert state["weights"] and all("lora_" in k for k in state["weights"])
+    n_lora = sum(v.numel() for v in state["weights"].values())
     assert n_lora == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # atomic write left nothing behind
 

@@ -17,7 +17,7 @@ from recbole_dealrec.scoring.influence_core import (
     select_parameters,
 )
 from recbole_dealrec.surrogate import SurrogateLoss, surrogate_config, train_surrogate, user_batches
-from recbole_dealrec.utils import get_model
+from recbole_dealrec.model import get_model
 
 from conftest import TINY_SURROGATE as TINY
 

@@ -14,13 +14,13 @@ import warnings
 import pytest
 import torch
 
-from recbole_dealrec.model.grounding import (
+from recbole_dealrec.model.bigrec.grounding import (
     ground,
     last_token_embeddings,
     last_token_index,
     with_adapter_disabled,
 )
-from recbole_dealrec.model.llm import (
+from recbole_dealrec.model.bigrec.llm import (
     CACHE_ENV_VAR,
     add_lora,
     default_cache_dir,
@@ -333,7 +333,7 @@ def test_default_cache_dir_and_reuse(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "cache"))
     assert default_cache_dir() == str(tmp_path / "cache")
     # a complete converted folder is reused as-is (no conversion)
-    from recbole_dealrec.model import llm
+    from recbole_dealrec.model.bigrec import llm
 
     target = tmp_path / "cache" / llm.DEFAULT_MODEL_DIRNAME
     save_tiny(target)

@@ -1,2 +1,10 @@
-"""The plugin's RecBole models; importing this package registers them in ``recbole_dealrec.utils.MODELS``."""
-import recbole_dealrec.model.bigrec  # noqa: F401,E402  (registers BIGRec)
+"""The plugin's RecBole models, one package per generative backend, and their registry.
+
+Importing this package registers every backend in :data:`MODELS`; a new backend is one package here that
+subclasses :class:`recbole_dealrec.model.backend.GenerativeBackend`, plus ``properties/model/<Name>.yaml``.
+"""
+from recbole_dealrec.model.registry import MODELS, get_model, get_trainer, recbole_model_names
+
+from recbole_dealrec.model import bigrec  # noqa: F401,E402  (registers BIGRec)
+
+__all__ = ["MODELS", "get_model", "get_trainer", "recbole_model_names"]

@@ -1,17 +1,20 @@
-"""Effort scores (Eq. 12) of users with the backend's LLM: the norm of each user's LoRA gradient.
+"""Effort scores (Eq. 12): the norm of each user's gradient of the generative backend's loss.
 
-One sample per user, as the backend trains on it (BIGRec: history = the user's training items but the
-last, target = the last; see ``recbole_dealrec.data.prompts``). The gradient is taken w.r.t. the LoRA
-parameters matched by ``effort_params`` (default: all of them) of
+The backend is ``effort_backend`` (default: the run's model when it is a generative backend, else BIGRec), built
+from the run's config exactly as it is fine-tuned, behind :class:`recbole_dealrec.model.backend.GenerativeBackend`:
+one sample per user (the user's last training row: history = its training items but the last, target = the
+last), the gradient of that sample's loss w.r.t. the trained parameters matched by ``effort_params``
+(default: all of them) of
 
-- a freshly initialised adapter, seeded by ``seed`` (default): its ``lora_B`` is 0, so every ``lora_A``
-  gradient is exactly 0 and the score is the norm of the ``lora_B`` gradients (which are not 0, since
-  ``lora_A`` is random);
-- or the trained adapter in ``effort_adapter_path`` (a BIGRec checkpoint or a LoRA state dict), as the
-  paper's code did (it scored the last layer's ``v_proj.lora_B``: ``effort_params: ['layers\\.29\\..*v_proj\\.lora_B']``
-  for SmolLM2).
+- the backend at its seeded initial state (default; for BIGRec a fresh LoRA adapter: its ``lora_B`` is 0, so
+  every ``lora_A`` gradient is exactly 0 and the score is the norm of the ``lora_B`` gradients);
+- or the trained weights in ``effort_adapter_path`` (a checkpoint of this plugin's trainer, or a state dict of
+  the trained weights). The paper's code scored the public Alpaca-LoRA adapter of LLaMA-7B (not a BIGRec
+  checkpoint), on the last layer's ``v_proj.lora_B`` (``effort_params: ['layers\\.29\\..*v_proj\\.lora_B']`` for
+  SmolLM2).
 
-Scores are cached under a key of the LLM, the LoRA/prompt keys, the effort keys, the data and the users.
+Scores are cached under a key of the backend, its config keys (``effort_keys``), the effort keys, the data and
+the users.
 """
 from __future__ import annotations
 
@@ -22,58 +25,67 @@ import numpy as np
 import torch
 from recbole.utils import init_seed
 
-from recbole_dealrec.data.prompts import last_rows
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.scoring.cache import ScoredUsers
-from recbole_dealrec.scoring.effort import effort_scores
 from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
 
-EFFORT_KEYS = ("llm_path", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "llm_max_length",
-               "bigrec_instruction", "bigrec_loss_on", "MAX_ITEM_LIST_LENGTH", "effort_params",
-               "effort_adapter_path", "seed", "dataset")
+EFFORT_KEYS = ("effort_params", "effort_adapter_path", "seed", "dataset")
+
+
+def effort_backend(config: Mapping[str, Any]) -> type:
+    """The backend class effort is scored with (``effort_backend``, else the run's model if generative, else BIGRec)."""
+    from recbole_dealrec.model import MODELS, get_model
+    from recbole_dealrec.model.backend import GenerativeBackend
+
+    name = config["effort_backend"]
+    if name is None:
+        name = config["model"] if config["model"] in MODELS else "BIGRec"
+    cls = get_model(name)
+    if not (isinstance(cls, type) and issubclass(cls, GenerativeBackend)):
+        generative = [m for m in MODELS.names() if issubclass(MODELS.get(m), GenerativeBackend)]
+        raise ConfigError(f"effort_backend={name!r} is not a generative backend; use one of {', '.join(generative)}")
+    return cls
 
 
 def check_effort_config(config: Mapping[str, Any]) -> None:
     patterns = config["effort_params"]
     if patterns is not None and (not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns)):
-        raise ConfigError(f"effort_params must be ~ (all LoRA parameters) or a list of regex patterns, got {patterns!r}")
+        raise ConfigError(f"effort_params must be ~ (all trained parameters) or a list of regex patterns, got {patterns!r}")
     if not isinstance(config["effort_batch_size"], int) or config["effort_batch_size"] < 1:
         raise ConfigError(f"effort_batch_size must be an integer >= 1, got {config['effort_batch_size']!r}")
     adapter = config["effort_adapter_path"]
     if adapter is not None and not os.path.isfile(adapter):
-        raise ConfigError(f"effort_adapter_path {adapter!r} is not a file (a BIGRec checkpoint or a LoRA state dict saved with torch.save)")
+        raise ConfigError(f"effort_adapter_path {adapter!r} is not a file (a checkpoint of this plugin's trainer or "
+                          "a state dict of the trained weights saved with torch.save)")
+    effort_backend(config)
 
 
 def _backend(config, train_dataset):
-    # The backend model builds the prompts exactly as it trains on them.
-    from recbole_dealrec.model.bigrec import BIGRec
-
-    init_seed(config["seed"], config["reproducibility"])  # the fresh adapter's lora_A draw
-    model = BIGRec(config, train_dataset)
+    init_seed(config["seed"], config["reproducibility"])  # the seeded initial state (BIGRec: the lora_A draw)
+    model = effort_backend(config)(config, train_dataset)
     if config["effort_adapter_path"]:
         state = torch.load(config["effort_adapter_path"], map_location="cpu", weights_only=True)
-        model.load_lora_state_dict(state.get("lora", state))
+        model.load_trainable_state_dict(state.get("weights", state.get("lora", state)))
     return model
 
 
 def effort_scores_for_users(config, train_dataset, user_ids: Sequence[int], show_progress: bool = False) -> ScoredUsers:
-    """Effort score of each user in ``user_ids`` (internal ids of ``train_dataset``), one LLM sample per user."""
+    """Effort score of each user in ``user_ids`` (internal ids of ``train_dataset``), one sample per user."""
     model = _backend(config, train_dataset)
-    rows = last_rows(train_dataset)
+    rows = model.effort_rows(train_dataset)
     uid = train_dataset.inter_feat[train_dataset.uid_field].numpy()[rows]
     wanted = np.isin(uid, np.asarray(user_ids))
     if wanted.sum() != len(set(np.asarray(user_ids).tolist())):
         raise ValueError("effort scores asked for users without training samples")
     rows, uid = rows[wanted], uid[wanted]
     size = config["effort_batch_size"]
-    batches = [model.batch_tensors(train_dataset.inter_feat[torch.from_numpy(rows[i:i + size])])
-               for i in range(0, len(rows), size)]
-    model.log_truncation("effort scores")
-    norms = effort_scores(model.llm, batches, config["effort_params"], show_progress=show_progress)
+    batches = [train_dataset.inter_feat[torch.from_numpy(rows[i:i + size])] for i in range(0, len(rows), size)]
+    norms = model.effort_norms(batches, config["effort_params"], show_progress=show_progress)
     tokens = np.asarray(train_dataset.id2token(train_dataset.uid_field, uid)).astype(str)
-    meta = {"n_users": int(len(uid)), "llm_path": model.llm_path, "zero_scores": int((norms == 0).sum()),
-            "adapter": config["effort_adapter_path"] or f"fresh LoRA, seed {config['seed']}"}
-    return ScoredUsers(tokens, norms.numpy(), meta)
+    meta = {"n_users": int(len(uid)), "backend": type(model).__name__, **model.effort_facts(),
+            "zero_scores": int((norms == 0).sum()),
+            "weights": config["effort_adapter_path"] or f"seeded initial state, seed {config['seed']}"}
+    return ScoredUsers(tokens, norms.detach().cpu().numpy(), meta)
 
 
 @SIGNALS.register("effort")
@@ -84,6 +96,11 @@ class Effort(Signal):
 
     def check_config(self, config) -> None:
         check_effort_config(config)
+
+    def cache_payload(self, ctx: SignalContext) -> dict:
+        backend = effort_backend(ctx.config)
+        return {**super().cache_payload(ctx), "backend": backend.__name__,
+                **{k: ctx.config[k] for k in backend.effort_keys}}
 
     def compute(self, ctx: SignalContext) -> ScoredUsers:
         return effort_scores_for_users(ctx.config, ctx.train_dataset, ctx.candidates,

@@ -58,7 +58,7 @@ class TextEmbedding(Signal):
         return {**super().cache_payload(ctx), "text_encoder_path": ctx.config["text_encoder_path"] or "all-MiniLM-L6-v2"}
 
     def compute(self, ctx: SignalContext) -> ScoredUsers:
-        from recbole_dealrec.data.prompts import read_item_titles
+        from recbole_dealrec.data.items import read_item_titles
 
         config, dataset = ctx.config, ctx.train_dataset
         titles = read_item_titles(config, dataset)

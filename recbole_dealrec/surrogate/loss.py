@@ -141,7 +141,7 @@ def user_representations(model: torch.nn.Module, train_dataset, user_ids: np.nda
     order. SASRec-like models return it from ``forward(item_seq, item_seq_len)``; BERT4Rec from its next-item
     head (mask appended after the history), as in its ``full_sort_predict``.
     """
-    from recbole_dealrec.data.prompts import last_rows
+    from recbole_dealrec.data.items import last_rows
 
     model.eval()
     rows = last_rows(train_dataset)

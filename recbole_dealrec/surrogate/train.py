@@ -19,7 +19,8 @@ from recbole.utils import ModelType, init_seed, set_color
 from recbole_dealrec.config import DealrecConfig, plugin_keys
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.utils import atomic_write, cache_dir, dataset_fingerprint, get_model, get_trainer, stable_key
+from recbole_dealrec.model import get_model, get_trainer
+from recbole_dealrec.utils import atomic_write, cache_dir, dataset_fingerprint, stable_key
 
 # Keys that never change the trained weights (paths, logging, devices) or belong to later stages.
 _NOT_IN_KEY = {"checkpoint_dir", "output_dir", "show_progress", "device", "gpu_id", "state", "local_rank",

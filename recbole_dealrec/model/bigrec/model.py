@@ -1,12 +1,12 @@
 """BIGRec (Bao et al., 2023) as a RecBole sequential model: an LLM + LoRA that generates the next item's title.
 
-- training: causal-LM loss on Alpaca-style prompts (``recbole_dealrec.data.prompts``), history = the row's
+- training: causal-LM loss on Alpaca-style prompts (``recbole_dealrec.model.bigrec.prompts``), history = the row's
   ``item_id_list[:item_length]`` titles, response = the target item's title; only LoRA weights train;
 - ranking (``full_sort_predict``): beam search on the prompt, the top beam's text is embedded by the BASE
   LLM (adapter disabled, last token) and grounded to every item by negative L2 distance to the item-title
   embeddings (computed once, lazily, cached in memory).
 
-One training sample per user (BIGRec's protocol) is chosen by :class:`recbole_dealrec.bigrec_trainer.BIGRecTrainer`.
+One training sample per user (BIGRec's protocol: ``train_rows = "last"``), fed by :class:`recbole_dealrec.trainer.GenerativeTrainer`.
 """
 from __future__ import annotations
 
@@ -17,20 +17,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from recbole.model.abstract_recommender import SequentialRecommender
-from recbole.utils import InputType
 
-from recbole_dealrec.data.prompts import (
-    DEFAULT_INSTRUCTION,
-    LOSS_ON,
-    build_prompt,
-    format_response,
-    read_item_titles,
-    tokenize_samples,
-)
-from recbole_dealrec.model.grounding import ground, last_token_embeddings, with_adapter_disabled
-from recbole_dealrec.model.llm import add_lora, load_causal_lm, resolve_llm_path
-from recbole_dealrec.utils import MODELS, atomic_write
+from recbole_dealrec.data.items import read_item_titles
+from recbole_dealrec.model.bigrec.grounding import ground, last_token_embeddings, with_adapter_disabled
+from recbole_dealrec.model.bigrec.llm import add_lora, load_causal_lm, resolve_llm_path
+from recbole_dealrec.model.bigrec.prompts import DEFAULT_INSTRUCTION, LOSS_ON, build_prompt, format_response, tokenize_samples
+from recbole_dealrec.model.backend import GenerativeBackend
+from recbole_dealrec.model.registry import MODELS
+from recbole_dealrec.utils import atomic_write
 
 #: Batch size of the (short) item-title embedding passes.
 TITLE_EMB_BATCH = 32
@@ -42,10 +36,12 @@ def _cfg(config, key, default):
 
 
 @MODELS.register("BIGRec")
-class BIGRec(SequentialRecommender):
+class BIGRec(GenerativeBackend):
     """LLM recommender that generates the next item's title, grounded to items by embedding distance."""
 
-    input_type = InputType.POINTWISE
+    train_rows = "last"  # one sample per user
+    effort_keys = ("llm_path", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "llm_max_length",
+                   "bigrec_instruction", "bigrec_loss_on", "MAX_ITEM_LIST_LENGTH")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -104,7 +100,7 @@ class BIGRec(SequentialRecommender):
         self.n_prompts = self.n_truncated = 0
         return stats
 
-    def log_truncation(self, what: str) -> None:
+    def log_pass(self, what: str) -> None:
         cut, total = self.pop_truncation_stats()
         if total:
             self.logger.info(
@@ -130,12 +126,6 @@ class BIGRec(SequentialRecommender):
     def calculate_loss(self, interaction):
         """Causal-LM loss of the batch rows' prompts (history = ``item_id_list[:item_length]``, response = target)."""
         return self.forward(**self.batch_tensors(interaction)).loss
-
-    def predict(self, interaction):
-        raise NotImplementedError(
-            "BIGRec scores items only by full ranking (generation + grounding): use full_sort_predict / "
-            "full-sort evaluation (eval_args.mode: full)"
-        )
 
     @torch.no_grad()
     def generate(self, histories: Sequence[Sequence[str]]) -> list[str]:
@@ -229,7 +219,27 @@ class BIGRec(SequentialRecommender):
         texts = self.generate(self.histories(interaction))
         return self.ground_texts(texts).to(interaction[self.ITEM_SEQ].device)
 
+    # ------------------------------------------------------------------ effort (backend interface)
+
+    def effort_norms(self, interactions, patterns, show_progress=False) -> torch.Tensor:
+        """LoRA gradient norms of each sample's LM loss: one batched backward per batch (hooks + einsum,
+        ``recbole_dealrec.scoring.effort``)."""
+        from recbole_dealrec.scoring.effort import effort_scores
+
+        norms = effort_scores(self.llm, [self.batch_tensors(i) for i in interactions], patterns, show_progress=show_progress)
+        self.log_pass("effort scores")
+        return norms
+
+    def effort_facts(self) -> dict:
+        return {"llm_path": self.llm_path}
+
     # ------------------------------------------------------------------ LoRA state
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.lora_state_dict()
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_lora_state_dict(state)
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the LoRA weights (``peft.get_peft_model_state_dict``), on CPU."""
@@ -244,9 +254,6 @@ class BIGRec(SequentialRecommender):
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise RuntimeError(f"LoRA checkpoint has unexpected keys: {unexpected[:5]}")
-
-    def other_parameter(self):
-        return None
 
 
 def clean_generation(text: str) -> str:

@@ -1,4 +1,4 @@
-"""BIGRec prompts: item titles, Alpaca-style instruction prompts and their tokenisation.
+"""BIGRec prompts: Alpaca-style instruction prompts and their tokenisation.
 
 BIGRec (Bao et al., 2023) fine-tunes an LLM on one sample per user:
 
@@ -11,12 +11,8 @@ first; the callers count and log how many prompts were cut.
 """
 from __future__ import annotations
 
-import csv
-import os
-from logging import getLogger
-from typing import Any, Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 #: The Alpaca template with input used by BIGRec's code.
@@ -137,106 +133,6 @@ def tokenize_samples(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_t}
 
 
-def read_item_titles(config: Mapping[str, Any], dataset) -> list[str]:
-    """Exact item titles indexed by RecBole's internal item id (index 0, the padding item, is ``""``).
-
-    Titles are read from the raw ``<data_path>/<dataset>.item`` file (column ``title_field``), not from
-    RecBole's features: RecBole splits ``token_seq`` columns such as ml-100k's ``movie_title`` into words.
-    Items of the dataset without a title in the file get their raw item token as title (logged).
-
-    Raises:
-        ValueError: ``title_field`` is not set, or the ``.item`` file has no such column.
-        FileNotFoundError: the ``.item`` file does not exist.
-    """
-    title_field = _get(config, "title_field")
-    how = (
-        "set `title_field` to the item column holding titles (in properties/dataset/<dataset>.yaml, "
-        "a config file or config_dict)"
-    )
-    if not title_field:
-        raise ValueError(f"BIGRec needs item titles but `title_field` is not set: {how}")
-    path = os.path.join(config["data_path"], f"{config['dataset']}.item")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"BIGRec needs item titles from {path} (column `title_field` = {title_field!r}), which does not exist"
-        )
-    iid_field = dataset.iid_field
-    token2id = dataset.field2token_id[iid_field]
-    titles = [""] * dataset.item_num
-    found = np.zeros(dataset.item_num, dtype=bool)
-    found[0] = True
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None) or []
-        names = [h.split(":", 1)[0] for h in header]
-        if title_field not in names:
-            raise ValueError(
-                f"`title_field` = {title_field!r} is not a column of {path} (columns: {names}): {how}"
-            )
-        if iid_field not in names:
-            raise ValueError(f"{path} has no item id column {iid_field!r} (columns: {names})")
-        t_col, i_col = names.index(title_field), names.index(iid_field)
-        for row in reader:
-            if len(row) <= max(t_col, i_col):
-                continue
-            iid = token2id.get(row[i_col])
-            if iid is None:
-                continue
-            titles[iid] = row[t_col]  # exact string
-            found[iid] = bool(titles[iid].strip())
-    missing = np.flatnonzero(~found)
-    if len(missing):
-        tokens = dataset.id2token(iid_field, missing)
-        for iid, tok in zip(missing, tokens):
-            titles[int(iid)] = str(tok)
-        getLogger().warning(
-            f"[BIGRec] {len(missing)} of {dataset.item_num - 1} items have no {title_field!r} in {path}; "
-            f"their item token is used as title"
-        )
-    return titles
-
-
-def user_samples(train_dataset) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
-    """One training sample per user, as in BIGRec: the user's LAST training row.
-
-    That row's history is every previous training item (cut to ``MAX_ITEM_LIST_LENGTH``) and its target is
-    the user's last training item.
-
-    Returns:
-        ``(user_ids [U], histories (lists of internal item ids, oldest first), targets [U])``, users sorted.
-    """
-    rows = last_rows(train_dataset)
-    inter = train_dataset.inter_feat
-    seq_field = train_dataset.iid_field + train_dataset.config["LIST_SUFFIX"]
-    len_field = train_dataset.item_list_length_field
-    seqs = inter[seq_field][torch.from_numpy(rows)].numpy()
-    lengths = inter[len_field][torch.from_numpy(rows)].numpy()
-    histories = [seq[: int(n)].tolist() for seq, n in zip(seqs, lengths)]
-    users = inter[train_dataset.uid_field].numpy()[rows]
-    targets = inter[train_dataset.iid_field].numpy()[rows]
-    return users, histories, targets
-
-
-def last_rows(train_dataset) -> np.ndarray:
-    """Row index of each user's last training row (highest index of the user; rows are time-ordered per user),
-    sorted by user id."""
-    uid = train_dataset.inter_feat[train_dataset.uid_field].numpy()
-    if len(uid) == 0:
-        return np.zeros(0, dtype=np.int64)
-    users, inverse = np.unique(uid, return_inverse=True)
-    last = np.full(len(users), -1, dtype=np.int64)
-    np.maximum.at(last, inverse, np.arange(len(uid), dtype=np.int64))
-    return last
-
-
-def _get(config, key, default=None):
-    try:
-        value = config[key]
-    except (KeyError, TypeError):
-        return default
-    return default if value is None else value
-
-
 __all__ = [
     "PROMPT_TEMPLATE",
     "DEFAULT_INSTRUCTION",
@@ -244,7 +140,4 @@ __all__ = [
     "format_response",
     "build_prompt",
     "tokenize_samples",
-    "read_item_titles",
-    "user_samples",
-    "last_rows",
 ]

@@ -1,0 +1,77 @@
+"""The one interface of the plugin's generative backends (BIGRec, TIGER).
+
+Effort scoring, the trainer, its checkpoints and the selection export use only this face, never a concrete
+model: how a user becomes a training sample, the per-sample loss's gradient norms, which parameters train,
+generation + ranking for full sort (RecBole's ``full_sort_predict``), what a checkpoint holds. A third
+backend is one package under ``recbole_dealrec/model/`` subclassing :class:`GenerativeBackend`, plus its
+``properties/model/<Name>.yaml``.
+"""
+from __future__ import annotations
+
+import abc
+from typing import ClassVar, Optional, Sequence
+
+import numpy as np
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+
+from recbole_dealrec.data.items import last_rows
+
+
+class GenerativeBackend(SequentialRecommender, abc.ABC):
+    """A generative recommender fine-tuned on the selected users and ranked by RecBole's full-sort metrics."""
+
+    input_type = InputType.POINTWISE
+    #: which training rows the trainer feeds: "last" = one sample per user, its last training row (BIGRec's
+    #: protocol); "all" = every training row (prefix) of the selected users (TIGER).
+    train_rows: ClassVar[str] = "last"
+    #: config keys the backend's samples and loss depend on (part of the effort scores' cache key)
+    effort_keys: ClassVar[tuple[str, ...]] = ("MAX_ITEM_LIST_LENGTH",)
+
+    # ---- samples
+    def training_rows(self, dataset) -> Optional[np.ndarray]:
+        """Rows of the train ``dataset`` the trainer feeds; ``None`` = all of them."""
+        return last_rows(dataset) if self.train_rows == "last" else None
+
+    @staticmethod
+    def effort_rows(dataset) -> np.ndarray:
+        """The one sample per user the effort score is taken on: the user's last training row (history =
+        every earlier training item, target = the last one), sorted by user id."""
+        return last_rows(dataset)
+
+    # ---- effort (DEALRec Eq. 12)
+    @abc.abstractmethod
+    def effort_norms(self, interactions: Sequence, patterns: Optional[Sequence[str]], show_progress: bool = False) -> torch.Tensor:
+        """Exact ``||grad_theta L(s)||_2`` of every sample s of ``interactions`` (a list of RecBole
+        ``Interaction`` batches) w.r.t. the trained parameters matched by ``patterns`` (``None`` = all):
+        float ``[samples]``, in order."""
+
+    def effort_facts(self) -> dict:
+        """What the effort scores depend on beyond the config (for the cache metadata)."""
+        return {}
+
+    # ---- what trains and what a checkpoint holds
+    @abc.abstractmethod
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights only (LoRA for BIGRec, every parameter for TIGER), on CPU."""
+
+    @abc.abstractmethod
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`trainable_state_dict`."""
+
+    # ---- hooks with a default
+    def log_pass(self, what: str) -> None:
+        """Called after each training/validation/evaluation pass (BIGRec logs prompt truncation)."""
+
+    def export(self, folder: str) -> None:
+        """Write the backend's own artefacts beside the selection (TIGER: item semantic IDs)."""
+
+    def predict(self, interaction):
+        raise NotImplementedError(
+            f"{type(self).__name__} scores items only by full ranking (generation): use full_sort_predict / "
+            "full-sort evaluation (eval_args.mode: full)"
+        )
+
+    def other_parameter(self):
+        return None
