@@ -18,16 +18,19 @@ def _get(config, key, default=None):
     return default if value is None else value
 
 
-def read_item_column(config: Mapping[str, Any], dataset, field: str, key: str = "title_field") -> list[str]:
+def read_item_column(config: Mapping[str, Any], dataset, field: str, key: str = "title_field",
+                     missing: str = "token") -> list[str]:
     """Exact strings of the ``.item`` column ``field`` indexed by RecBole's internal item id (index 0, the
     padding item, is ``""``).
 
     Read from the raw ``<data_path>/<dataset>.item`` file, not from RecBole's features: RecBole splits
-    ``token_seq`` columns such as ml-100k's ``movie_title`` into words. Items without a value get their raw
-    item token (logged). ``key`` names the config key that chose ``field``, for error messages.
+    ``token_seq`` columns such as ml-100k's ``movie_title`` into words (a ``token_seq`` value's separator is
+    turned into ", " unless it is a space). Items without a value get their raw item token (``missing="token"``, logged), stay
+    empty (``"empty"``) or are an error (``"error"``). ``key`` names the config key that chose ``field``.
 
     Raises:
-        ValueError: ``field`` is empty, or the ``.item`` file has no such column.
+        ValueError: ``field`` is empty, the ``.item`` file has no such column, or (``missing="error"``) an
+            item has no value.
         FileNotFoundError: the ``.item`` file does not exist.
     """
     how = f"set `{key}` to an item column (in properties/dataset/<dataset>.yaml, a config file or config_dict)"
@@ -50,19 +53,27 @@ def read_item_column(config: Mapping[str, Any], dataset, field: str, key: str = 
         if iid_field not in names:
             raise ValueError(f"{path} has no item id column {iid_field!r} (columns: {names})")
         t_col, i_col = names.index(field), names.index(iid_field)
+        separator = config["seq_separator"] or " "
+        # A token_seq column split on a real separator (Games: "\x1f" between categories) reads as a list;
+        # one split on spaces (ml-100k's titles) is kept as written.
+        is_seq = header[t_col].split(":", 1)[-1] == "token_seq" and separator != " "
         for row in reader:
             if len(row) <= max(t_col, i_col):
                 continue
             iid = token2id.get(row[i_col])
             if iid is None:
                 continue
-            texts[iid] = row[t_col]  # exact string
+            texts[iid] = row[t_col].replace(separator, ", ") if is_seq else row[t_col]  # exact string
             found[iid] = bool(texts[iid].strip())
-    missing = np.flatnonzero(~found)
-    if len(missing):
-        for iid, tok in zip(missing, dataset.id2token(iid_field, missing)):
+    absent = np.flatnonzero(~found)
+    if len(absent) and missing == "error":
+        examples = list(dataset.id2token(iid_field, absent[:5]))
+        raise ValueError(f"{len(absent)} of {dataset.item_num - 1} items have no {field!r} in {path} "
+                         f"(e.g. item tokens {examples}); every item needs one (`{key}`)")
+    if len(absent) and missing == "token":
+        for iid, tok in zip(absent, dataset.id2token(iid_field, absent)):
             texts[int(iid)] = str(tok)
-        getLogger().warning(f"{len(missing)} of {dataset.item_num - 1} items have no {field!r} in {path}; "
+        getLogger().warning(f"{len(absent)} of {dataset.item_num - 1} items have no {field!r} in {path}; "
                             "their item token is used instead")
     return texts
 
