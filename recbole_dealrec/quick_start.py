@@ -43,6 +43,9 @@ def run_recbole(
     config = DealrecConfig(model, dataset, config_file_list, config_dict, argv=argv)
     check_plugin_keys(config)
     method = check_selection_config(config)  # bad sampler/budget keys fail here, before any data is read
+    model_class = get_model(config["model"])
+    if issubclass(model_class, GenerativeBackend):
+        model_class.check_config(config)  # so do the backend's (TIGER's beam width, ID space, BIGRec's titles)
     needed = method.required_signals()
     check_signal_config(needed, config)
     init_seed(config["seed"], config["reproducibility"])
@@ -84,7 +87,7 @@ def run_recbole(
     logger.info(set_color("[Selection]", "pink") + f" saved to {folder}")
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model_obj = get_model(config["model"])(config, train_data.dataset).to(config["device"])
+    model_obj = model_class(config, train_data.dataset).to(config["device"])
     logger.info(model_obj)
     if isinstance(model_obj, GenerativeBackend):
         model_obj.export(folder)  # e.g. TIGER's item semantic IDs, beside the selection

@@ -113,3 +113,12 @@ def tiny_bigrec_config(llm_path: str, tmp) -> dict:
     }
 
 
+
+
+# A tiny TIGER: 2 RQ-VAE levels of 64 codes (+ the collision level), a 1+1-layer T5 of width 32.
+TINY_TIGER = {
+    "tiger_codebook_size": 64, "tiger_levels": 2, "tiger_rqvae_epochs": 20, "tiger_rqvae_hidden": [128],
+    "tiger_rqvae_latent": 16, "tiger_d_model": 32, "tiger_d_kv": 8, "tiger_d_ff": 64, "tiger_num_layers": 1,
+    "tiger_num_decoder_layers": 1, "tiger_num_heads": 2, "tiger_max_history": 5, "epochs": 1,
+    "eval_user_subset": 16, "valid_user_subset": 16, "show_progress": False,
+}

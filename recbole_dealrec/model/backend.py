@@ -17,6 +17,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_dealrec.data.items import last_rows
+from recbole_dealrec.registry import ConfigError
 
 
 class GenerativeBackend(SequentialRecommender, abc.ABC):
@@ -28,6 +29,10 @@ class GenerativeBackend(SequentialRecommender, abc.ABC):
     train_rows: ClassVar[str] = "last"
     #: config keys the backend's samples and loss depend on (part of the effort scores' cache key)
     effort_keys: ClassVar[tuple[str, ...]] = ("MAX_ITEM_LIST_LENGTH",)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Validate the backend's keys before any data is read (run by ``run_recbole``; override where needed)."""
 
     # ---- samples
     def training_rows(self, dataset) -> Optional[np.ndarray]:
@@ -75,3 +80,9 @@ class GenerativeBackend(SequentialRecommender, abc.ABC):
 
     def other_parameter(self):
         return None
+
+
+def check_title_field(config, model: str) -> None:
+    if not config["title_field"]:
+        raise ConfigError(f"{model} needs item titles: set title_field to the item column holding them "
+                          "(properties/dataset/<dataset>.yaml, a config file or --title_field=...)")

@@ -22,7 +22,7 @@ from recbole_dealrec.data.items import read_item_titles
 from recbole_dealrec.model.bigrec.grounding import ground, last_token_embeddings, with_adapter_disabled
 from recbole_dealrec.model.bigrec.llm import add_lora, load_causal_lm, resolve_llm_path
 from recbole_dealrec.model.bigrec.prompts import DEFAULT_INSTRUCTION, LOSS_ON, build_prompt, format_response, tokenize_samples
-from recbole_dealrec.model.backend import GenerativeBackend
+from recbole_dealrec.model.backend import GenerativeBackend, check_title_field
 from recbole_dealrec.model.registry import MODELS
 from recbole_dealrec.utils import atomic_write
 
@@ -42,6 +42,10 @@ class BIGRec(GenerativeBackend):
     train_rows = "last"  # one sample per user
     effort_keys = ("llm_path", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "llm_max_length",
                    "bigrec_instruction", "bigrec_loss_on", "MAX_ITEM_LIST_LENGTH")
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        check_title_field(config, "BIGRec")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)

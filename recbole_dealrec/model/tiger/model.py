@@ -57,6 +57,10 @@ class TIGER(GenerativeBackend):
     train_rows = "all"
     effort_keys = ("MAX_ITEM_LIST_LENGTH", *RQVAE_KEYS, *T5_KEYS, "tiger_max_history", "tiger_user_tokens")
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        check_tiger_config(config)
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         from transformers import T5Config, T5ForConditionalGeneration
@@ -94,6 +98,8 @@ class TIGER(GenerativeBackend):
             dropout_rate=float(config["tiger_dropout"]), feed_forward_proj="relu", pad_token_id=PAD,
             eos_token_id=EOS, decoder_start_token_id=PAD,
         )
+        # Eager attention: SDPA has no vmap batching rule (the exact per-sample effort norms run under vmap).
+        t5._attn_implementation = "eager"
         self.t5 = T5ForConditionalGeneration(t5)
 
     # ------------------------------------------------------------------ samples
