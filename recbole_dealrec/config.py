@@ -88,9 +88,25 @@ class DealrecConfig(Config):
 
 
 @lru_cache(maxsize=None)
+def recbole_keys() -> frozenset:
+    """Every key of RecBole's own property files (overall, models, datasets, quick-start defaults)."""
+    import recbole
+
+    keys = set()
+    root = os.path.join(os.path.dirname(recbole.__file__), "properties")
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".yaml"):
+                with open(os.path.join(folder, name), encoding="utf-8") as handle:
+                    keys.update((yaml.safe_load(handle) or {}).keys())
+    return frozenset(keys)
+
+
+@lru_cache(maxsize=None)
 def plugin_keys() -> tuple[frozenset, frozenset, frozenset]:
-    """``(every key of every property file, the keys of the sampler and signal files, their prefixes)``."""
-    keys, selection_keys, prefixes = set(), set(), set()
+    """``(every key of every property file, the keys of the sampler and signal files, the plugin's own key
+    prefixes)``: the prefixes of plugin keys (``ccs_``, ``tiger_``, ``effort_``, ...) that no RecBole key has."""
+    keys, selection_keys = set(), set()
     for kind in ("", "model", "dataset", "sampler", "signal"):
         folder = os.path.join(PROPERTIES_DIR, kind)
         for name in sorted(os.listdir(folder)):
@@ -101,12 +117,13 @@ def plugin_keys() -> tuple[frozenset, frozenset, frozenset]:
             keys.update(file_keys)
             if kind in ("sampler", "signal"):
                 selection_keys.update(file_keys)
-                prefixes.update(k.split("_", 1)[0] + "_" for k in file_keys if "_" in k)
-    return frozenset(keys), frozenset(selection_keys), frozenset(prefixes)
+    recbole_prefixes = {k.split("_", 1)[0] + "_" for k in recbole_keys() if "_" in k}
+    prefixes = {k.split("_", 1)[0] + "_" for k in keys - recbole_keys() if "_" in k} - recbole_prefixes
+    return frozenset(keys | recbole_keys()), frozenset(selection_keys), frozenset(prefixes)
 
 
 def check_plugin_keys(config: Config) -> None:
-    """A key given by the user with a sampler's or signal's prefix (``ccs_``, ``grand_``, ``dealrec_``, ...) that
+    """A key given by the user with one of the plugin's own prefixes (``ccs_``, ``grand_``, ``tiger_``, ...) that
     no property file defines is a typo: fail with the closest known key instead of ignoring it."""
     known, _, prefixes = plugin_keys()
     given = {**config.file_config_dict, **config.variable_config_dict, **config.cmd_config_dict}
@@ -115,5 +132,5 @@ def check_plugin_keys(config: Config) -> None:
             continue
         close = difflib.get_close_matches(key, sorted(known), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown key {key!r}: no sampler or signal defines it{hint} "
-                          f"(keys of each method: properties/sampler/<name>.yaml, properties/signal/<name>.yaml)")
+        raise ConfigError(f"unknown key {key!r}: no property file defines it{hint} (the plugin's keys: "
+                          "properties/overall.yaml, properties/{model,sampler,signal}/<name>.yaml)")

@@ -176,6 +176,7 @@ def test_tiger_dealrec_end_to_end_exports_its_semantic_ids(tmp_path):
         ({"text_encoder_path": "/no/such/encoder"}, r"text_encoder_path='/no/such/encoder' is not a local encoder"),
         ({"tiger_rqvae_hidden": [0]}, r"tiger_rqvae_hidden must be a list of positive layer widths"),
         ({"title_field": None}, r"TIGER needs item texts"),
+        ({"tiger_num_beam": 30}, r"unknown key 'tiger_num_beam'.*did you mean 'tiger_num_beams'"),
     ],
 )
 def test_bad_tiger_input_fails_before_training(tmp_path, extra, message):
