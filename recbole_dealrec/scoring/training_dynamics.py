@@ -51,7 +51,8 @@ def per_user_gradient_norms(
     """``|| grad_params L_u ||_2`` for every user in ``user_ids`` (int64 [U]): float64 ``[U]``, in that order.
 
     Exact per-user gradients without a per-user backward: users with the same number of training rows are
-    stacked (no padding) and one ``vmap(grad)`` gives all their gradients; about ``max_rows`` rows per call,
+    stacked (no padding) and one ``vmap(grad)`` gives all their gradients (a user alone with its row count gets
+    one plain backward over its rows); about ``max_rows`` rows per call,
     and at most ``GRADIENT_FLOATS_PER_CALL`` gradient entries held at once (every user's gradient is dense in
     the item embedding, which the full softmax touches entirely).
     """
@@ -68,6 +69,13 @@ def per_user_gradient_norms(
         return sum((g.double() ** 2).sum() for g in grads.values())
 
     batched = torch.func.vmap(norm_sq, in_dims=(None, 0))
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+
+    def single(user_fields):
+        # One user alone (a row count nobody else has): a plain backward, already batched over its rows, is
+        # cheaper than vmap's per-sample machinery; the same gradient.
+        total = loss.row_losses(leaves, Interaction(dict(zip(fields, user_fields)))).sum()
+        return sum((g.double() ** 2).sum() for g in torch.autograd.grad(total, list(leaves.values())))
     counts = np.array([len(r) for r in rows])
     n_params = sum(p.numel() for p in params.values())
     out = torch.zeros(len(rows), dtype=torch.float64)
@@ -79,7 +87,10 @@ def per_user_gradient_norms(
     for members in tqdm(chunks, desc="per-user gradient norms", disable=not show_progress):
         index = torch.from_numpy(np.stack([rows[m] for m in members]))  # [users, rows each]
         user_fields = tuple(inter[f][index] for f in fields)
-        out[torch.from_numpy(members)] = batched(fixed, user_fields).detach()
+        if len(members) == 1:
+            out[int(members[0])] = single(tuple(f[0] for f in user_fields)).detach()
+        else:
+            out[torch.from_numpy(members)] = batched(fixed, user_fields).detach()
     return out.sqrt()
 
 
