@@ -19,6 +19,9 @@ from recbole.utils import InputType
 from recbole_dealrec.data.items import last_rows
 from recbole_dealrec.registry import ConfigError
 
+#: the backend effort scores use when the run's own model is not generative (e.g. SASRec + dealrec)
+DEFAULT_BACKEND = "BIGRec"
+
 
 class GenerativeBackend(SequentialRecommender, abc.ABC):
     """A generative recommender fine-tuned on the selected users and ranked by RecBole's full-sort metrics."""
@@ -86,3 +89,10 @@ def check_title_field(config, model: str) -> None:
     if not config["title_field"]:
         raise ConfigError(f"{model} needs item titles: set title_field to the item column holding them "
                           "(properties/dataset/<dataset>.yaml, a config file or --title_field=...)")
+
+
+def generative_backends() -> list[str]:
+    """Names of the registered generative backends."""
+    from recbole_dealrec.model import MODELS
+
+    return [name for name in MODELS.names() if issubclass(MODELS.get(name), GenerativeBackend)]

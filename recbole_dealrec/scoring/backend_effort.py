@@ -33,17 +33,18 @@ EFFORT_KEYS = ("effort_params", "effort_adapter_path", "seed", "dataset")
 
 
 def effort_backend(config: Mapping[str, Any]) -> type:
-    """The backend class effort is scored with (``effort_backend``, else the run's model if generative, else BIGRec)."""
-    from recbole_dealrec.model import MODELS, get_model
-    from recbole_dealrec.model.backend import GenerativeBackend
+    """The backend class effort is scored with: ``effort_backend``, else the run's model if it is a generative
+    backend, else the default backend (the paper's LLM backend)."""
+    from recbole_dealrec.model import get_model
+    from recbole_dealrec.model.backend import DEFAULT_BACKEND, GenerativeBackend, generative_backends
 
     name = config["effort_backend"]
     if name is None:
-        name = config["model"] if config["model"] in MODELS else "BIGRec"
+        name = config["model"] if config["model"] in generative_backends() else DEFAULT_BACKEND
     cls = get_model(name)
     if not (isinstance(cls, type) and issubclass(cls, GenerativeBackend)):
-        generative = [m for m in MODELS.names() if issubclass(MODELS.get(m), GenerativeBackend)]
-        raise ConfigError(f"effort_backend={name!r} is not a generative backend; use one of {', '.join(generative)}")
+        raise ConfigError(f"effort_backend={name!r} is not a generative backend; use one of "
+                          f"{', '.join(generative_backends())}")
     return cls
 
 
