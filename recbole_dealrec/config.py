@@ -3,10 +3,12 @@
 Priority, lowest first: RecBole's internal properties < ``properties/overall.yaml`` <
 ``properties/model/<Model>.yaml`` < ``properties/dataset/<dataset>.yaml`` < ``properties/sampler/<sampler>.yaml``
 < ``config_files`` < ``config_dict`` < command line. Unlike RecBole's ``Config``, the command line is read only
-from the ``argv`` given (the CLI passes its own), never from the process's ``sys.argv``.
+from the ``argv`` given (the CLI passes its own), never from the process's ``sys.argv``, and values are parsed
+as Python literals only (RecBole ``eval``s them).
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import os
 from functools import lru_cache
@@ -29,6 +31,18 @@ def property_names(kind: str) -> list[str]:
     """Names that have a property file under ``properties/<kind>/`` (e.g. datasets, samplers)."""
     folder = os.path.join(PROPERTIES_DIR, kind)
     return sorted(f[: -len(".yaml")] for f in os.listdir(folder) if f.endswith(".yaml"))
+
+
+def parse_literal(text: str):
+    """A command-line / config-dict string as a Python literal (``ast.literal_eval``), ``true``/``false`` as
+    booleans, else the string itself. Never runs code."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        lowered = text.strip().lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        return text
 
 
 class DealrecConfig(Config):
@@ -56,6 +70,16 @@ class DealrecConfig(Config):
                 raise ConfigError(f"command-line key '{key}' given twice with different values")
             cmd_config_dict[key] = value
         return self._convert_config_dict(cmd_config_dict)
+
+    def _convert_config_dict(self, config_dict):
+        # RecBole eval()s every string value of the command line and of config dicts (and the surrogate's
+        # config passes the run's file config back as a config dict): a value in a shared property file could
+        # run code. Only Python literals are parsed (numbers, booleans, None, lists/tuples/dicts of them,
+        # quoted strings); anything else stays the string it was.
+        for key, value in config_dict.items():
+            if isinstance(value, str):
+                config_dict[key] = parse_literal(value)
+        return config_dict
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:

@@ -50,3 +50,27 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert result.returncode == 2
     assert "run_recbole: error: selection_ratio must be a number in (0, 1], got 2" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_code_payload_in_a_property_file_or_on_the_command_line_stays_a_string(tmp_path):
+    from recbole_dealrec.config import DealrecConfig
+
+    marker = tmp_path / "pwned"
+    payload = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    yaml_file = tmp_path / "hostile.yaml"
+    yaml_file.write_text(f'report_plots: "{payload}"\n')
+    config = DealrecConfig("SASRec", None, [str(yaml_file)], {"sampler": payload},
+                           argv=[f"--selection_seed={payload}", "--epochs=3", "--topk=[5, 10]", "--report_plots=false"])
+    assert config["sampler"] == payload and config["selection_seed"] == payload
+    assert config["epochs"] == 3 and config["topk"] == [5, 10] and config["report_plots"] is False
+    # The surrogate's config re-reads the run's file config as a config dict: still no code runs.
+    from recbole_dealrec.surrogate import surrogate_config
+
+    file_only = DealrecConfig("SASRec", None, [str(yaml_file)])
+    assert surrogate_config(file_only)["report_plots"] == payload
+    assert not marker.exists()
+    # The payload is live: RecBole's own conversion runs it.
+    from recbole.config import Config
+
+    Config._convert_config_dict(None, {"sampler": payload})
+    assert marker.exists()
