@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from logging import getLogger
 from typing import Any, Sequence
 
@@ -124,12 +126,20 @@ def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) 
         logger.info(set_color("[Surrogate]", "pink") + f" reused {path}")
     else:
         logger.info(set_color("[Surrogate]", "pink") + f" training {scfg['model']} on all training data")
-        trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
-        _capture_epochs(trainer, model, {e: _snapshot_path(config, scfg, key, 0, e) for e in snapshot_epochs})
-        trainer.fit(train_data, valid_data, saved=True, show_progress=scfg["show_progress"])
-        # fit() leaves the LAST epoch's weights in memory; the best-by-validation ones are on disk.
-        best = torch.load(trainer.saved_model_file, map_location=scfg["device"], weights_only=False)
-        model.load_state_dict(best["state_dict"])
+        # RecBole names its checkpoint <Model>-<date to the second>.pth in checkpoint_dir: two runs in the same
+        # second would share it. This run's trainer writes into a folder of its own, removed afterwards.
+        os.makedirs(cache_dir(config), exist_ok=True)
+        scfg["checkpoint_dir"] = tempfile.mkdtemp(prefix=".surrogate-", dir=cache_dir(config))
+        try:
+            trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
+            _capture_epochs(trainer, model, {e: _snapshot_path(config, scfg, key, 0, e) for e in snapshot_epochs})
+            trainer.fit(train_data, valid_data, saved=True, show_progress=scfg["show_progress"])
+            # fit() leaves the LAST epoch's weights in memory; the best-by-validation ones are on disk, in a
+            # file this run just wrote (RecBole's format holds its config object, hence weights_only=False).
+            best = torch.load(trainer.saved_model_file, map_location=scfg["device"], weights_only=False)
+            model.load_state_dict(best["state_dict"])
+        finally:
+            shutil.rmtree(scfg["checkpoint_dir"], ignore_errors=True)
         _save_state(model, path)
         logger.info(set_color("[Surrogate]", "pink") + f" best epoch by {scfg['valid_metric']} saved to {path}")
     model.eval()
@@ -158,9 +168,14 @@ def surrogate_snapshot(config: DealrecConfig, run: int, epoch: int) -> Surrogate
     elif epoch > 0:
         getLogger().info(set_color("[Surrogate]", "pink") + f" training run {run} (seed {scfg['seed']}) for {epoch} epochs")
         scfg["epochs"], scfg["stopping_step"] = int(epoch), int(epoch) + 1
-        trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
-        _capture_epochs(trainer, model, {int(epoch): path})
-        trainer.fit(train_data, valid_data, saved=False, show_progress=scfg["show_progress"])
+        os.makedirs(cache_dir(config), exist_ok=True)
+        scfg["checkpoint_dir"] = tempfile.mkdtemp(prefix=".surrogate-", dir=cache_dir(config))  # saves nothing
+        try:
+            trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
+            _capture_epochs(trainer, model, {int(epoch): path})
+            trainer.fit(train_data, valid_data, saved=False, show_progress=scfg["show_progress"])
+        finally:
+            shutil.rmtree(scfg["checkpoint_dir"], ignore_errors=True)
     else:
         _save_state(model, path)
     model.eval()
