@@ -28,3 +28,10 @@ def test_python_dash_m_lists_samplers():
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert names == ["ccs", "dealrec", "el2n", "full", "grand", "random", "recranker", "tfdcon"]
     assert all(len(line.split()) > 3 for line in result.stdout.splitlines())  # each with its description
+
+
+def test_seqpop_ranks_by_the_selected_users_popularity(tiny_config):
+    from recbole_dealrec.quick_start import run_recbole
+
+    result = run_recbole("SeqPop", config_dict={**tiny_config, "sampler": "random", "selection_num": 200})
+    assert result["test_result"]["recall@10"] > 0.02  # popularity is a real signal on ml-100k (random: ~0.006)

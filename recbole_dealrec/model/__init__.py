@@ -5,6 +5,6 @@ subclasses :class:`recbole_dealrec.model.backend.GenerativeBackend`, plus ``prop
 """
 from recbole_dealrec.model.registry import MODELS, get_model, get_trainer, recbole_model_names
 
-from recbole_dealrec.model import bigrec, tiger  # noqa: F401,E402  (register BIGRec, TIGER)
+from recbole_dealrec.model import bigrec, seqpop, tiger  # noqa: F401,E402  (register BIGRec, SeqPop, TIGER)
 
 __all__ = ["MODELS", "get_model", "get_trainer", "recbole_model_names"]
