@@ -20,7 +20,7 @@ import numpy as np
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.scoring.cache import UserScores
 from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod, joined_values
-from recbole_dealrec.selection.clustering import distinct_rows, kmeans, proportional_quotas, warn_constant
+from recbole_dealrec.selection.clustering import distinct_rows, kmeans, warn_constant
 from recbole_dealrec.selection.tfdcon import check_clusters_fit, check_num_clusters
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import zlib
 from logging import getLogger
-from typing import Optional, Sequence
-
 import numpy as np
 import torch
 

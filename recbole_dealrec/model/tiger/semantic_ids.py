@@ -184,7 +184,7 @@ def train_semantic_ids(config: Mapping[str, Any], texts: Sequence[str], show_pro
     model.kmeans_init(x[first], seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=float(config["tiger_rqvae_lr"]))
     epochs = int(config["tiger_rqvae_epochs"])
-    recon_first = recon_last = None
+    recon_first = None
     for _ in tqdm(range(epochs), desc="RQ-VAE", disable=not show_progress):
         for index in torch.randperm(len(x), generator=generator).split(batch):
             loss, recon, _ = model(x[index])
@@ -193,7 +193,6 @@ def train_semantic_ids(config: Mapping[str, Any], texts: Sequence[str], show_pro
             optimiser.step()
         model.restart_dead_codes(x, generator)
         recon_first = recon_first if recon_first is not None else float(recon)
-        recon_last = float(recon)
     model.eval()
     with torch.no_grad():
         _, recon_all, codes = model(x)
