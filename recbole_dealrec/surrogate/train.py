@@ -8,12 +8,13 @@ final config (minus keys that cannot change the weights) and the dataset files' 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import tempfile
 from logging import getLogger
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from recbole.utils import ModelType, init_seed, set_color
@@ -101,6 +102,18 @@ def _capture_epochs(trainer, model, paths: dict[int, str]) -> None:
     trainer._train_epoch = hooked
 
 
+@contextlib.contextmanager
+def _private_checkpoint_dir(config, scfg) -> Iterator[None]:
+    """Point ``scfg``'s trainer at a fresh folder under the cache, removed afterwards: RecBole names its
+    checkpoint <Model>-<date to the second>.pth in checkpoint_dir, which two runs in the same second would share."""
+    os.makedirs(cache_dir(config), exist_ok=True)
+    scfg["checkpoint_dir"] = tempfile.mkdtemp(prefix=".surrogate-", dir=cache_dir(config))
+    try:
+        yield
+    finally:
+        shutil.rmtree(scfg["checkpoint_dir"], ignore_errors=True)
+
+
 def surrogate_key(config: DealrecConfig) -> str:
     """Cache key of the surrogate this run would train (cheap: builds its config, reads no dataset)."""
     return config_key(surrogate_config(config))
@@ -126,11 +139,7 @@ def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) 
         logger.info(set_color("[Surrogate]", "pink") + f" reused {path}")
     else:
         logger.info(set_color("[Surrogate]", "pink") + f" training {scfg['model']} on all training data")
-        # RecBole names its checkpoint <Model>-<date to the second>.pth in checkpoint_dir: two runs in the same
-        # second would share it. This run's trainer writes into a folder of its own, removed afterwards.
-        os.makedirs(cache_dir(config), exist_ok=True)
-        scfg["checkpoint_dir"] = tempfile.mkdtemp(prefix=".surrogate-", dir=cache_dir(config))
-        try:
+        with _private_checkpoint_dir(config, scfg):
             trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
             _capture_epochs(trainer, model, {e: _snapshot_path(config, scfg, key, 0, e) for e in snapshot_epochs})
             trainer.fit(train_data, valid_data, saved=True, show_progress=scfg["show_progress"])
@@ -138,8 +147,6 @@ def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) 
             # file this run just wrote (RecBole's format holds its config object, hence weights_only=False).
             best = torch.load(trainer.saved_model_file, map_location=scfg["device"], weights_only=False)
             model.load_state_dict(best["state_dict"])
-        finally:
-            shutil.rmtree(scfg["checkpoint_dir"], ignore_errors=True)
         _save_state(model, path)
         logger.info(set_color("[Surrogate]", "pink") + f" best epoch by {scfg['valid_metric']} saved to {path}")
     model.eval()
@@ -168,14 +175,10 @@ def surrogate_snapshot(config: DealrecConfig, run: int, epoch: int) -> Surrogate
     elif epoch > 0:
         getLogger().info(set_color("[Surrogate]", "pink") + f" training run {run} (seed {scfg['seed']}) for {epoch} epochs")
         scfg["epochs"], scfg["stopping_step"] = int(epoch), int(epoch) + 1
-        os.makedirs(cache_dir(config), exist_ok=True)
-        scfg["checkpoint_dir"] = tempfile.mkdtemp(prefix=".surrogate-", dir=cache_dir(config))  # saves nothing
-        try:
+        with _private_checkpoint_dir(config, scfg):  # saves nothing, but RecBole's trainer creates the folder
             trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
             _capture_epochs(trainer, model, {int(epoch): path})
             trainer.fit(train_data, valid_data, saved=False, show_progress=scfg["show_progress"])
-        finally:
-            shutil.rmtree(scfg["checkpoint_dir"], ignore_errors=True)
     else:
         _save_state(model, path)
     model.eval()
