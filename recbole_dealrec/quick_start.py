@@ -38,7 +38,8 @@ def run_recbole(
     """Select training users with ``sampler``, train ``model`` on them, evaluate on the untouched test set.
 
     Returns RecBole's result dict (``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
-    ``test_result``) plus ``selection`` (a summary of what was kept and where it was saved).
+    ``test_result``) plus ``selection`` (a summary of what was kept and where it was saved) and
+    ``evaluation_facts`` (a generative backend's facts about its test answers, e.g. BIGRec's exact-title share).
     """
     config = DealrecConfig(model, dataset, config_file_list, config_dict, argv=argv)
     check_plugin_keys(config)
@@ -99,6 +100,7 @@ def run_recbole(
     with timer("test evaluation"):
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
     summary["seconds"] = timer.seconds
+
     logger.info(set_color("[Time]", "pink") + f" all stages (s): {timer.seconds}")
 
     environment_tb = get_environment(config)
@@ -110,6 +112,7 @@ def run_recbole(
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
+        "evaluation_facts": model_obj.evaluation_facts() if isinstance(model_obj, GenerativeBackend) else {},
         "selection": summary,
     }
 

@@ -12,7 +12,12 @@ It names no concrete model. Differences from RecBole's ``Trainer``:
   state, written atomically into ``checkpoint_dir``: ``<Model>-<time>.pth`` (best validation loss) and
   ``<Model>-<time>-last.pth`` (every epoch, for :meth:`GenerativeTrainer.resume_checkpoint`);
 - ``eval_user_subset`` / ``valid_user_subset``: evaluate on / compute the validation loss over a fixed seeded
-  subset (``seed``) of that many evaluation rows / validation users (CPU runs).
+  subset (``seed``) of that many evaluation rows / validation users (CPU runs);
+- ``valid_on_selected_users`` (the DEALRec code's protocol): the validation loss covers only the users whose
+  samples were trained on (the selected ones);
+- ``warmup_steps`` / ``lr_schedule``: linear warm-up over the first optimizer steps, then a constant or linearly
+  decaying (to 0 at the last planned step, as the HF Trainer BIGRec used) learning rate;
+- ``epochs: 0`` trains nothing: the test evaluates the initial weights (zero-shot).
 """
 from __future__ import annotations
 
@@ -32,6 +37,17 @@ from tqdm import tqdm
 from recbole_dealrec.utils import atomic_write
 
 CHECKPOINT_FORMAT = "recbole-dealrec/generative-v1"
+LR_SCHEDULES = ("constant", "linear")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Learning-rate multiplier of optimizer step ``step`` (0-based): linear warm-up from 1/(warmup+1) to 1 over
+    ``warmup_steps`` steps, then 1 (``constant``) or a linear decay reaching 0 after ``total_steps`` (``linear``)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "linear" and total_steps > warmup_steps:
+        return max(0.0, (total_steps - step) / (total_steps - warmup_steps))
+    return 1.0
 
 
 def first_rows(dataset) -> np.ndarray:
@@ -59,6 +75,14 @@ class GenerativeTrainer(Trainer):
         self.best_epoch: Optional[int] = None
         self._best_weights: Optional[dict] = None  # in-memory copy (used when nothing is saved)
         self._subset_cache: dict[int, object] = {}
+        self.warmup_steps = int(config["warmup_steps"] or 0)
+        self.lr_schedule = config["lr_schedule"] or "constant"
+        if self.warmup_steps < 0 or self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"`warmup_steps` must be >= 0 and `lr_schedule` one of {list(LR_SCHEDULES)}, "
+                             f"got {config['warmup_steps']!r} and {config['lr_schedule']!r}")
+        self.optimizer_steps = 0  # optimizer steps taken so far (drives the learning-rate schedule)
+        self.total_steps = 0  # planned optimizer steps: epochs x steps per epoch (set by fit)
+        self.valid_users: Optional[np.ndarray] = None  # users whose validation rows count (set by fit)
 
     # ------------------------------------------------------------------ setup
 
@@ -123,7 +147,11 @@ class GenerativeTrainer(Trainer):
     def _optimizer_step(self, params) -> None:
         if self.clip_grad_norm:
             clip_grad_norm_(params, **self.clip_grad_norm)
+        factor = lr_factor(self.optimizer_steps, self.warmup_steps, self.total_steps, self.lr_schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate * factor
         self.optimizer.step()
+        self.optimizer_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
@@ -131,6 +159,9 @@ class GenerativeTrainer(Trainer):
         """Mean LM loss over one valid row per user (the first: history = train items, target = first valid item)."""
         dataset = valid_data.dataset if hasattr(valid_data, "dataset") else valid_data
         rows = first_rows(dataset)
+        if self.valid_users is not None:
+            uid = dataset.inter_feat[dataset.uid_field].numpy()
+            rows = rows[np.isin(uid[rows], self.valid_users)]
         n = self.config["valid_user_subset"]
         if n is not None and 0 < n < len(rows):  # a fixed seeded subset of users (the same every epoch)
             rng = np.random.default_rng(int(self.config["seed"]))
@@ -166,6 +197,10 @@ class GenerativeTrainer(Trainer):
         """
         train_data = self.training_loader(train_data)
         self.eval_collector.data_collect(train_data)
+        if self.config["valid_on_selected_users"]:
+            train = train_data.dataset
+            self.valid_users = np.unique(train.inter_feat[train.uid_field].numpy())
+        self.total_steps = self.epochs * -(-len(train_data) // self.grad_accum)
         for epoch_idx in range(self.start_epoch, self.epochs):
             start = time()
             train_loss = self._train_epoch(train_data, epoch_idx, show_progress=show_progress)
@@ -226,6 +261,7 @@ class GenerativeTrainer(Trainer):
             "best_file": self.saved_model_file,
             "weights": self.model.trainable_state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_steps": self.optimizer_steps,
             "last": bool(last),
         }
         with atomic_write(path, "wb") as handle:
@@ -255,6 +291,7 @@ class GenerativeTrainer(Trainer):
         if state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"]) + 1
+        self.optimizer_steps = int(state.get("optimizer_steps", 0))
         self.cur_step = int(state["cur_step"])
         self.best_valid_score = float(state["best_valid_score"])
         self.best_epoch = state.get("best_epoch")
@@ -298,6 +335,8 @@ class GenerativeTrainer(Trainer):
                 self.logger.info(f"Loading trained weights from {checkpoint_file}")
             elif self._best_weights is not None:
                 self.model.load_trainable_state_dict(self._best_weights)
+            elif self.epochs == 0:
+                self.logger.info("epochs=0: nothing trained, evaluating the initial weights (zero-shot)")
             else:
                 raise FileNotFoundError(f"no checkpoint {checkpoint_file} to load the best model from")
         result = super().evaluate(self.eval_subset(eval_data), load_best_model=False, show_progress=show_progress)

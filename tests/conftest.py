@@ -107,6 +107,8 @@ def tiny_bigrec_config(llm_path: str, tmp) -> dict:
         "train_batch_size": 4,
         "eval_batch_size": 8,
         "epochs": 1,
+        "gradient_accumulation_steps": 1,
+        "warmup_steps": 0,
         "show_progress": False,
         "checkpoint_dir": str(tmp / "ckpt"),
         "output_dir": str(tmp / "out"),

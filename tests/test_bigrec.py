@@ -182,7 +182,7 @@ def test_full_sort_predict_and_grounding(ml100k, model):
     titles = model.item_titles
     iid = train.dataset.token2id(train.dataset.iid_field, ["1", "50", "100"])
     forced = [titles[i] for i in iid]
-    s = model.ground_texts(forced)
+    s = model.ground_texts([[t] for t in forced])
     assert s.argmax(1).tolist() == list(iid)
     # items sharing a title get equal scores (all of them ranked)
     first: dict[str, int] = {}
@@ -195,11 +195,112 @@ def test_full_sort_predict_and_grounding(ml100k, model):
     assert dup is not None  # ml-100k has repeated titles
     if dup is not None:
         a, b = dup
-        s = model.ground_texts([titles[a], "Toy Story"])
+        s = model.ground_texts([[titles[a]], ["Toy Story"]])
         assert torch.equal(s[:, a], s[:, b]) and set(s[0].topk(2).indices.tolist()) == {a, b}
     assert clean_generation(' "Toy Story"\nmore') == "Toy Story"
     with pytest.raises(NotImplementedError, match="full_sort_predict"):
         model.predict(interaction)
+
+
+def test_grounding_with_several_beams_pure():
+    """ground_beams: the weighted distance sum by hand; an exact title wins over any distance; shared titles tie."""
+    from recbole_dealrec.model.bigrec.grounding import beam_weights, ground, ground_beams
+
+    gen = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    items = torch.randn(7, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    items[4] = items[3]  # two items sharing a title (same embedding)
+    valid = torch.tensor([[True, True, True], [True, False, True]])
+    w = beam_weights(torch.tensor([[-0.1, -0.5, -2.0], [-1.0, 0.0, -1.0]]), valid)
+    assert torch.allclose(w.sum(1), torch.ones(2, dtype=w.dtype)) and w[1, 1] == 0 and w[1, 0] == w[1, 2]
+    scores = ground_beams(gen, w, items)
+    by_hand = torch.stack([-(w[r, :, None] * torch.cdist(gen[r], items)).sum(0) for r in range(2)])
+    assert torch.allclose(scores, by_hand)
+    # one beam of weight one ranks as the paper's ground()
+    one = ground_beams(gen[:, :1], torch.ones(2, 1), items)
+    assert torch.equal(one.argsort(1, descending=True), ground(gen[:, 0], items).argsort(1, descending=True))
+    # beam 2 (the lightest) spelled the title of items 3 and 4: they rank first, tied, above item 6 spelled by nobody
+    exact = [[[], [], [3, 4]], [[], [], []]]
+    scores = ground_beams(gen, w, items, exact)
+    assert set(scores[0].topk(2).indices.tolist()) == {3, 4} and scores[0, 3] == scores[0, 4] > 1
+    assert torch.equal(scores[1], by_hand[1])
+    # two exact beams: the heavier beam's title first
+    scores = ground_beams(gen, w, items, [[[1], [], [3, 4]], [[], [], []]])
+    assert scores[0].argmax() == 1 and scores[0, 1] > scores[0, 3] == scores[0, 4]
+    # no valid beam: all-zero weights, all items tie
+    none = ground_beams(gen, beam_weights(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool)), items)
+    assert (none == 0).all()
+
+
+def test_model_grounds_every_beam(ml100k, model):
+    """BIGRec.ground_texts: an exact title in a lower beam beats a near-miss top beam; with ``top`` only the
+    top beam counts (the paper); answers are counted for the exact-title share."""
+    titles = model.item_titles
+    target = 50
+    near_miss = titles[target][:-3]  # not a title: a few characters missing
+    beams = [[near_miss, "zzz", titles[target]]]
+    scores = torch.tensor([[-0.1, -0.2, -3.0]])
+    s = model.ground_texts(beams, scores)
+    same = [i for i, t in enumerate(titles) if t == titles[target]]
+    assert set(s[0].topk(len(same)).indices.tolist()) == set(same)
+    model.grounding_beams = "top"
+    top = model.ground_texts(beams, scores)
+    assert torch.equal(top, model.ground_texts([[near_miss]]))
+    model.grounding_beams = "all"
+    model._count_answers(beams + [[titles[3]]], torch.zeros(2, 3), [1, 2])
+    stats = model.answer_stats()
+    assert stats["answers"] == 2 and stats["exact_title_top_beam"] == 0.5 and stats["exact_title_any_beam"] == 1.0
+
+
+def test_mean_pooling_embeddings(tiny_llm_path, tokenizer):
+    """pooling=mean: the mean of the final hidden states over real tokens, whatever the padding."""
+    from transformers import AutoModelForCausalLM
+
+    from recbole_dealrec.model.bigrec.grounding import last_token_embeddings
+
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llm_path, local_files_only=True)
+    texts = ["Toy Story (1995)", "Heat (1995) and more words"]
+    batched = last_token_embeddings(llm, tokenizer, texts, batch_size=2, pooling="mean")
+    for i, t in enumerate(texts):
+        ids = tokenizer(t, return_tensors="pt")
+        hidden = llm(**ids, output_hidden_states=True).hidden_states[-1][0]
+        assert torch.allclose(batched[i], hidden.mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        last_token_embeddings(llm, tokenizer, texts, pooling="max")
+
+
+def test_dataset_instruction_reaches_prompt(ml100k, model):
+    config = ml100k[0]
+    assert "movies" in config["bigrec_instruction"] and model.instruction == config["bigrec_instruction"]
+    assert config["bigrec_instruction"] in model.prompts([["Toy Story (1995)"]])[0]
+    games = DealrecConfig("BIGRec", "games", config_dict={"data_path": "/nonexistent"})
+    assert "game" in games["bigrec_instruction"]
+
+
+def test_lr_schedule():
+    from recbole_dealrec.trainer import lr_factor
+
+    assert [lr_factor(s, 2, 6, "linear") for s in range(7)] == [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [lr_factor(s, 2, 6, "constant") for s in range(4)] == [1 / 3, 2 / 3, 1.0, 1.0]
+    assert lr_factor(0, 0, 5, "constant") == 1.0
+
+
+def test_validation_on_selected_users_only(ml100k, model):
+    """valid_on_selected_users: the validation loss is the mean over the trained users' first valid rows only."""
+    config, _, train, valid, _ = ml100k
+    trainer = BIGRecTrainer(config, model)
+    users = np.unique(train.dataset.inter_feat["user_id"].numpy())[:5]
+    every = trainer.validation_loss(valid)
+    trainer.valid_users = users
+    selected = trainer.validation_loss(valid)
+    vd = valid.dataset
+    uid = vd.inter_feat["user_id"].numpy()
+    from recbole_dealrec.trainer import first_rows
+
+    rows = [r for r in first_rows(vd) if uid[r] in set(users.tolist())]
+    model.eval()
+    with torch.no_grad():
+        by_hand = np.mean([model.calculate_loss(vd[torch.tensor([r])]).item() for r in rows])
+    assert len(rows) == 5 and selected == pytest.approx(by_hand, rel=1e-5) and selected != every
 
 
 def test_item_embedding_disk_cache(ml100k, tiny_llm_path, tmp_path):
@@ -231,7 +332,8 @@ def test_missing_title_field_and_llm_path_errors(ml100k, tiny_llm_path, tmp_path
 
 def test_fit_early_stops_on_valid_loss_and_resumes(ml100k, tiny_llm_path, tmp_path):
     base = tiny_bigrec_config(tiny_llm_path, tmp_path)
-    config = DealrecConfig("BIGRec", "ml-100k", config_dict={**base, "epochs": 2, "gradient_accumulation_steps": 2})
+    config = DealrecConfig("BIGRec", "ml-100k", config_dict={**base, "epochs": 2, "gradient_accumulation_steps": 2,
+                                                         "valid_on_selected_users": False})
     _, dataset, train, valid, test = ml100k
     from recbole_dealrec.data import prune_train_data
 

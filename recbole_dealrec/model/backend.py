@@ -72,6 +72,10 @@ class GenerativeBackend(SequentialRecommender, abc.ABC):
     def log_pass(self, what: str) -> None:
         """Called after each training/validation/evaluation pass (BIGRec logs prompt truncation)."""
 
+    def evaluation_facts(self) -> dict:
+        """Facts about the last evaluation pass beyond RecBole's metrics (BIGRec: exact-title answer shares)."""
+        return {}
+
     def export(self, folder: str) -> None:
         """Write the backend's own artefacts beside the selection (TIGER: item semantic IDs)."""
 

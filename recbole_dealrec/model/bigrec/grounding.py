@@ -2,8 +2,11 @@
 
 BIGRec (and DEALRec's evaluation) embeds each item title and each generated
 answer with the *base* LLM (adapter disabled): the final-layer hidden state of
-the last real token.  Items are ranked by L2 distance to the generated
-answer's embedding.
+the last real token (``pooling="last"``; ``"mean"`` averages every real
+token's instead).  Items are ranked by L2 distance to the generated answer's
+embedding.  :func:`ground_beams` uses every beam of the beam search: an item
+whose title a beam spelled exactly ranks first; the others by the beams'
+distances weighted by the beams' probabilities.
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ def with_adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
+#: Allowed values of ``pooling`` (config key ``bigrec_grounding_pooling``).
+POOLINGS = ("last", "mean")
+#: Allowed values of the config key ``bigrec_grounding_beams``.
+GROUNDING_BEAMS = ("all", "top")
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real (mask == 1) token per row: [b, T] -> [b].
 
@@ -59,8 +68,11 @@ def last_token_embeddings(
     batch_size: int = 16,
     show_progress: bool = False,
     max_length: int | None = None,
+    pooling: str = "last",
 ) -> torch.Tensor:
     """Final-layer hidden state of each text's last non-pad token: ``texts`` -> [n, hidden].
+
+    With ``pooling="mean"``: the mean of the final-layer hidden states over the text's real tokens.
 
     The model is used as given (pass the base model, or wrap the call in
     :func:`with_adapter_disabled`), in eval mode, without gradients; its
@@ -76,6 +88,8 @@ def last_token_embeddings(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
     if tokenizer.pad_token is None:
         # Padding is needed for batching; any real token works since padded
         # positions are masked out and never read.
@@ -110,8 +124,11 @@ def last_token_embeddings(
                 input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, use_cache=False
             )
             hidden = out.hidden_states[-1]  # [b, T, h], after the final norm in HF decoders
-            idx = last_token_index(mask)
-            emb = hidden[torch.arange(hidden.shape[0], device=device), idx]
+            if pooling == "last":
+                emb = hidden[torch.arange(hidden.shape[0], device=device), last_token_index(mask)]
+            else:
+                weights = mask.to(hidden.dtype).unsqueeze(-1)
+                emb = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
             if emb.dtype in (torch.float16, torch.bfloat16):
                 emb = emb.float()
             chunks.append(emb.detach().cpu())
@@ -152,6 +169,45 @@ def ground(generated_emb: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
     return -torch.cdist(gen, items[keep])[:, inverse]
 
 
+def beam_weights(sequence_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Beam weights [b, B]: softmax of the beams' (length-normalised log-probability) scores over the valid beams.
+
+    Rows without a valid beam get all-zero weights.
+    """
+    scores = sequence_scores.to(torch.float64).masked_fill(~valid, -torch.inf)
+    weights = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(weights, nan=0.0)
+
+
+def ground_beams(
+    beam_emb: torch.Tensor,
+    weights: torch.Tensor,
+    item_emb: torch.Tensor,
+    exact_items: Sequence[Sequence[Sequence[int]]] = (),
+) -> torch.Tensor:
+    """Grounding scores of several beams per row: [b, B, h], [b, B], [n_items, h] -> [b, n_items] (float64).
+
+    - An item whose title some beam of the row spelled exactly (``exact_items[r][k]``: the items titled as beam
+      ``k`` of row ``r``) scores ``1 + weight`` of the heaviest such beam: above every other item, and items sharing
+      a title tie.
+    - Every other item scores ``-sum_k weight_k * ||beam_k - item||``, the beams' L2 distances weighted by the
+      beams' probabilities (a zero-weight beam does not count).
+    With one beam of weight 1 and no exact list this is :func:`ground`'s ranking.
+    """
+    b, n_beams, h = beam_emb.shape
+    if weights.shape != (b, n_beams):
+        raise ValueError(f"ground_beams: weights {tuple(weights.shape)} != {(b, n_beams)}")
+    dist = -ground(beam_emb.reshape(b * n_beams, h), item_emb).reshape(b, n_beams, -1)  # [b, B, n]
+    w = weights.to(dist.dtype)
+    scores = -(w.unsqueeze(-1) * dist).sum(1)
+    for r, beams in enumerate(exact_items):
+        for k, items in enumerate(beams):
+            if items and w[r, k] > 0:
+                index = torch.as_tensor(list(items), dtype=torch.long, device=scores.device)
+                scores[r, index] = torch.maximum(scores[r, index], 1.0 + w[r, k])
+    return scores
+
+
 def _duplicate_rows(x: torch.Tensor, prefix: int = 16) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Exact duplicate rows of ``x`` [n, h]: ``(first-occurrence indices [u], inverse [n])``, or None if all distinct.
 
@@ -181,4 +237,4 @@ def _duplicate_rows(x: torch.Tensor, prefix: int = 16) -> tuple[torch.Tensor, to
     return torch.tensor(keep, dtype=torch.long, device=x.device), inverse.to(x.device)
 
 
-__all__ = ["with_adapter_disabled", "last_token_index", "last_token_embeddings", "ground"]
+__all__ = ["with_adapter_disabled", "last_token_index", "last_token_embeddings", "ground", "beam_weights", "ground_beams"]

@@ -2,15 +2,18 @@
 
 - training: causal-LM loss on Alpaca-style prompts (``recbole_dealrec.model.bigrec.prompts``), history = the row's
   ``item_id_list[:item_length]`` titles, response = the target item's title; only LoRA weights train;
-- ranking (``full_sort_predict``): beam search on the prompt, the top beam's text is embedded by the BASE
-  LLM (adapter disabled, last token) and grounded to every item by negative L2 distance to the item-title
-  embeddings (computed once, lazily, cached in memory).
+- ranking (``full_sort_predict``): beam search on the prompt; the answers are embedded by the BASE LLM
+  (adapter disabled, last token by default) and grounded to every item by L2 distance to the item-title
+  embeddings (computed once, lazily, cached in memory): with ``bigrec_grounding_beams: all`` (default) an
+  exact title from any beam ranks first, then the beams' distances weighted by their probabilities; with
+  ``top`` (the paper) only the top beam's distance.
 
 One training sample per user (BIGRec's protocol: ``train_rows = "last"``), fed by :class:`recbole_dealrec.trainer.GenerativeTrainer`.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from logging import getLogger
 from typing import Optional, Sequence
@@ -19,11 +22,19 @@ import numpy as np
 import torch
 
 from recbole_dealrec.data.items import read_item_titles
-from recbole_dealrec.model.bigrec.grounding import ground, last_token_embeddings, with_adapter_disabled
+from recbole_dealrec.model.bigrec.grounding import (
+    GROUNDING_BEAMS,
+    POOLINGS,
+    beam_weights,
+    ground_beams,
+    last_token_embeddings,
+    with_adapter_disabled,
+)
 from recbole_dealrec.model.bigrec.llm import add_lora, load_causal_lm, resolve_llm_path
 from recbole_dealrec.model.bigrec.prompts import DEFAULT_INSTRUCTION, LOSS_ON, build_prompt, format_response, tokenize_samples
 from recbole_dealrec.model.backend import GenerativeBackend, check_title_field
 from recbole_dealrec.model.registry import MODELS
+from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.utils import atomic_write
 
 #: Batch size of the (short) item-title embedding passes.
@@ -46,6 +57,13 @@ class BIGRec(GenerativeBackend):
     @classmethod
     def check_config(cls, config) -> None:
         check_title_field(config, "BIGRec")
+        for key, allowed in (("bigrec_loss_on", LOSS_ON), ("bigrec_grounding_beams", GROUNDING_BEAMS),
+                             ("bigrec_grounding_pooling", POOLINGS)):
+            if config[key] is not None and config[key] not in allowed:
+                raise ConfigError(f"`{key}` must be one of {list(allowed)}, got {config[key]!r}")
+        for key in ("num_beams", "max_new_tokens"):
+            if config[key] is not None and (not isinstance(config[key], int) or config[key] < 1):
+                raise ConfigError(f"`{key}` must be an integer >= 1, got {config[key]!r}")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -55,10 +73,17 @@ class BIGRec(GenerativeBackend):
         self.instruction: str = _cfg(config, "bigrec_instruction", DEFAULT_INSTRUCTION)
         self.max_length: Optional[int] = config["llm_max_length"]
         self.loss_on: str = _cfg(config, "bigrec_loss_on", "all")
-        if self.loss_on not in LOSS_ON:
-            raise ValueError(f"`bigrec_loss_on` must be one of {list(LOSS_ON)}, got {self.loss_on!r}")
         self.num_beams: int = int(_cfg(config, "num_beams", 4))
-        self.max_new_tokens: int = int(_cfg(config, "max_new_tokens", 64))
+        self.max_new_tokens: int = int(_cfg(config, "max_new_tokens", 128))
+        self.grounding_beams: str = _cfg(config, "bigrec_grounding_beams", "all")
+        self.grounding_pooling: str = _cfg(config, "bigrec_grounding_pooling", "last")
+        self._title_items: Optional[dict[str, list[int]]] = None
+        self.n_answers = self.n_exact_top = self.n_exact_any = 0
+        self.top_answers: set[str] = set()
+        self.last_answer_stats: dict = {}
+        #: every evaluated row's answers (best first) when ``bigrec_generations_file`` is set, else None
+        self.generations: Optional[list[list[str]]] = [] if config["bigrec_generations_file"] else None
+        self.generations_file: Optional[str] = config["bigrec_generations_file"]
 
         self.item_emb_cache: Optional[str] = config["bigrec_item_emb_cache"]
         self.llm_path = path = resolve_llm_path(config["llm_path"], config["llm_cache_dir"])
@@ -111,6 +136,23 @@ class BIGRec(GenerativeBackend):
                 f"[BIGRec] {what}: {cut} of {total} prompts cut to llm_max_length={self.max_length} tokens "
                 f"(oldest history items dropped)"
             )
+        if what == "evaluation" and self.n_answers:
+            self.last_answer_stats = stats = self.answer_stats()
+            self.logger.info(
+                f"[BIGRec] answers of {stats['answers']} rows: top beam exactly an item title "
+                f"{stats['exact_title_top_beam']:.1%}, any beam {stats['exact_title_any_beam']:.1%}, "
+                f"{stats['distinct_top_answers']} distinct top answers"
+            )
+            if self.generations_file:
+                with atomic_write(os.path.expanduser(self.generations_file), "w") as handle:
+                    json.dump({"item_titles": self.item_titles, "rows": self.generations}, handle)
+                self.logger.info(f"[BIGRec] answers written to {self.generations_file}")
+                self.generations = []
+            self.n_answers = self.n_exact_top = self.n_exact_any = 0
+            self.top_answers = set()
+
+    def evaluation_facts(self) -> dict:
+        return dict(self.last_answer_stats)
 
     def batch_tensors(self, interaction) -> dict[str, torch.Tensor]:
         histories = self.histories(interaction)
@@ -132,8 +174,13 @@ class BIGRec(GenerativeBackend):
         return self.forward(**self.batch_tensors(interaction)).loss
 
     @torch.no_grad()
-    def generate(self, histories: Sequence[Sequence[str]]) -> list[str]:
-        """Top beam's generated text for each history (prompt without response), stripped of quotes/space."""
+    def generate(self, histories: Sequence[Sequence[str]]) -> tuple[list[list[str]], torch.Tensor]:
+        """Beam search on each history's prompt (without response).
+
+        Returns:
+            ``(texts, scores)``: ``texts[r]`` the row's ``num_beams`` answers, best first, each cleaned by
+            :func:`clean_generation`; ``scores`` [b, num_beams] their length-normalised log-probabilities.
+        """
         prompts = self.prompts(histories)
         tok = self.tokenizer
         old_side = tok.padding_side
@@ -151,17 +198,24 @@ class BIGRec(GenerativeBackend):
                 input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"],
                 num_beams=self.num_beams,
-                num_return_sequences=1,
+                num_return_sequences=self.num_beams,
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
+                output_scores=True,
+                return_dict_in_generate=True,
             )
         finally:
             self.llm.train(was_training)
-        new_tokens = out[:, enc["input_ids"].shape[1]:]
-        texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
-        return [clean_generation(t) for t in texts]
+        new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
+        flat = [clean_generation(t) for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
+        b = len(prompts)
+        scores = getattr(out, "sequences_scores", None)
+        if scores is None:  # one beam: greedy search reports no sequence score
+            scores = torch.zeros(b * self.num_beams)
+        texts = [flat[r * self.num_beams : (r + 1) * self.num_beams] for r in range(b)]
+        return texts, scores.detach().float().cpu().reshape(b, self.num_beams)
 
     def item_embeddings(self) -> torch.Tensor:
         """Base-LLM embeddings of every item title [n_items, h] (row 0 = padding, zeros).
@@ -177,8 +231,7 @@ class BIGRec(GenerativeBackend):
                     self._item_emb = emb
                     self.logger.info(f"[BIGRec] item-title embeddings read from {path}")
                     return self._item_emb
-            with with_adapter_disabled(self.llm) as base:
-                emb = last_token_embeddings(base, self.tokenizer, self.item_titles[1:], batch_size=TITLE_EMB_BATCH)
+            emb = self.embed_texts(self.item_titles[1:])
             self._item_emb = torch.cat([torch.zeros(1, emb.shape[1], dtype=emb.dtype), emb])
             if path is not None:
                 with atomic_write(path, "wb") as handle:
@@ -198,30 +251,83 @@ class BIGRec(GenerativeBackend):
                 digest.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
         digest.update(os.path.abspath(self.llm_path).encode())
         digest.update("\x1e".join(self.item_titles).encode())
+        digest.update(f"pooling={self.grounding_pooling}".encode())
         return os.path.join(os.path.expanduser(str(folder)), f"item_emb-{digest.hexdigest()[:20]}.pt")
 
-    @torch.no_grad()
-    def ground_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Scores [len(texts), n_items] of generated texts: -L2 distance of base-LLM embeddings; column 0 = -inf.
+    def items_titled(self, text: str) -> list[int]:
+        """Items whose title is exactly ``text`` (several items may share a title)."""
+        if self._title_items is None:
+            self._title_items = {}
+            for item, title in enumerate(self.item_titles[1:], start=1):
+                self._title_items.setdefault(title.strip(), []).append(item)
+        return self._title_items.get(text.strip(), []) if text else []
 
-        An empty text scores every item 0 (all tied).
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Base-LLM embeddings [len(texts), h] of texts (``bigrec_grounding_pooling``)."""
+        with with_adapter_disabled(self.llm) as base:
+            return last_token_embeddings(
+                base, self.tokenizer, list(texts), batch_size=TITLE_EMB_BATCH, pooling=self.grounding_pooling
+            )
+
+    @torch.no_grad()
+    def ground_texts(self, texts: Sequence[Sequence[str]], beam_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scores [b, n_items] of each row's generated answers (column 0 = -inf).
+
+        ``bigrec_grounding_beams: top`` (the paper): -L2 distance of the top answer's base-LLM embedding to each
+        item title's. ``all``: :func:`~recbole_dealrec.model.bigrec.grounding.ground_beams` over every answer,
+        weighted by ``beam_scores`` [b, B]: an exact title wins, then the weighted distances. Empty answers
+        do not count; a row without any answer scores every item 0 (all tied).
         """
         item_emb = self.item_embeddings()
-        scores = torch.zeros(len(texts), item_emb.shape[0], dtype=torch.float64)
-        nonempty = [i for i, t in enumerate(texts) if t]
-        if nonempty:
-            with with_adapter_disabled(self.llm) as base:
-                gen = last_token_embeddings(
-                    base, self.tokenizer, [texts[i] for i in nonempty], batch_size=TITLE_EMB_BATCH
-                )
-            scores[nonempty] = ground(gen, item_emb).cpu()
+        b = len(texts)
+        beams = [list(row[:1]) if self.grounding_beams == "top" else list(row) for row in texts]
+        width = max((len(row) for row in beams), default=0)
+        valid = torch.tensor([[k < len(row) and bool(row[k]) for k in range(width)] for row in beams], dtype=torch.bool)
+        scores = torch.zeros(b, item_emb.shape[0], dtype=torch.float64)
+        if valid.any():
+            if beam_scores is None or self.grounding_beams == "top":
+                raw = torch.zeros(b, width)
+            else:
+                raw = beam_scores[:, :width]
+            weights = beam_weights(raw, valid)
+            flat = [row[k] if valid[r, k] else "" for r, row in enumerate(beams) for k in range(width)]
+            nonempty = [i for i, t in enumerate(flat) if t]
+            emb = torch.zeros(len(flat), item_emb.shape[1], dtype=item_emb.dtype)
+            emb[nonempty] = self.embed_texts([flat[i] for i in nonempty]).to(item_emb.dtype)
+            exact = [[self.items_titled(t) for t in row] for row in beams] if self.grounding_beams == "all" else ()
+            grounded = ground_beams(emb.reshape(b, width, -1), weights, item_emb, exact)
+            has_answer = valid.any(1)
+            scores[has_answer] = grounded[has_answer]
         scores[:, 0] = -np.inf
         return scores.float()
 
+    def _count_answers(self, texts: Sequence[Sequence[str]], beam_scores: torch.Tensor, user_ids) -> None:
+        for r, row in enumerate(texts):
+            top = row[0] if row else ""
+            self.n_answers += 1
+            self.n_exact_top += int(bool(self.items_titled(top)))
+            self.n_exact_any += int(any(self.items_titled(t) for t in row))
+            self.top_answers.add(top)
+            if self.generations is not None:
+                self.generations.append(
+                    {"user": int(user_ids[r]), "answers": list(row), "scores": beam_scores[r].tolist()}
+                )
+
+    def answer_stats(self) -> dict:
+        """Share of answered rows whose top beam / any beam is exactly an item title, since the last reset."""
+        n = max(self.n_answers, 1)
+        return {
+            "answers": self.n_answers,
+            "exact_title_top_beam": self.n_exact_top / n,
+            "exact_title_any_beam": self.n_exact_any / n,
+            "distinct_top_answers": len(self.top_answers),
+        }
+
     def full_sort_predict(self, interaction):
         """Scores [B, n_items]: beam-search generation grounded to every item (see :meth:`ground_texts`)."""
-        texts = self.generate(self.histories(interaction))
-        return self.ground_texts(texts).to(interaction[self.ITEM_SEQ].device)
+        texts, beam_scores = self.generate(self.histories(interaction))
+        self._count_answers(texts, beam_scores, interaction[self.USER_ID].cpu().numpy())
+        return self.ground_texts(texts, beam_scores).to(interaction[self.ITEM_SEQ].device)
 
     # ------------------------------------------------------------------ effort (backend interface)
 
