@@ -1,7 +1,8 @@
 """A RecBole ``Config`` that layers the plugin's property files after RecBole's own.
 
 Priority, lowest first: RecBole's internal properties < ``properties/overall.yaml`` <
-``properties/model/<Model>.yaml`` < ``properties/dataset/<dataset>.yaml`` < ``properties/sampler/<sampler>.yaml``
+``properties/model/<Model>.yaml`` < ``properties/dataset/<dataset>.yaml`` < the dataset folder's own
+``<data_path>/<dataset>/recbole_dealrec.yaml`` (written by the importer) < ``properties/sampler/<sampler>.yaml``
 < ``config_files`` < ``config_dict`` < command line. Unlike RecBole's ``Config``, the command line is read only
 from the ``argv`` given (the CLI passes its own), never from the process's ``sys.argv``, and values are parsed
 as Python literals only (RecBole ``eval``s them).
@@ -25,6 +26,11 @@ if not os.path.isdir(PROPERTIES_DIR):  # source checkout: properties/ sits besid
 
 DEFAULT_DATASET = "ml-100k"
 DEFAULT_SAMPLER = "full"
+#: Property file a dataset folder may hold (the importer writes it): the dataset's keys, no hand-written YAML.
+DATASET_PROPERTY_FILE = "recbole_dealrec.yaml"
+#: Keys RecBole's ``Config`` reads that no RecBole property file names.
+RECBOLE_BUILTIN_KEYS = frozenset({"model", "dataset", "config_files", "local_rank", "nproc", "world_size", "offset",
+                                  "ip", "port", "single_spec", "unchecked_keys"})
 
 
 def property_names(kind: str) -> list[str]:
@@ -58,6 +64,18 @@ class DealrecConfig(Config):
     ) -> None:
         self._argv = list(argv)
         super().__init__(model, dataset, list(config_file_list or []), config_dict)
+
+    def _load_config_files(self, file_list) -> dict:
+        # RecBole's version gives a bare traceback (``<unicode string>``) for a missing file or invalid YAML.
+        config = {}
+        for path in file_list or []:
+            config.update(read_property_file(path, self.yaml_loader))
+        return config
+
+    def _update_internal_config_dict(self, file):
+        config = read_property_file(file, self.yaml_loader)
+        self.internal_config_dict.update(config)
+        return config
 
     def _load_cmd_line(self) -> dict:
         # RecBole's version parses the whole process's sys.argv; ours parses only what the CLI hands over.
@@ -100,6 +118,10 @@ class DealrecConfig(Config):
             self._update_plugin_layer(os.path.join(PROPERTIES_DIR, "signal", f"{name}.yaml"))
         self._update_plugin_layer(os.path.join(PROPERTIES_DIR, "model", f"{model}.yaml"))
         dataset_keys = self._update_plugin_layer(os.path.join(PROPERTIES_DIR, "dataset", f"{dataset}.yaml"))
+        data_path = self.external_config_dict.get("data_path") or self.internal_config_dict.get("data_path")
+        if data_path:
+            folder_file = os.path.join(os.path.expanduser(str(data_path)), dataset, DATASET_PROPERTY_FILE)
+            dataset_keys = {**dataset_keys, **self._update_plugin_layer(folder_file)}
         # RecBole compares "Dataset" keys to decide whether a saved dataset can be reused.
         self.parameters["Dataset"] += [k for k in dataset_keys if k not in self.parameters["Dataset"]]
         sampler = self.external_config_dict.get("sampler") or self.internal_config_dict.get("sampler")
@@ -109,6 +131,30 @@ class DealrecConfig(Config):
         if not os.path.isfile(path):
             return {}
         return self._update_internal_config_dict(path) or {}
+
+
+def read_property_file(path: str, loader=yaml.SafeLoader) -> dict:
+    """A YAML property file as a dict; a missing file, invalid YAML or a non-mapping is a ConfigError naming the file
+    (and the line)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}") from None
+    try:
+        config = yaml.load(text, Loader=loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config file {path}{where}: invalid YAML ({problem})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {path}: expected key: value lines (a mapping), got a {type(config).__name__}")
+    return config
 
 
 @lru_cache(maxsize=None)
@@ -146,15 +192,17 @@ def plugin_keys() -> tuple[frozenset, frozenset, frozenset]:
     return frozenset(keys | recbole_keys()), frozenset(selection_keys), frozenset(prefixes)
 
 
-def check_plugin_keys(config: Config) -> None:
-    """A key given by the user with one of the plugin's own prefixes (``ccs_``, ``grand_``, ``tiger_``, ...) that
-    no property file defines is a typo: fail with the closest known key instead of ignoring it."""
-    known, _, prefixes = plugin_keys()
+def check_known_keys(config: Config) -> None:
+    """Every key the user gave (files, config dict, command line) must be one a property file of RecBole or of the
+    plugin defines: a misspelled key fails with the closest known key instead of being ignored. A key RecBole reads
+    that no property file names can be let through by listing it in ``unchecked_keys``."""
+    known, _, _ = plugin_keys()
+    allowed = known | RECBOLE_BUILTIN_KEYS | set(config["unchecked_keys"] or [])
     given = {**config.file_config_dict, **config.variable_config_dict, **config.cmd_config_dict}
     for key in given:
-        if key in known or key.split("_", 1)[0] + "_" not in prefixes:
+        if key in allowed:
             continue
         close = difflib.get_close_matches(key, sorted(known), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown key {key!r}: no property file defines it{hint} (the plugin's keys: "
-                          "properties/overall.yaml, properties/{model,sampler,signal}/<name>.yaml)")
+        raise ConfigError(f"unknown key {key!r}: no property file of RecBole or of the plugin defines it{hint} "
+                          "(a key RecBole reads that no property file names: add it to `unchecked_keys`)")

@@ -9,13 +9,16 @@ This is the only module that wires the stages together; ``recbole.quick_start`` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import time
 from logging import getLogger
 from typing import Any, Optional, Sequence
 
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
-from recbole_dealrec.config import DealrecConfig, check_plugin_keys
+from recbole_dealrec.config import DealrecConfig, check_known_keys
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
 from recbole_dealrec.export import save_selection, selection_dir
 from recbole_dealrec.registry import ConfigError
@@ -42,7 +45,7 @@ def run_recbole(
     ``evaluation_facts`` (a generative backend's facts about its test answers, e.g. BIGRec's exact-title share).
     """
     config = DealrecConfig(model, dataset, config_file_list, config_dict, argv=argv)
-    check_plugin_keys(config)
+    check_known_keys(config)
     method = check_selection_config(config)  # bad sampler/budget keys fail here, before any data is read
     model_class = get_model(config["model"])
     if issubclass(model_class, GenerativeBackend):
@@ -92,14 +95,19 @@ def run_recbole(
     logger.info(model_obj)
     if isinstance(model_obj, GenerativeBackend):
         model_obj.export(folder)  # e.g. TIGER's item semantic IDs, beside the selection
+    config["checkpoint_dir"] = run_checkpoint_dir(config)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
     with timer("training"):
         best_valid_score, best_valid_result = trainer.fit(
             train_data, valid_data, saved=saved, show_progress=config["show_progress"]
         )
+    last = getattr(trainer, "last_model_file", None)
+    if last and os.path.isfile(last):  # only a resume needs it, and this training finished
+        os.unlink(last)
     with timer("test evaluation"):
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
     summary["seconds"] = timer.seconds
+    summary["checkpoint"] = trainer.saved_model_file if saved and os.path.isfile(trainer.saved_model_file) else None
 
     logger.info(set_color("[Time]", "pink") + f" all stages (s): {timer.seconds}")
 
@@ -115,6 +123,18 @@ def run_recbole(
         "evaluation_facts": model_obj.evaluation_facts() if isinstance(model_obj, GenerativeBackend) else {},
         "selection": summary,
     }
+
+
+def run_checkpoint_dir(config) -> str:
+    """This run's own checkpoint folder: the ``checkpoint_dir`` the user set, else a fresh one under
+    ``<output_dir>/<dataset>/checkpoints/`` (RecBole names checkpoints by model and second, which two runs
+    started together would share in its default ``saved/``)."""
+    given = {**config.file_config_dict, **config.variable_config_dict, **config.cmd_config_dict}
+    if given.get("checkpoint_dir"):
+        return str(given["checkpoint_dir"])
+    root = os.path.join(config["output_dir"], config["dataset"], "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"{config['model']}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=root)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -138,8 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     files = [f for f in (args.config_files or "").replace(",", " ").split() if f]
     try:
         run_recbole(args.model, args.dataset, files, argv=rest)
-    except (ConfigError, FileNotFoundError) as error:
-        # Bad input: one clear line, no traceback.
+    except (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:
+        # Bad input (a key, a value, a file): one clear line, no traceback; real bugs keep theirs.
         parser.exit(2, f"run_recbole: error: {error}\n")
 
 

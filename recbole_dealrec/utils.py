@@ -50,11 +50,50 @@ def cache_dir(config: Mapping[str, Any]) -> str:
     return os.path.join(config["output_dir"], config["dataset"], "cache")
 
 
+def file_checksum(path: str) -> str:
+    """``"<sha256> <size>"`` of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"{digest.hexdigest()} {os.path.getsize(path)}"
+
+
+def cache_entry_ok(path: str) -> bool:
+    """Whether a cache file written with ``atomic_write(..., checksum=True)`` is there and intact.
+
+    A file whose recorded SHA-256/size (``<path>.sha256``) is missing or differs (truncated by a full disk, a
+    crash outside this code, a bad copy) is logged as a warning naming it, deleted with its record, and reported
+    absent, so the caller recomputes it.
+    """
+    record = path + ".sha256"
+    if not os.path.isfile(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(record)
+        return False
+    try:
+        with open(record, encoding="utf-8") as handle:
+            expected = handle.read().strip()
+    except FileNotFoundError:
+        expected = None
+    if expected is not None and file_checksum(path) == expected:
+        return True
+    from logging import getLogger
+
+    why = "has no checksum record" if expected is None else "does not match its recorded checksum (truncated or changed)"
+    getLogger().warning(f"cache file {path} {why}: discarded, it will be recomputed")
+    for stale in (path, record):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
+    return False
+
+
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "w", **kwargs) -> Iterator:
+def atomic_write(path: str, mode: str = "w", checksum: bool = False, **kwargs) -> Iterator:
     """Open a temporary file beside ``path``; move it onto ``path`` only if the block succeeds.
 
-    Readers never see a half-written file and a failed write never clobbers an existing one.
+    Readers never see a half-written file and a failed write never clobbers an existing one. With ``checksum``
+    (cache files), the file's SHA-256 and size are recorded in ``<path>.sha256`` for :func:`cache_entry_ok`.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -68,7 +107,12 @@ def atomic_write(path: str, mode: str = "w", **kwargs) -> Iterator:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        if checksum:
+            record = file_checksum(tmp)
         os.replace(tmp, path)
+        if checksum:
+            with atomic_write(path + ".sha256", encoding="utf-8") as handle:
+                handle.write(record + "\n")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -19,6 +19,7 @@ from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.data.items import read_item_titles, user_samples
 from recbole_dealrec.model.bigrec.prompts import build_prompt, format_prompt, tokenize_samples
 from recbole_dealrec.model.bigrec.model import BIGRec, clean_generation
+from recbole_dealrec.registry import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +327,7 @@ def test_missing_title_field_and_llm_path_errors(ml100k, tiny_llm_path, tmp_path
     bad = DealrecConfig(
         "BIGRec", "ml-100k", config_dict={**tiny_bigrec_config(str(tmp_path / "missing"), tmp_path)}
     )
-    with pytest.raises(FileNotFoundError, match="llm_path"):
+    with pytest.raises(ConfigError, match="llm_path"):
         BIGRec(bad, train.dataset)
 
 

@@ -1,4 +1,5 @@
 """Bad input: a clear error naming the key and the allowed values, before any training starts."""
+import os
 import subprocess
 
 import pytest
@@ -74,3 +75,123 @@ def test_a_code_payload_in_a_property_file_or_on_the_command_line_stays_a_string
 
     Config._convert_config_dict(None, {"sampler": payload})
     assert marker.exists()
+
+
+# --------------------------------------------------------------------------- bad input before long work
+
+
+def test_unknown_key_names_the_closest_and_unchecked_keys_lets_one_through(tmp_path):
+    from recbole_dealrec.config import DealrecConfig, check_known_keys
+
+    with pytest.raises(ConfigError, match=r"unknown key 'selction_num'.*did you mean 'selection_num'"):
+        run(tmp_path, sampler="random", selction_num=10)
+    check_known_keys(DealrecConfig("SASRec", None, config_dict={"my_recbole_key": 1, "unchecked_keys": ["my_recbole_key"]}))
+    assert not (tmp_path / "ml-100k").exists()  # nothing written
+
+
+def test_influence_params_matching_nothing_fails_before_the_surrogate_trains(tmp_path):
+    with pytest.raises(ConfigError, match=r"influence_params=\['nomatch'\].*Available parameters: item_embedding"):
+        run(tmp_path, sampler="dealrec", selection_num=10, influence_params=["nomatch"])
+    assert not list(tmp_path.rglob("surrogate-*"))  # no surrogate was trained or cached
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, r"no such local folder"),
+    (lambda d: d.mkdir(), r"folder has no config.json"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text('{"hidden_size": 8}')), r"has no `model_type`"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text('{"model_type": ')), r"is not valid JSON"),
+])
+def test_bad_llm_path_fails_before_any_scoring(tmp_path, make, message):
+    folder = tmp_path / "llm"
+    make(folder)
+    with pytest.raises(ConfigError, match=rf"`llm_path` = .*{message}"):
+        run(tmp_path, sampler="dealrec", selection_num=10, llm_path=str(folder))
+    assert not list(tmp_path.rglob("surrogate-*")) and not list(tmp_path.rglob("*.npz"))
+
+
+def test_bigrec_without_titles_fails_before_data(tmp_path):
+    with pytest.raises(ConfigError, match="BIGRec needs item titles: set title_field"):
+        run(tmp_path, model="BIGRec", sampler="random", selection_num=10, title_field=None)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs: [1, 2\n", r"bad\.yaml line 2, column 1: invalid YAML"),
+    ("- 1\n- 2\n", r"bad\.yaml: expected key: value lines \(a mapping\), got a list"),
+])
+def test_invalid_yaml_names_the_file_and_line(tmp_path, text, message):
+    from recbole_dealrec.config import DealrecConfig
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        DealrecConfig("SASRec", None, [str(bad)])
+    with pytest.raises(ConfigError, match=r"config file .*missing\.yaml does not exist"):
+        DealrecConfig("SASRec", None, [str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("row, message", [
+    ("1\t2\t3", r"toy\.inter line 3: 3 fields, the header has 4"),
+    ("1\t2\t3\t4\t5", r"toy\.inter line 3: 5 fields, the header has 4"),
+    ("1\t2\t3\tyesterday", r"toy\.inter line 3: timestamp:float must be a number, got 'yesterday'"),
+])
+def test_malformed_inter_rows_name_file_and_line(tmp_path, row, message):
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    (folder / "toy.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t10\n" + row + "\n")
+    with pytest.raises(ConfigError, match=message):
+        run(tmp_path, dataset="toy", data_path=str(tmp_path), load_col={"inter": ["user_id", "item_id", "timestamp"]})
+
+
+def test_cli_one_line_exit_2_for_input_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1, 2\n")
+    for args, message in (
+        (["--selction_num=10"], "unknown key 'selction_num'"),
+        ([f"--config_files={bad}"], "bad.yaml line 2, column 1: invalid YAML"),
+    ):
+        result = subprocess.run(["run_recbole", "--model=SASRec", "--sampler=random", f"--output_dir={tmp_path}", *args],
+                                cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- no shared files, caches that heal
+
+
+def test_each_run_has_its_own_checkpoint_folder_under_output_dir(tmp_path):
+    config = {"output_dir": str(tmp_path), "epochs": 1, "sampler": "random", "selection_num": 30,
+              "MAX_ITEM_LIST_LENGTH": 5, "hidden_size": 8, "inner_size": 8, "n_layers": 1, "n_heads": 1,
+              "train_batch_size": 4096, "show_progress": False}
+    first = run_recbole("SASRec", None, config_dict=config)["selection"]["checkpoint"]
+    second = run_recbole("SASRec", None, config_dict=config)["selection"]["checkpoint"]
+    root = tmp_path / "ml-100k" / "checkpoints"
+    assert first and second and os.path.dirname(first) != os.path.dirname(second)
+    assert {os.path.dirname(os.path.dirname(p)) for p in (first, second)} == {str(root)}
+    assert not (tmp_path / "saved").exists()
+
+
+def test_truncated_cache_file_is_discarded_and_recomputed(tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from recbole_dealrec.scoring.cache import ScoredUsers, cached_user_scores
+
+    config = {"output_dir": str(tmp_path), "dataset": "toy"}
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return ScoredUsers(np.array(["a", "b"]), np.array([1.0, 2.0]), {})
+
+    first = cached_user_scores(config, "sig", {"k": 1}, compute)
+    again = cached_user_scores(config, "sig", {"k": 1}, compute)
+    assert len(calls) == 1 and again.meta["cached"]
+    path = first.meta["path"]
+    with open(path, "r+b") as handle:  # a power cut mid-copy: the file loses its tail
+        handle.truncate(os.path.getsize(path) // 2)
+    with caplog.at_level(logging.WARNING):
+        healed = cached_user_scores(config, "sig", {"k": 1}, compute)
+    assert len(calls) == 2 and not healed.meta["cached"] and np.array_equal(healed.scores, [1.0, 2.0])
+    assert any(path in r.getMessage() and "recomputed" in r.getMessage() for r in caplog.records)
+    assert cached_user_scores(config, "sig", {"k": 1}, compute).meta["cached"] and len(calls) == 2

@@ -46,7 +46,7 @@ def imported(tmp_path):
 
 def test_round_trip_ids_order_split_titles(imported):
     data, counts = imported
-    assert counts == {"users": 5, "items": 7, "train": 18, "valid": 4, "test": 6}
+    assert counts == {"name": "games", "users": 5, "items": 7, "train": 18, "valid": 4, "test": 6}
     rows = [line.split("\t") for line in (data / "games" / "games.inter").read_text().splitlines()]
     assert rows[0] == ["user_id:token", "item_id:token", "timestamp:float", "split:token"]
     rebuilt = {uid: ([], [], []) for uid in SEQUENCES}
@@ -118,7 +118,7 @@ def test_multi_target_metrics_follow_the_paper(imported):
 @pytest.mark.skipif(not os.path.isdir(GAMES_DIR), reason="../shared/datasets/games is not present")
 def test_real_games_counts(tmp_path):
     counts = import_paper_dataset(GAMES_DIR, str(tmp_path / "games"))
-    assert counts == {"users": 49156, "items": 17332, "train": 299987, "valid": 22609, "test": 19733}
+    assert counts == {"name": "games", "users": 49156, "items": 17332, "train": 299987, "valid": 22609, "test": 19733}
     config = DealrecConfig("SASRec", "games", config_dict={"data_path": str(tmp_path), "MAX_ITEM_LIST_LENGTH": 10})
     dataset = create_dataset(config)
     assert (dataset.user_num - 1, dataset.item_num - 1, dataset.inter_num) == (49156, 17332, 342329)

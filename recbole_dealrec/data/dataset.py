@@ -31,13 +31,14 @@ SPLITS = ("train", "valid", "test")
 
 
 def check_dataset_files(config: Mapping[str, Any]) -> None:
-    """Fail early, naming the path, when a dataset's ``.inter`` file is missing.
+    """Fail early, naming the path, when a dataset's ``.inter`` file is missing or has a malformed row.
 
     RecBole would try to download any name it does not ship; outside ml-100k (embedded) that fails late.
     """
     name = config["dataset"]
     inter = os.path.join(config["data_path"], f"{name}.inter")
     if os.path.isfile(inter):
+        check_atomic_file(inter, config["field_separator"] or "\t")
         return
     root = os.path.dirname(os.path.normpath(config["data_path"]))
     local = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
@@ -49,6 +50,36 @@ def check_dataset_files(config: Mapping[str, Any]) -> None:
         f"with plugin properties: {', '.join(property_names('dataset'))}; found under {root}: "
         f"{', '.join(local) or 'nothing'}. Set data_path to the folder that holds <dataset>/<dataset>.inter."
     )
+
+
+def check_atomic_file(path: str, separator: str = "\t") -> None:
+    """Every row of an atomic file has the header's number of fields and a number in every ``float`` column.
+
+    RecBole (pandas) fills missing fields with NaN, and a non-numeric ``float`` value fails without a file or line;
+    this names both. Raises ConfigError on the first bad row.
+    """
+    with open(path, encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\r\n").split(separator)
+        types = [field.rsplit(":", 1)[1] if ":" in field else None for field in header]
+        bad_header = [field for field, kind in zip(header, types) if kind not in ("token", "token_seq", "float", "float_seq")]
+        if bad_header:
+            raise ConfigError(f"{path} line 1: header fields must be name:type with type token, token_seq, float or "
+                              f"float_seq, got {bad_header}")
+        floats = [i for i, kind in enumerate(types) if kind == "float"]
+        for number, line in enumerate(handle, start=2):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            fields = line.split(separator)
+            if len(fields) != len(header):
+                raise ConfigError(f"{path} line {number}: {len(fields)} fields, the header has {len(header)} "
+                                  f"({', '.join(header)})")
+            for i in floats:
+                try:
+                    if fields[i]:
+                        float(fields[i])
+                except ValueError:
+                    raise ConfigError(f"{path} line {number}: {header[i]} must be a number, got {fields[i]!r}") from None
 
 
 class PresplitSequentialDataset(SequentialDataset):
@@ -126,4 +157,9 @@ def data_preparation(config, dataset):
     train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
     if getattr(test_data.dataset, "multi_targets", None) is not None:
         test_data = MultiTargetFullSortEvalDataLoader(config, test_data.dataset, test_data._sampler, shuffle=False)
+    sizes = []
+    for name, loader in (("train", train_data), ("valid", valid_data), ("test", test_data)):
+        part = loader.dataset
+        sizes.append(f"{name} {len(part)} rows / {len(np.unique(part.inter_feat[part.uid_field].numpy()))} users")
+    getLogger().info(f"[Data] {config['dataset']}: " + ", ".join(sizes))
     return train_data, valid_data, test_data

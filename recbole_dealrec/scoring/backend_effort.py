@@ -58,7 +58,7 @@ def check_effort_config(config: Mapping[str, Any]) -> None:
     if adapter is not None and not os.path.isfile(adapter):
         raise ConfigError(f"effort_adapter_path {adapter!r} is not a file (a checkpoint of this plugin's trainer or "
                           "a state dict of the trained weights saved with torch.save)")
-    effort_backend(config)
+    effort_backend(config).check_config(config)  # the backend's own keys (BIGRec: titles, llm_path), before any training
 
 
 def _backend(config, train_dataset):

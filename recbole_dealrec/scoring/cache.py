@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from recbole.utils import set_color
 
-from recbole_dealrec.utils import atomic_write, cache_dir, stable_key
+from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, stable_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +42,9 @@ class ScoredUsers:
 
 def save_scores(path: str, tokens: np.ndarray, scores: np.ndarray, meta: Mapping[str, Any]) -> None:
     """Write ``path`` (``.npz``: ``user_id`` tokens, exact ``values``) and its ``.json`` metadata, each atomically."""
-    with atomic_write(path, "wb") as handle:
+    with atomic_write(path, "wb", checksum=True) as handle:
         np.savez(handle, user_id=np.asarray(tokens).astype(str), values=np.asarray(scores))
-    with atomic_write(path[: -len(".npz")] + ".json", encoding="utf-8") as handle:
+    with atomic_write(path[: -len(".npz")] + ".json", checksum=True, encoding="utf-8") as handle:
         json.dump(dict(meta), handle, indent=2, default=str)
 
 
@@ -64,7 +64,7 @@ def cached_user_scores(
     """
     path = os.path.join(cache_dir(config), f"{stage}-{stable_key(key_payload)}.npz")
     meta_path = path[: -len(".npz")] + ".json"
-    if os.path.isfile(path) and os.path.isfile(meta_path):
+    if cache_entry_ok(path) & cache_entry_ok(meta_path):  # both checked (and a bad one removed) every time
         tokens, scores = load_scores(path)
         with open(meta_path, encoding="utf-8") as handle:
             meta = json.load(handle)

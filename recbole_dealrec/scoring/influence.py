@@ -39,7 +39,9 @@ from recbole_dealrec.scoring.influence_core import (
     unflatten,
 )
 from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
+from recbole_dealrec.model import get_model
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, UserBatch, user_batches
+from recbole_dealrec.surrogate.train import surrogate_config
 
 INFLUENCE_KEYS = ("influence_params", "influence_hessian", "influence_hessian_users", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
                   "lissa_repeats", "lissa_batch_users", "cg_max_iter", "ihvp_tol", "seed")
@@ -144,6 +146,15 @@ class Influence(Signal):
 
     def check_config(self, config) -> None:
         check_influence_config(config)
+
+    def check_data(self, ctx: SignalContext) -> None:
+        """``influence_params`` must match some parameter of the (untrained) surrogate, before it trains."""
+        scfg = surrogate_config(ctx.config)
+        model = get_model(scfg["model"])(scfg, ctx.train_dataset)
+        try:
+            select_parameters(model.named_parameters(), list(ctx.config["influence_params"]))
+        except ValueError as error:
+            raise ConfigError(f"influence_params={list(ctx.config['influence_params'])!r}: {error}") from None
 
     def compute(self, ctx: SignalContext) -> ScoredUsers:
         return influence_scores(ctx.config, ctx.surrogate(), show_progress=bool(ctx.config["show_progress"]))

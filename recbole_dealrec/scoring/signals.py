@@ -89,6 +89,10 @@ class Signal(abc.ABC):
     def check_config(self, config: Mapping[str, Any]) -> None:
         """Validate this signal's keys before any data is read (override where needed)."""
 
+    def check_data(self, ctx: "SignalContext") -> None:
+        """Checks that need the loaded data (e.g. parameter patterns against the surrogate's names), run for every
+        signal before any is computed or any model trained (override where needed)."""
+
     def snapshot_epochs(self, config: Mapping[str, Any]) -> tuple[int, ...]:
         """Epochs of the main surrogate training whose weights this signal reads (GraNd, EL2N)."""
         return ()
@@ -147,6 +151,8 @@ def compute_signals(
     signals = {name: registry.get(name)() for name in names}
     epochs = [e for s in signals.values() for e in s.snapshot_epochs(config)]
     ctx = SignalContext(config, train_dataset, candidates, snapshot_epochs=epochs, timer=timer)
+    for signal in signals.values():
+        signal.check_data(ctx)
     out: dict[str, UserScores] = {}
     meta: dict[str, Any] = {}
     for name, signal in signals.items():

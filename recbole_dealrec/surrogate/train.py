@@ -23,7 +23,7 @@ from recbole_dealrec.config import DealrecConfig, plugin_keys
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.model import get_model, get_trainer
-from recbole_dealrec.utils import atomic_write, cache_dir, dataset_fingerprint, stable_key
+from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, stable_key
 
 # Keys that never change the trained weights (paths, logging, devices) or belong to later stages.
 _NOT_IN_KEY = {"checkpoint_dir", "output_dir", "show_progress", "device", "gpu_id", "state", "local_rank",
@@ -76,12 +76,16 @@ def _snapshot_path(config, scfg, key: str, run: int, epoch: int) -> str:
 def snapshot_cached(config: DealrecConfig, run: int, epoch: int) -> bool:
     """Whether :func:`surrogate_snapshot` would load ``(run, epoch)`` from the cache."""
     scfg = surrogate_config(config)
-    return os.path.isfile(_snapshot_path(config, scfg, config_key(scfg), run, epoch))
+    return cache_entry_ok(_snapshot_path(config, scfg, config_key(scfg), run, epoch))
 
 
 def _save_state(model: torch.nn.Module, path: str) -> None:
-    with atomic_write(path, "wb") as handle:
-        torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, handle)
+    with atomic_write(path, "wb", checksum=True) as handle:
+        torch.save(_cpu_state(model), handle)
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _capture_epochs(trainer, model, paths: dict[int, str]) -> None:
@@ -95,11 +99,24 @@ def _capture_epochs(trainer, model, paths: dict[int, str]) -> None:
     def hooked(train_data, epoch_idx, *args, **kwargs):
         loss = train_epoch(train_data, epoch_idx, *args, **kwargs)
         path = paths.get(epoch_idx + 1)
-        if path is not None and not os.path.isfile(path):
+        if path is not None and not cache_entry_ok(path):
             _save_state(model, path)
         return loss
 
     trainer._train_epoch = hooked
+
+
+def _capture_best(trainer, model) -> dict:
+    """A dict that holds (key ``state``) a CPU copy of the weights each time RecBole's trainer saves its best model."""
+    best: dict = {}
+    save = trainer._save_checkpoint
+
+    def hooked(*args, **kwargs):
+        best["state"] = _cpu_state(model)
+        return save(*args, **kwargs)
+
+    trainer._save_checkpoint = hooked
+    return best
 
 
 @contextlib.contextmanager
@@ -134,7 +151,7 @@ def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) 
     path = os.path.join(cache_dir(config), f"surrogate-{scfg['model']}-{key}.pt")
     init_seed(scfg["seed"], scfg["reproducibility"])
     model = get_model(scfg["model"])(scfg, train_data.dataset).to(scfg["device"])
-    if os.path.isfile(path):
+    if cache_entry_ok(path):
         model.load_state_dict(torch.load(path, map_location=scfg["device"], weights_only=True))
         logger.info(set_color("[Surrogate]", "pink") + f" reused {path}")
     else:
@@ -142,11 +159,12 @@ def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) 
         with _private_checkpoint_dir(config, scfg):
             trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
             _capture_epochs(trainer, model, {e: _snapshot_path(config, scfg, key, 0, e) for e in snapshot_epochs})
+            best = _capture_best(trainer, model)
             trainer.fit(train_data, valid_data, saved=True, show_progress=scfg["show_progress"])
-            # fit() leaves the LAST epoch's weights in memory; the best-by-validation ones are on disk, in a
-            # file this run just wrote (RecBole's format holds its config object, hence weights_only=False).
-            best = torch.load(trainer.saved_model_file, map_location=scfg["device"], weights_only=False)
-            model.load_state_dict(best["state_dict"])
+            # fit() leaves the LAST epoch's weights in memory; the best-by-validation ones were copied when
+            # RecBole saved them (its checkpoint file holds a pickled config, so it is never loaded back).
+            if best:
+                model.load_state_dict(best["state"])
         _save_state(model, path)
         logger.info(set_color("[Surrogate]", "pink") + f" best epoch by {scfg['valid_metric']} saved to {path}")
     model.eval()
@@ -170,7 +188,7 @@ def surrogate_snapshot(config: DealrecConfig, run: int, epoch: int) -> Surrogate
     train_data, valid_data, _ = data_preparation(scfg, dataset)
     init_seed(scfg["seed"], scfg["reproducibility"])
     model = get_model(scfg["model"])(scfg, train_data.dataset).to(scfg["device"])
-    if os.path.isfile(path):
+    if cache_entry_ok(path):
         model.load_state_dict(torch.load(path, map_location=scfg["device"], weights_only=True))
     elif epoch > 0:
         getLogger().info(set_color("[Surrogate]", "pink") + f" training run {run} (seed {scfg['seed']}) for {epoch} epochs")

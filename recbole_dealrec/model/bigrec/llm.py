@@ -25,6 +25,8 @@ from typing import Sequence
 
 import torch
 
+from recbole_dealrec.registry import ConfigError
+
 logger = logging.getLogger(__name__)
 
 #: PyPI package shipping the default GGUF file, and the file's name inside it.
@@ -163,11 +165,32 @@ def resolve_llm_path(llm_path: str | None, cache_dir: str | None = None) -> str:
     """
     if llm_path is None or str(llm_path).strip().lower() == "default":
         return default_llm_path(cache_dir)
+    return check_llm_path(llm_path)
+
+
+def check_llm_path(llm_path: str | None) -> str | None:
+    """Check the ``llm_path`` setting before any long work: an existing folder whose ``config.json`` names a causal
+    LM (``model_type``). Returns the expanded path (None for the default model, built on first use).
+
+    Raises:
+        ConfigError: naming ``llm_path``, the folder and what is wrong.
+    """
+    if llm_path is None or str(llm_path).strip().lower() == "default":
+        return None
     path = os.path.expanduser(str(llm_path))
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"`llm_path` = {llm_path!r}: no such local folder (nothing is downloaded)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"`llm_path` = {llm_path!r}: folder has no config.json")
+        raise ConfigError(f"`llm_path` = {llm_path!r}: no such local folder (nothing is downloaded)")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"`llm_path` = {llm_path!r}: folder has no config.json")
+    try:
+        with open(config_file, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"`llm_path` = {llm_path!r}: {config_file} is not valid JSON ({error})") from None
+    if not isinstance(raw, dict) or not raw.get("model_type"):
+        raise ConfigError(f"`llm_path` = {llm_path!r}: {config_file} has no `model_type` (a transformers model "
+                          "config names its model family, e.g. \"llama\")")
     _check_causal_lm_config(path)
     return path
 
@@ -184,21 +207,21 @@ def _check_causal_lm_config(path: str):
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the setting's name
-        raise ValueError(f"`llm_path` = {path!r}: cannot read a model config ({exc})") from exc
+        raise ConfigError(f"`llm_path` = {path!r}: cannot read a model config ({exc})") from None
     what = f"`llm_path` = {path!r} holds a {type(config).__name__} (model_type={getattr(config, 'model_type', None)!r})"
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{what}, not a causal LM")
+        raise ConfigError(f"{what}, not a causal LM")
     causal_names = set()
     for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         causal_names.update([names] if isinstance(names, str) else names)
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a in causal_names for a in archs):
         # e.g. a bert-base folder declares BertForMaskedLM
-        raise ValueError(f"{what} for {archs}, not a causal LM")
+        raise ConfigError(f"{what} for {archs}, not a causal LM")
     if not archs and type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False):
         # Encoder families (BERT, RoBERTa, ...) have a causal head only when
         # configured as decoders; a bare encoder config is not an LLM.
-        raise ValueError(f"{what} configured as an encoder (is_decoder=False), not a causal LM")
+        raise ConfigError(f"{what} configured as an encoder (is_decoder=False), not a causal LM")
     return config
 
 

@@ -30,12 +30,12 @@ from recbole_dealrec.model.bigrec.grounding import (
     last_token_embeddings,
     with_adapter_disabled,
 )
-from recbole_dealrec.model.bigrec.llm import add_lora, load_causal_lm, resolve_llm_path
+from recbole_dealrec.model.bigrec.llm import add_lora, check_llm_path, load_causal_lm, resolve_llm_path
 from recbole_dealrec.model.bigrec.prompts import DEFAULT_INSTRUCTION, LOSS_ON, build_prompt, format_response, tokenize_samples
 from recbole_dealrec.model.backend import GenerativeBackend, check_title_field
 from recbole_dealrec.model.registry import MODELS
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.utils import atomic_write
+from recbole_dealrec.utils import atomic_write, cache_entry_ok
 
 #: Batch size of the (short) item-title embedding passes.
 TITLE_EMB_BATCH = 32
@@ -57,6 +57,7 @@ class BIGRec(GenerativeBackend):
     @classmethod
     def check_config(cls, config) -> None:
         check_title_field(config, "BIGRec")
+        check_llm_path(config["llm_path"])
         for key, allowed in (("bigrec_loss_on", LOSS_ON), ("bigrec_grounding_beams", GROUNDING_BEAMS),
                              ("bigrec_grounding_pooling", POOLINGS)):
             if config[key] is not None and config[key] not in allowed:
@@ -225,7 +226,7 @@ class BIGRec(GenerativeBackend):
         """
         if self._item_emb is None:
             path = self._item_emb_cache_file()
-            if path is not None and os.path.isfile(path):
+            if path is not None and cache_entry_ok(path):
                 emb = torch.load(path, map_location="cpu", weights_only=True)
                 if emb.dim() == 2 and emb.shape[0] == len(self.item_titles):
                     self._item_emb = emb
@@ -234,7 +235,7 @@ class BIGRec(GenerativeBackend):
             emb = self.embed_texts(self.item_titles[1:])
             self._item_emb = torch.cat([torch.zeros(1, emb.shape[1], dtype=emb.dtype), emb])
             if path is not None:
-                with atomic_write(path, "wb") as handle:
+                with atomic_write(path, "wb", checksum=True) as handle:
                     torch.save(self._item_emb, handle)
                 self.logger.info(f"[BIGRec] item-title embeddings saved to {path}")
         return self._item_emb

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.utils import atomic_write, cache_dir, stable_key
+from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, stable_key
 
 RQVAE_KEYS = ("tiger_text_fields", "text_encoder_path", "text_encoder_max_length", "tiger_levels",
               "tiger_codebook_size", "tiger_rqvae_hidden", "tiger_rqvae_latent", "tiger_rqvae_beta",
@@ -225,7 +225,7 @@ def cached_semantic_ids(config: Mapping[str, Any], dataset, show_progress: bool 
     texts = item_texts(config, dataset)
     payload = {**{k: config[k] for k in RQVAE_KEYS}, "texts": stable_key({"texts": texts})}
     path = os.path.join(cache_dir(config), f"tiger-ids-{stable_key(payload)}.npz")
-    if os.path.isfile(path) and os.path.isfile(path[:-4] + ".json"):
+    if cache_entry_ok(path) & cache_entry_ok(path[:-4] + ".json"):
         with np.load(path, allow_pickle=False) as data:
             codes = data["codes"]
         with open(path[:-4] + ".json", encoding="utf-8") as handle:
@@ -233,8 +233,8 @@ def cached_semantic_ids(config: Mapping[str, Any], dataset, show_progress: bool 
         getLogger().info(f"[TIGER] semantic IDs reused from {path}")
         return SemanticIDs(codes, {**facts, "cached": True, "path": path})
     ids = train_semantic_ids(config, texts, show_progress=show_progress)
-    with atomic_write(path, "wb") as handle:
+    with atomic_write(path, "wb", checksum=True) as handle:
         np.savez(handle, codes=ids.codes)
-    with atomic_write(path[:-4] + ".json", encoding="utf-8") as handle:
+    with atomic_write(path[:-4] + ".json", checksum=True, encoding="utf-8") as handle:
         json.dump({**ids.facts, **payload}, handle, indent=2, default=str)
     return SemanticIDs(ids.codes, {**ids.facts, "cached": False, "path": path})
