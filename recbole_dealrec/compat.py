@@ -103,11 +103,11 @@ def _remap(self, remap_list) -> None:
 
 
 class _TorchProxy(types.ModuleType):
-    """``torch`` as seen by ``recbole.trainer.trainer``: ``load`` reads RecBole's own checkpoints.
+    """``torch`` as seen by ``recbole.trainer.trainer``: ``load`` reads tensors only (``weights_only=True``).
 
-    torch >= 2.6 defaults ``torch.load(weights_only=True)``, which refuses the ``Config`` object RecBole
-    pickles into every checkpoint it writes. Only the trainer module sees this proxy, and it only loads
-    files that this process's trainer saved itself.
+    RecBole pickles its whole ``Config`` into every checkpoint and reloads it with ``torch.load``, which would run
+    whatever a checkpoint file holds; :func:`_save_checkpoint` writes the model's name instead, so RecBole's own
+    best-model reload and ``resume_checkpoint`` need nothing but tensors and numbers.
     """
 
     def __init__(self) -> None:
@@ -118,8 +118,27 @@ class _TorchProxy(types.ModuleType):
 
     @staticmethod
     def load(*args, **kwargs):
-        kwargs.setdefault("weights_only", False)
+        kwargs["weights_only"] = True
         return torch.load(*args, **kwargs)
+
+
+def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+    # RecBole's Trainer._save_checkpoint with {"model": name} in place of the pickled Config (see _TorchProxy).
+    if not self.config["single_spec"] and self.config["local_rank"] != 0:
+        return
+    saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+    state = {
+        "config": {"model": self.config["model"]},
+        "epoch": epoch,
+        "cur_step": self.cur_step,
+        "best_valid_score": float(self.best_valid_score),
+        "state_dict": self.model.state_dict(),
+        "other_parameter": self.model.other_parameter(),
+        "optimizer": self.optimizer.state_dict(),
+    }
+    torch.save(state, saved_model_file)  # default protocol: the weights-only unpickler reads no protocol-4 frames
+    if verbose:
+        self.logger.info(f"Saving current: {saved_model_file}")
 
 
 def _bert4rec_reconstruct_test_data(self, item_seq, item_seq_len):
@@ -148,6 +167,7 @@ def apply() -> None:
     dataset_module.Dataset._fill_nan = _fill_nan
     dataset_module.Dataset._remap = _remap
     trainer_module.torch = _TorchProxy()
+    trainer_module.Trainer._save_checkpoint = _save_checkpoint
     # Importing RecBole's sequential models runs sine.py, which calls
     # torch.autograd.set_detect_anomaly(True) for the whole process: every backward pass then runs
     # checks that slow training several-fold and turn NaN gradients into RuntimeErrors. Import it now and

@@ -50,6 +50,10 @@ def run_recbole(
     model_class = get_model(config["model"])
     if issubclass(model_class, GenerativeBackend):
         model_class.check_config(config)  # so do the backend's (TIGER's beam width, ID space, BIGRec's titles)
+    else:
+        valid_metric = str(config["valid_metric"])
+        if "@" in valid_metric and int(valid_metric.split("@")[1]) not in config["topk"]:
+            raise ConfigError(f"valid_metric={valid_metric} needs its cut-off in topk={config['topk']}; set both")
     needed = method.required_signals()
     check_signal_config(needed, config)
     init_seed(config["seed"], config["reproducibility"])
@@ -63,6 +67,10 @@ def run_recbole(
         dataset_obj = create_dataset(config)
         train_data, valid_data, test_data = data_preparation(config, dataset_obj)
 
+    n_items = dataset_obj.item_num - 1  # without RecBole's padding id 0
+    if max(config["topk"]) > n_items:
+        raise ConfigError(f"topk={config['topk']}: a cut-off above the dataset's {n_items} items; set topk "
+                          f"(properties/dataset/<dataset>.yaml, {config['dataset']}'s recbole_dealrec.yaml or --topk=[...])")
     candidates = training_user_ids(train_data.dataset)
     budget = resolve_budget(config, len(candidates))
     method.check_budget(budget, len(candidates))

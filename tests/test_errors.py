@@ -168,6 +168,10 @@ def test_each_run_has_its_own_checkpoint_folder_under_output_dir(tmp_path):
     assert first and second and os.path.dirname(first) != os.path.dirname(second)
     assert {os.path.dirname(os.path.dirname(p)) for p in (first, second)} == {str(root)}
     assert not (tmp_path / "saved").exists()
+    import torch
+
+    state = torch.load(first, weights_only=True)  # tensors and numbers only: no pickled Config to run
+    assert state["config"] == {"model": "SASRec"} and "state_dict" in state
 
 
 def test_truncated_cache_file_is_discarded_and_recomputed(tmp_path, caplog):
@@ -195,3 +199,28 @@ def test_truncated_cache_file_is_discarded_and_recomputed(tmp_path, caplog):
     assert len(calls) == 2 and not healed.meta["cached"] and np.array_equal(healed.scores, [1.0, 2.0])
     assert any(path in r.getMessage() and "recomputed" in r.getMessage() for r in caplog.records)
     assert cached_user_scores(config, "sig", {"k": 1}, compute).meta["cached"] and len(calls) == 2
+
+
+def test_two_runs_in_parallel_in_one_output_dir_each_use_their_own_surrogate(tmp_path):
+    """Started together (same second), with different seeds: each run's selection equals the one it makes alone."""
+
+    def args(seed, out):
+        return ["run_recbole", "--model=SASRec", "--sampler=el2n", "--selection_num=50", f"--seed={seed}",
+                f"--output_dir={out}", "--epochs=1", "--show_progress=False", "--el2n_epoch=1",
+                "--surrogate_config={'hidden_size': 8, 'inner_size': 8, 'n_layers': 1, 'n_heads': 1, "
+                "'MAX_ITEM_LIST_LENGTH': 5, 'epochs': 2, 'train_batch_size': 4096}",
+                "--MAX_ITEM_LIST_LENGTH=5", "--hidden_size=8", "--inner_size=8", "--n_layers=1", "--n_heads=1",
+                "--train_batch_size=4096"]
+
+    shared = tmp_path / "shared"
+    procs = [subprocess.Popen(args(seed, shared), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for seed in (1, 2)]
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    for seed in (1, 2):
+        alone = tmp_path / f"alone{seed}"
+        subprocess.run(args(seed, alone), cwd=tmp_path, check=True, capture_output=True)
+        [mine] = [p for p in (shared / "ml-100k").glob(f"el2n-n50-seed{seed}-*/selection.tsv")]
+        [ref] = list((alone / "ml-100k").glob(f"el2n-n50-seed{seed}-*/selection.tsv"))
+        assert mine.read_text() == ref.read_text()
+    assert len(list((shared / "ml-100k" / "checkpoints").iterdir())) == 2  # one folder per run

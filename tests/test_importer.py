@@ -10,6 +10,7 @@ from conftest import GAMES_DIR
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.data.importer import CATEGORY_SEPARATOR, import_paper_dataset
+from recbole_dealrec.registry import ConfigError
 
 # uid -> (train, valid, test) items, 1-based as in the paper's files; user 4 has no valid/test items.
 SEQUENCES = {
@@ -125,3 +126,44 @@ def test_real_games_counts(tmp_path):
     train, valid, test = data_preparation(config, dataset)
     assert len(valid.dataset) == 9609 and len(test.dataset) == 8696
     assert int((test.dataset.multi_targets > 0).sum()) == 19733
+
+
+def test_a_second_paper_dataset_imports_and_runs_without_a_yaml_of_its_own(tmp_path):
+    """Another of the paper's datasets (no category_map.npy, as MicroLens): named after its folder, its keys
+    written beside its files, the paper's @20/@50 cut-offs, and run_recbole needs nothing else."""
+    from recbole_dealrec.quick_start import run_recbole
+
+    source = tmp_path / "paper"
+    write_paper_folder(source)
+    (source / "category_map.npy").unlink()
+    counts = import_paper_dataset(str(source), str(tmp_path / "data" / "microlens"))
+    assert counts["name"] == "microlens"
+    assert sorted(os.listdir(tmp_path / "data" / "microlens")) == ["microlens.inter", "microlens.item", "recbole_dealrec.yaml"]
+    config = {"data_path": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"), "epochs": 1, "sampler": "random",
+              "selection_num": 3, "hidden_size": 8, "inner_size": 8, "n_layers": 1, "n_heads": 1, "show_progress": False}
+    assert DealrecConfig("SASRec", "microlens", config_dict=config)["topk"] == [20, 50]  # the paper's, from the import
+    with pytest.raises(ConfigError, match=r"topk=\[20, 50\]: a cut-off above the dataset's 7 items"):
+        run_recbole("SASRec", "microlens", config_dict=config)  # 7 items here: caught before training
+    with pytest.raises(ConfigError, match=r"valid_metric=NDCG@20 needs its cut-off in topk=\[2, 5\]"):
+        run_recbole("SASRec", "microlens", config_dict={**config, "topk": [2, 5]})
+    result = run_recbole("SASRec", "microlens", config_dict={**config, "topk": [2, 5], "valid_metric": "NDCG@2"})
+    assert set(result["test_result"]) == {"recall@2", "recall@5", "ndcg@2", "ndcg@5"}
+    assert result["selection"]["candidate_users"] == 5
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "sequential_train.txt").write_text("1 2 x3\n"), r"sequential_train\.txt line 1: ids must be non-negative integers, got 'x3'"),
+    (lambda d: (d / "title_maps.npy").unlink(), r"paper-format dataset file missing: .*title_maps\.npy"),
+])
+def test_importer_bad_input_one_line_exit_2(tmp_path, damage, message):
+    import re
+    import subprocess
+    import sys
+
+    source = tmp_path / "paper"
+    write_paper_folder(source)
+    damage(source)
+    result = subprocess.run([sys.executable, "-m", "recbole_dealrec.data.importer", "--input", str(source),
+                             "--output", str(tmp_path / "data" / "x")], capture_output=True, text=True)
+    assert result.returncode == 2 and re.search(message, result.stderr) and "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "x").exists()
