@@ -415,3 +415,20 @@ def test_presplit_games_exact_titles_and_multi_target_subset(tiny_llm_path, tmp_
     assert len(sub.dataset) == 2 and sub.dataset.multi_targets.shape[0] == 2
     result = trainer.evaluate(test, load_best_model=True)
     assert set(result) == {"recall@2", "ndcg@2"}
+
+
+def test_gpu_check_script_syntax_and_cpu_dry_run(tiny_llm_path, tmp_path):
+    """run_scripts/gpu_check.sh: bash -n, and its --cpu-dry-run (the tiny LLM in place of SmolLM2) runs through."""
+    import json
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_scripts", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "LLM_PATH": tiny_llm_path}
+    result = subprocess.run(["bash", script, "--cpu-dry-run"], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("GPU_CHECK "))
+    summary = json.loads(line[len("GPU_CHECK "):])
+    assert set(summary["test_result"]) == {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}
+    assert summary["answers"]["answers"] == 4 and {"influence signal", "effort signal", "training"} <= set(summary["stage_seconds"])
+    assert subprocess.run(["bash", script, "--bogus"], capture_output=True).returncode == 2
