@@ -56,6 +56,60 @@ def test_per_user_loss_is_the_sum_of_recbole_ce_over_the_users_prefixes():
         torch.testing.assert_close(per_user[index], expected)
 
 
+@pytest.mark.parametrize("model_name", ["SASRec", "BERT4Rec"])
+def test_mean_user_loss_divides_by_the_users_prefixes_and_its_scores_match_a_loop(model_name):
+    """influence_user_loss: mean = the sum over prefixes / their number; batched jvp scores == per-user loop."""
+    model, dataset = untrained(model_name)
+    batches = user_batches(dataset, 300, user_ids=np.arange(1, 9))
+    total, mean = SurrogateLoss(model, "sum"), SurrogateLoss(model, "mean")
+    for batch in batches:
+        counts = torch.bincount(batch.segment, minlength=len(batch)).double()
+        torch.testing.assert_close(mean({}, batch), total({}, batch) / counts)
+    params = select_parameters(model.named_parameters(), [".*"])
+    generator = torch.Generator().manual_seed(2)
+    direction = {k: torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in params.items()}
+    batched = directional_derivatives(mean, params, direction, batches)
+    loop = per_sample_gradient_dot_loop(mean, params, direction, batches, lambda b: b.split())
+    torch.testing.assert_close(batched, loop, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="user_loss must be one of"):
+        SurrogateLoss(model, "median")
+
+
+def test_mean_user_loss_gauss_newton_equals_the_exact_gauss_newton_of_the_weighted_rows():
+    """The Gauss-Newton HVP of the mean loss weights each row by 1/(its user's rows), as its exact Hessian does."""
+    model, dataset = untrained("SASRec")
+    loss = SurrogateLoss(model, "mean")
+    params = select_parameters(model.named_parameters(), [r"trm_encoder\.layer\.0\.multi_head_attention\.dense\.bias$"])
+    batches = user_batches(dataset, 400, user_ids=np.arange(1, 11))
+    ggn = dense_hessian(loss.gauss_newton_hvp(params, batches, n_total=10), 8)
+    name, value = next(iter(params.items()))
+    dense = torch.zeros(8, 8, dtype=torch.float64)
+    for batch in batches:
+        prob = torch.softmax(loss.logits(params, batch.interaction).detach(), -1)
+        jac = torch.func.jacfwd(lambda w: loss.logits({name: w}, batch.interaction))(value.detach())
+        weight = loss.row_weights(batch).double()
+        jp = torch.einsum("rkm,rk->rm", jac, prob)
+        dense += (torch.einsum("r,rkm,rk,rkn->mn", weight, jac, prob, jac) - (jp * weight[:, None]).T @ jp) / 10
+    torch.testing.assert_close(ggn, dense, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("hessian", ["gauss_newton", "exact"])
+def test_lissa_steps_use_the_hessian_its_residual_is_checked_against(hessian):
+    """The stochastic HVP on a batch of every user equals the full HVP of the same influence_hessian."""
+    from recbole_dealrec.scoring.influence import hessian_vector_product, stochastic_hvp
+
+    model, dataset = untrained("SASRec")
+    loss = SurrogateLoss(model, "mean")
+    params = select_parameters(model.named_parameters(), [r"trm_encoder\.layer\.0\.multi_head_attention\.dense\.bias$"])
+    users = np.arange(1, 7)
+    [everyone] = user_batches(dataset, 10_000, user_ids=users)
+    config = {"influence_hessian": hessian, "influence_hessian_users": None, "influence_batch_rows": 10_000, "seed": 0}
+    full = hessian_vector_product(config, loss, params, dataset, [everyone])
+    step = stochastic_hvp(config, loss, params, lambda generator: everyone)
+    x = torch.randn(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(step(x, None), full(x), rtol=1e-8, atol=1e-10)
+
+
 def small_problem():
     model, dataset = untrained("SASRec")
     loss = SurrogateLoss(model)

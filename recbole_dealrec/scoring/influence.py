@@ -41,9 +41,10 @@ from recbole_dealrec.scoring.influence_core import (
 from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
 from recbole_dealrec.model import get_model
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, UserBatch, user_batches
+from recbole_dealrec.surrogate.loss import USER_LOSSES
 from recbole_dealrec.surrogate.train import surrogate_config
 
-INFLUENCE_KEYS = ("influence_params", "influence_hessian", "influence_hessian_users", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
+INFLUENCE_KEYS = ("influence_params", "influence_user_loss", "influence_hessian", "influence_hessian_users", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
                   "lissa_repeats", "lissa_batch_users", "cg_max_iter", "ihvp_tol", "seed")
 
 
@@ -54,6 +55,8 @@ def check_influence_config(config: Mapping[str, Any]) -> None:
     patterns = config["influence_params"]
     if not isinstance(patterns, (list, tuple)) or not patterns or not all(isinstance(p, str) for p in patterns):
         raise ConfigError(f"influence_params must be a non-empty list of regex patterns, got {patterns!r}")
+    if config["influence_user_loss"] not in USER_LOSSES:
+        raise ConfigError(f"influence_user_loss must be one of {list(USER_LOSSES)}, got {config['influence_user_loss']!r}")
     if config["influence_hessian"] not in ("gauss_newton", "exact"):
         raise ConfigError(f"influence_hessian must be gauss_newton or exact, got {config['influence_hessian']!r}")
     for key in ("influence_damping", "lissa_scale", "ihvp_tol"):
@@ -95,11 +98,25 @@ def hessian_vector_product(config, loss: SurrogateLoss, params, train_dataset, b
     return make_hvp(loss, params, batches, n_users)
 
 
+def stochastic_hvp(config, loss: SurrogateLoss, params, sample):
+    """LiSSA's stochastic HVP ``(x [m], generator) -> H_B x [m]`` on a batch ``B`` of users drawn by ``sample``, with
+    the same Hessian as :func:`hessian_vector_product` (``influence_hessian``), so that the residual LiSSA reports
+    (against the full HVP) is of the matrix its steps used."""
+    if config["influence_hessian"] != "gauss_newton":
+        return make_stochastic_hvp(loss, params, sample)
+
+    def sampler(x: torch.Tensor, generator=None) -> torch.Tensor:
+        batch = sample(generator)
+        return loss.gauss_newton_hvp(params, [batch], len(batch))(x)
+
+    return sampler
+
+
 def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_progress: bool = False) -> ScoredUsers:
     """Influence score of every user with training samples in the surrogate's train data."""
     logger = getLogger()
     model = surrogate.model
-    loss = SurrogateLoss(model)
+    loss = SurrogateLoss(model, config["influence_user_loss"])
     params = select_parameters(model.named_parameters(), list(config["influence_params"]))
     batches = user_batches(surrogate.train_dataset, config["influence_batch_rows"])
     n_users = sum(len(b) for b in batches)
@@ -119,8 +136,8 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
         generator = torch.Generator().manual_seed(int(config["seed"]))
         kwargs.update(scale=scale, depth=config["lissa_depth"], repeats=config["lissa_repeats"],
                       generator=generator, show_progress=show_progress,
-                      hvp_sampler=make_stochastic_hvp(
-                          loss, params, _user_sampler(user_batches(surrogate.train_dataset, 1), config["lissa_batch_users"])
+                      hvp_sampler=stochastic_hvp(
+                          config, loss, params, _user_sampler(user_batches(surrogate.train_dataset, 1), config["lissa_batch_users"])
                       ))
         damping = lissa_damping_for(damping, scale)
     result = solve(solver, v, hvp=hvp, damping=damping, tol=config["ihvp_tol"], **kwargs)

@@ -1,11 +1,13 @@
 """The surrogate's per-user loss as a ``[batch]`` vector, a pure function of the scored parameters.
 
-Per-sample loss of one user = SUM over the user's training prefixes (RecBole's augmented rows) of the
-cross-entropy of the model's next-item logits (``full_sort_predict``, all items) against the prefix's
-target. For SASRec / GRU4Rec with ``loss_type: CE`` this is exactly the training loss RecBole sums over
+Per-sample loss of one user = MEAN (``user_loss="mean"``, the paper's code: its per-user gradient is taken at
+batch size 1, the mean over the user's positions) or SUM (``"sum"``) over the user's training prefixes
+(RecBole's augmented rows) of the cross-entropy of the model's next-item logits (``full_sort_predict``, all
+items) against the prefix's target. For SASRec / GRU4Rec with ``loss_type: CE`` this is exactly the training loss RecBole sums over
 those rows. BERT4Rec trains on random cloze masks; its scoring loss is the deterministic next-item loss
-of its own prediction head (mask appended after the history). A sum, not a mean: the Hessian and the mean
-gradient are then of R = (1/n_users) * sum_u L_u, the empirical risk over users, the paper's samples.
+of its own prediction head (mask appended after the history). The Hessian and the mean gradient are of
+R = (1/n_users) * sum_u L_u, the empirical risk over users, the paper's samples. With the sum, a user's
+loss (and so its score) grows with its history length; the mean compares users on equal terms.
 Eval mode throughout: no dropout and no sampled negatives, so every call sees the same function.
 """
 from __future__ import annotations
@@ -17,6 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+
+#: Allowed values of ``influence_user_loss``: how a user's prefix losses make its loss.
+USER_LOSSES = ("mean", "sum")
 
 
 @dataclasses.dataclass
@@ -82,7 +87,10 @@ class SurrogateLoss:
     held fixed at the trained values.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, user_loss: str = "sum") -> None:
+        if user_loss not in USER_LOSSES:
+            raise ValueError(f"user_loss must be one of {list(USER_LOSSES)}, got {user_loss!r}")
+        self.user_loss = user_loss
         self.model = model.eval()
         self.predict = _Predict(model)
         self.fixed = {f"model.{k}": v.detach() for k, v in model.named_parameters()}
@@ -119,7 +127,8 @@ class SurrogateLoss:
                 logits, jv = torch.func.jvp(f, (fixed,), (tangent,))
                 prob = torch.softmax(logits.detach(), dim=-1)
                 jv = jv.detach()
-                u = prob * jv - prob * (prob * jv).sum(-1, keepdim=True)
+                weights = self.row_weights(batch).to(prob.dtype)[:, None]
+                u = (prob * jv - prob * (prob * jv).sum(-1, keepdim=True)) * weights
                 _, vjp_fn = torch.func.vjp(f, fixed)
                 (grad,) = vjp_fn(u)
                 out += flatten(grad).detach() / n_total
@@ -127,8 +136,17 @@ class SurrogateLoss:
 
         return hvp
 
+    def row_weights(self, batch: UserBatch) -> torch.Tensor:
+        """Weight of each row in its user's loss: 1 (sum) or 1 / the user's number of rows (mean). ``[rows]``."""
+        if self.user_loss == "sum":
+            return torch.ones(len(batch.segment))
+        counts = torch.bincount(batch.segment, minlength=len(batch)).to(torch.get_default_dtype())
+        return 1.0 / counts[batch.segment]
+
     def __call__(self, params: dict[str, torch.Tensor], batch: UserBatch) -> torch.Tensor:
         rows = self.row_losses(params, batch.interaction)
+        if self.user_loss == "mean":
+            rows = rows * self.row_weights(batch).to(rows.dtype)
         return torch.zeros(len(batch), dtype=rows.dtype, device=rows.device).index_add(0, batch.segment, rows)
 
 
