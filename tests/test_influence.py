@@ -243,3 +243,46 @@ def test_bert4rec_surrogate_with_stochastic_lissa_is_reproducible(tmp_path):
     assert len(first.tokens) == 943 and np.isfinite(first.scores).all() and first.scores.std() > 0
     np.testing.assert_array_equal(first.scores, second.scores)  # the LiSSA draws come from `seed`
     assert first.meta["solver"] == "lissa" and first.meta["residual"] is not None
+
+
+@pytest.mark.parametrize("user_loss", ["sum", "mean"])
+def test_sequence_mode_equals_the_prefix_rows(user_loss):
+    """One row per user window gives the prefix rows' per-user loss, jvp scores and Gauss-Newton HVP, also for users
+    longer than MAX_ITEM_LIST_LENGTH (6 here: every ml-100k user is longer), and needs far fewer model rows."""
+    model, dataset = untrained("SASRec")
+    users = np.array([1, 2, 3, 33, 100, 600])
+    prefix = user_batches(dataset, 200, user_ids=users)
+    sequence = user_batches(dataset, 200, user_ids=users, sequence=True)
+    assert [b.user_ids.tolist() for b in prefix] == [b.user_ids.tolist() for b in sequence]
+    assert sum(len(b.targets) for b in sequence) == sum(len(b.segment) for b in prefix)
+    assert sum(len(b.segment) for b in sequence) < sum(len(b.segment) for b in prefix)
+    loss = SurrogateLoss(model, user_loss)
+    for p, q in zip(prefix, sequence):
+        torch.testing.assert_close(loss({}, q), loss({}, p), rtol=1e-10, atol=1e-10)
+    params = select_parameters(model.named_parameters(), [".*"])
+    generator = torch.Generator().manual_seed(4)
+    direction = {k: torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in params.items()}
+    fast = directional_derivatives(loss, params, direction, sequence)
+    torch.testing.assert_close(fast, directional_derivatives(loss, params, direction, prefix), rtol=1e-9, atol=1e-9)
+    loop = per_sample_gradient_dot_loop(loss, params, direction, sequence, lambda b: b.split())
+    torch.testing.assert_close(fast, loop, rtol=1e-9, atol=1e-9)
+    small = select_parameters(model.named_parameters(), [r"trm_encoder\.layer\.0\.multi_head_attention\.dense\.bias$"])
+    x = torch.randn(8, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(loss.gauss_newton_hvp(small, sequence, 6)(x), loss.gauss_newton_hvp(small, prefix, 6)(x),
+                               rtol=1e-8, atol=1e-12)
+
+
+def test_sequence_mode_short_users_make_one_row_each():
+    """A user whose history fits the window is one model row carrying all its prefix targets."""
+    config = DealrecConfig("SASRec", "ml-100k", config_dict={**TINY, "MAX_ITEM_LIST_LENGTH": 50})
+    train, _, _ = data_preparation(config, create_dataset(config))
+    torch.manual_seed(0)
+    model = get_model("SASRec")(config, train.dataset).double().eval()
+    uid = train.dataset.inter_feat["user_id"].numpy()
+    counts = np.bincount(uid)
+    short = np.flatnonzero((counts > 0) & (counts <= 50))[:5]
+    [batch] = user_batches(train.dataset, 10_000, user_ids=short, sequence=True)
+    assert len(batch.segment) == len(short) and len(batch.targets) == counts[short].sum()
+    [prefix] = user_batches(train.dataset, 10_000, user_ids=short)
+    loss = SurrogateLoss(model, "mean")
+    torch.testing.assert_close(loss({}, batch), loss({}, prefix), rtol=1e-10, atol=1e-10)

@@ -23,7 +23,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from recbole.data.interaction import cat_interactions
 from recbole.utils import set_color
 
 from recbole_dealrec.registry import ConfigError
@@ -41,10 +40,10 @@ from recbole_dealrec.scoring.influence_core import (
 from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
 from recbole_dealrec.model import get_model
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, UserBatch, user_batches
-from recbole_dealrec.surrogate.loss import USER_LOSSES
+from recbole_dealrec.surrogate.loss import USER_LOSSES, concat_user_batches, supports_sequence_mode
 from recbole_dealrec.surrogate.train import surrogate_config
 
-INFLUENCE_KEYS = ("influence_params", "influence_user_loss", "influence_hessian", "influence_hessian_users", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
+INFLUENCE_KEYS = ("influence_params", "influence_user_loss", "influence_sequence_mode", "influence_hessian", "influence_hessian_users", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
                   "lissa_repeats", "lissa_batch_users", "cg_max_iter", "ihvp_tol", "seed")
 
 
@@ -75,10 +74,7 @@ def _user_sampler(singles: list[UserBatch], users_per_step: int):
 
     def sample(generator: torch.Generator) -> UserBatch:
         picks = torch.randint(len(singles), (users_per_step,), generator=generator).tolist()
-        parts = [singles[p] for p in picks]
-        segment = torch.cat([torch.full((len(part.segment),), i, dtype=torch.long) for i, part in enumerate(parts)])
-        interaction = cat_interactions([part.interaction for part in parts])
-        return UserBatch(interaction, segment, np.concatenate([part.user_ids for part in parts]))
+        return concat_user_batches([singles[p] for p in picks])
 
     return sample
 
@@ -91,7 +87,8 @@ def hessian_vector_product(config, loss: SurrogateLoss, params, train_dataset, b
     if subset is not None and subset < n_users:
         users = np.concatenate([b.user_ids for b in batches])
         chosen = np.random.default_rng(int(config["seed"])).choice(users, size=subset, replace=False)
-        batches = user_batches(train_dataset, config["influence_batch_rows"], user_ids=chosen)
+        batches = user_batches(train_dataset, config["influence_batch_rows"], user_ids=chosen,
+                               sequence=batches[0].targets is not None)
         n_users = subset
     if config["influence_hessian"] == "gauss_newton":
         return loss.gauss_newton_hvp(params, batches, n_users)
@@ -118,10 +115,13 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     model = surrogate.model
     loss = SurrogateLoss(model, config["influence_user_loss"])
     params = select_parameters(model.named_parameters(), list(config["influence_params"]))
-    batches = user_batches(surrogate.train_dataset, config["influence_batch_rows"])
+    sequence = bool(config["influence_sequence_mode"]) and supports_sequence_mode(model)
+    batches = user_batches(surrogate.train_dataset, config["influence_batch_rows"], sequence=sequence)
     n_users = sum(len(b) for b in batches)
     m = sum(p.numel() for p in params.values())
-    logger.info(set_color("[Influence]", "pink") + f" {n_users} users, {m} scored parameters in {len(params)} tensors")
+    n_rows = sum(len(b.segment) for b in batches)
+    logger.info(set_color("[Influence]", "pink") + f" {n_users} users, {m} scored parameters in {len(params)} tensors, "
+                f"{n_rows} model rows per pass ({'sequence' if sequence else 'prefix'} mode)")
 
     v = flatten(mean_gradient(loss, params, batches, n_users))
     ensure_finite(v, "mean gradient")
@@ -137,7 +137,7 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
         kwargs.update(scale=scale, depth=config["lissa_depth"], repeats=config["lissa_repeats"],
                       generator=generator, show_progress=show_progress,
                       hvp_sampler=stochastic_hvp(
-                          config, loss, params, _user_sampler(user_batches(surrogate.train_dataset, 1), config["lissa_batch_users"])
+                          config, loss, params, _user_sampler(user_batches(surrogate.train_dataset, 1, sequence=sequence), config["lissa_batch_users"])
                       ))
         damping = lissa_damping_for(damping, scale)
     result = solve(solver, v, hvp=hvp, damping=damping, tol=config["ihvp_tol"], **kwargs)
@@ -150,7 +150,8 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     tokens = surrogate.train_dataset.id2token(surrogate.train_dataset.uid_field, user_ids)
     meta = {"solver": solver, "residual": result.residual, "iterations": result.iterations,
             "effective_damping": result.effective_damping, "converged": result.converged,
-            "scored_parameters": m, "parameter_names": list(params), "n_users": n_users}
+            "scored_parameters": m, "parameter_names": list(params), "n_users": n_users,
+            "mode": "sequence" if sequence else "prefix"}
     return ScoredUsers(np.asarray(tokens).astype(str), scores, meta)
 
 

@@ -13,7 +13,7 @@ Eval mode throughout: no dropout and no sampled negatives, so every call sees th
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,28 +26,86 @@ USER_LOSSES = ("mean", "sum")
 
 @dataclasses.dataclass
 class UserBatch:
-    """The training rows of a few users. ``segment[r]`` = position of row r's user in ``user_ids``."""
+    """The training rows of a few users. ``segment[r]`` = position of row r's user in ``user_ids``.
+
+    Prefix mode (``targets`` None): every row is one prefix sample, its target the row's next item.
+    Sequence mode: a row may carry several targets, one per position of its history (a causal model's output
+    at position ``p`` sees exactly the history of the prefix sample ending there); ``target_rows``,
+    ``positions`` and ``targets`` (long [targets] each) list them.
+    """
 
     interaction: object  # recbole Interaction with the model's input fields and the target
     segment: torch.Tensor  # long [rows]
     user_ids: np.ndarray  # int64 [users], internal RecBole ids of the surrogate's dataset
+    target_rows: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
+    targets: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.user_ids)
 
+    def select(self, rows: torch.Tensor, user_ids: np.ndarray, segment: torch.Tensor) -> "UserBatch":
+        """The batch of ``rows`` (ascending), re-labelled with ``segment`` / ``user_ids``, with their targets."""
+        if self.targets is None:
+            return UserBatch(self.interaction[rows], segment, user_ids)
+        new_row = torch.full((len(self.segment),), -1, dtype=torch.long)
+        new_row[rows] = torch.arange(len(rows))
+        keep = new_row[self.target_rows] >= 0
+        return UserBatch(self.interaction[rows], segment, user_ids, new_row[self.target_rows[keep]],
+                         self.positions[keep], self.targets[keep])
+
     def split(self) -> list["UserBatch"]:
         """One batch per user (the per-sample reference loop of the tests and benchmarks)."""
         out = []
-        for index, uid in enumerate(self.user_ids):
+        for index in range(len(self.user_ids)):
             rows = torch.nonzero(self.segment == index, as_tuple=True)[0]
-            out.append(UserBatch(self.interaction[rows], torch.zeros(len(rows), dtype=torch.long), self.user_ids[index:index + 1]))
+            out.append(self.select(rows, self.user_ids[index:index + 1], torch.zeros(len(rows), dtype=torch.long)))
         return out
 
 
-def user_batches(train_dataset, max_rows: int, user_ids: Sequence[int] | None = None) -> list[UserBatch]:
-    """Group the training rows by user into batches of whole users, about ``max_rows`` rows each.
+def concat_user_batches(parts: Sequence[UserBatch]) -> UserBatch:
+    """One batch of the users of ``parts`` (in order; a user drawn twice counts twice)."""
+    from recbole.data.interaction import cat_interactions
 
-    Users come in ascending id order (all users with training rows, or ``user_ids``).
+    offsets = np.cumsum([0] + [len(p.segment) for p in parts])
+    segment = torch.cat([p.segment + sum(len(q) for q in parts[:i]) for i, p in enumerate(parts)])
+    batch = UserBatch(cat_interactions([p.interaction for p in parts]), segment,
+                      np.concatenate([p.user_ids for p in parts]))
+    if parts and parts[0].targets is not None:
+        batch.target_rows = torch.cat([p.target_rows + int(o) for p, o in zip(parts, offsets)])
+        batch.positions = torch.cat([p.positions for p in parts])
+        batch.targets = torch.cat([p.targets for p in parts])
+    return batch
+
+
+def supports_sequence_mode(model: torch.nn.Module) -> bool:
+    """Causal self-attention surrogates whose per-position outputs equal the prefix samples' (SASRec)."""
+    from recbole.model.sequential_recommender.sasrec import SASRec
+
+    return isinstance(model, SASRec)
+
+
+def _sequence_rows(lengths: np.ndarray, max_len: int) -> tuple[list[int], list[int]]:
+    """For one user's prefix rows (history lengths, in order): ``(kept rows, number of targets per kept row)``.
+
+    Rows 1..min(c, L) (history lengths 1, 2, ...) are all read off the row of length min(c, L); rows beyond the
+    window (their history cut to the last L items) keep their own row and target. Anything else (an unexpected
+    length pattern) keeps every row with one target: always the prefix samples' loss.
+    """
+    c = len(lengths)
+    first = min(c, max_len)
+    if not np.array_equal(lengths[:first], np.arange(1, first + 1)):
+        return list(range(c)), [1] * c
+    return [first - 1, *range(first, c)], [first] + [1] * (c - first)
+
+
+def user_batches(train_dataset, max_rows: int, user_ids: Sequence[int] | None = None,
+                 sequence: bool = False) -> list[UserBatch]:
+    """Group the training rows by user into batches of whole users, about ``max_rows`` prefix samples each.
+
+    Users come in ascending id order (all users with training rows, or ``user_ids``). With ``sequence``, each
+    user's first ``MAX_ITEM_LIST_LENGTH`` prefix samples become one row with one target per position (see
+    :class:`UserBatch`); the loss is the same, the model runs once per user instead of once per prefix.
     """
     inter = train_dataset.inter_feat
     uid = inter[train_dataset.uid_field].numpy()
@@ -57,15 +115,43 @@ def user_batches(train_dataset, max_rows: int, user_ids: Sequence[int] | None = 
     if user_ids is not None:
         wanted = np.isin(users, np.asarray(user_ids))
         users, starts, counts = users[wanted], starts[wanted], counts[wanted]
+    if sequence:
+        length_field = train_dataset.item_list_length_field
+        seq_field = train_dataset.item_id_list_field
+        lengths_all = inter[length_field].numpy()
+        max_len = inter[seq_field].shape[1]
+        target_field = train_dataset.iid_field
     batches, begin = [], 0
     while begin < len(users):
         end, rows = begin, 0
         while end < len(users) and (end == begin or rows + counts[end] <= max_rows):
             rows += counts[end]
             end += 1
-        row_index = np.concatenate([order[s:s + c] for s, c in zip(starts[begin:end], counts[begin:end])])
-        segment = np.repeat(np.arange(end - begin), counts[begin:end])
-        batches.append(UserBatch(inter[torch.from_numpy(row_index)], torch.from_numpy(segment), users[begin:end]))
+        if not sequence:
+            row_index = np.concatenate([order[s:s + c] for s, c in zip(starts[begin:end], counts[begin:end])])
+            segment = np.repeat(np.arange(end - begin), counts[begin:end])
+            batches.append(UserBatch(inter[torch.from_numpy(row_index)], torch.from_numpy(segment), users[begin:end]))
+        else:
+            kept, segment, n_targets = [], [], []
+            for k, (s, c) in enumerate(zip(starts[begin:end], counts[begin:end])):
+                rows_of_user = order[s:s + c]
+                keep, per_row = _sequence_rows(lengths_all[rows_of_user], max_len)
+                kept.extend(rows_of_user[keep].tolist())
+                segment.extend([k] * len(keep))
+                n_targets.extend(per_row)
+            part = inter[torch.tensor(kept, dtype=torch.long)]
+            n_targets = torch.tensor(n_targets, dtype=torch.long)
+            target_rows = torch.repeat_interleave(torch.arange(len(kept)), n_targets)
+            # positions 0..n-1 for a windowed row, the last real position for a single-target row
+            first_target = torch.cumsum(n_targets, 0) - n_targets
+            offset = torch.arange(len(target_rows)) - first_target[target_rows]
+            length = part[length_field]
+            positions = torch.where(n_targets[target_rows] > 1, offset, length[target_rows] - 1)
+            seq = part[seq_field]
+            next_in_row = seq[target_rows, (positions + 1).clamp_max(seq.shape[1] - 1)]
+            targets = torch.where(positions == length[target_rows] - 1, part[target_field][target_rows], next_in_row)
+            batches.append(UserBatch(part, torch.tensor(segment, dtype=torch.long), users[begin:end],
+                                     target_rows, positions, targets))
         begin = end
     return batches
 
@@ -78,6 +164,21 @@ class _Predict(torch.nn.Module):
 
     def forward(self, interaction) -> torch.Tensor:
         return self.model.full_sort_predict(interaction)
+
+
+class _SequencePredict(torch.nn.Module):
+    # SASRec.forward without its final gather: the output at every position, then the logits of the asked ones.
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, item_seq, rows, positions) -> torch.Tensor:
+        m = self.model
+        position_ids = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
+        input_emb = m.item_embedding(item_seq) + m.position_embedding(position_ids.unsqueeze(0).expand_as(item_seq))
+        input_emb = m.dropout(m.LayerNorm(input_emb))
+        output = m.trm_encoder(input_emb, m.get_attention_mask(item_seq), output_all_encoded_layers=True)[-1]
+        return output[rows, positions] @ m.item_embedding.weight.transpose(0, 1)  # [targets, n_items]
 
 
 class SurrogateLoss:
@@ -93,6 +194,7 @@ class SurrogateLoss:
         self.user_loss = user_loss
         self.model = model.eval()
         self.predict = _Predict(model)
+        self.sequence_predict = _SequencePredict(model) if supports_sequence_mode(model) else None
         self.fixed = {f"model.{k}": v.detach() for k, v in model.named_parameters()}
         self.fixed.update({f"model.{k}": v for k, v in model.named_buffers()})
         self.target_field = model.POS_ITEM_ID
@@ -101,6 +203,23 @@ class SurrogateLoss:
         """Next-item logits of every row: ``[rows, n_items]``."""
         weights = {**self.fixed, **{f"model.{k}": v for k, v in params.items()}}
         return functional_call(self.predict, weights, (interaction,))
+
+    def target_logits(self, params: dict[str, torch.Tensor], batch: UserBatch) -> torch.Tensor:
+        """Next-item logits of every target of the batch: ``[targets, n_items]`` (a target per row in prefix mode)."""
+        if batch.targets is None:
+            return self.logits(params, batch.interaction)
+        if self.sequence_predict is None:
+            raise ValueError(f"{type(self.model).__name__} has no sequence mode: build its batches with sequence=False")
+        weights = {**self.fixed, **{f"model.{k}": v for k, v in params.items()}}
+        item_seq = batch.interaction[self.model.ITEM_SEQ]
+        return functional_call(self.sequence_predict, weights, (item_seq, batch.target_rows, batch.positions))
+
+    def target_items(self, batch: UserBatch) -> torch.Tensor:
+        return batch.interaction[self.target_field] if batch.targets is None else batch.targets
+
+    def target_segment(self, batch: UserBatch) -> torch.Tensor:
+        """The user (position in ``batch.user_ids``) of every target: ``[targets]``."""
+        return batch.segment if batch.targets is None else batch.segment[batch.target_rows]
 
     def row_losses(self, params: dict[str, torch.Tensor], interaction) -> torch.Tensor:
         """Cross-entropy of every row's next-item logits: ``[rows]``."""
@@ -122,7 +241,7 @@ class SurrogateLoss:
             out = torch.zeros_like(x)
             for batch in batches:
                 def f(p):
-                    return self.logits(p, batch.interaction)
+                    return self.target_logits(p, batch)
 
                 logits, jv = torch.func.jvp(f, (fixed,), (tangent,))
                 prob = torch.softmax(logits.detach(), dim=-1)
@@ -137,17 +256,20 @@ class SurrogateLoss:
         return hvp
 
     def row_weights(self, batch: UserBatch) -> torch.Tensor:
-        """Weight of each row in its user's loss: 1 (sum) or 1 / the user's number of rows (mean). ``[rows]``."""
+        """Weight of each target in its user's loss: 1 (sum) or 1 / the user's number of prefix samples (mean).
+        ``[targets]``."""
+        segment = self.target_segment(batch)
         if self.user_loss == "sum":
-            return torch.ones(len(batch.segment))
-        counts = torch.bincount(batch.segment, minlength=len(batch)).to(torch.get_default_dtype())
-        return 1.0 / counts[batch.segment]
+            return torch.ones(len(segment))
+        counts = torch.bincount(segment, minlength=len(batch)).to(torch.get_default_dtype())
+        return 1.0 / counts[segment]
 
     def __call__(self, params: dict[str, torch.Tensor], batch: UserBatch) -> torch.Tensor:
-        rows = self.row_losses(params, batch.interaction)
+        losses = F.cross_entropy(self.target_logits(params, batch), self.target_items(batch), reduction="none")
         if self.user_loss == "mean":
-            rows = rows * self.row_weights(batch).to(rows.dtype)
-        return torch.zeros(len(batch), dtype=rows.dtype, device=rows.device).index_add(0, batch.segment, rows)
+            losses = losses * self.row_weights(batch).to(losses.dtype)
+        return torch.zeros(len(batch), dtype=losses.dtype, device=losses.device).index_add(
+            0, self.target_segment(batch), losses)
 
 
 @torch.no_grad()

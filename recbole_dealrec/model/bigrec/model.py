@@ -35,7 +35,7 @@ from recbole_dealrec.model.bigrec.prompts import DEFAULT_INSTRUCTION, LOSS_ON, b
 from recbole_dealrec.model.backend import GenerativeBackend, check_title_field
 from recbole_dealrec.model.registry import MODELS
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.utils import atomic_write, cache_entry_ok
+from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok
 
 #: Batch size of the (short) item-title embedding passes.
 TITLE_EMB_BATCH = 32
@@ -86,7 +86,7 @@ class BIGRec(GenerativeBackend):
         self.generations: Optional[list[list[str]]] = [] if config["bigrec_generations_file"] else None
         self.generations_file: Optional[str] = config["bigrec_generations_file"]
 
-        self.item_emb_cache: Optional[str] = config["bigrec_item_emb_cache"]
+        self.item_emb_cache: str = config["bigrec_item_emb_cache"] or cache_dir(config)
         self.llm_path = path = resolve_llm_path(config["llm_path"], config["llm_cache_dir"])
         llm, self.tokenizer = load_causal_lm(path)
         self.llm = add_lora(
@@ -221,8 +221,9 @@ class BIGRec(GenerativeBackend):
     def item_embeddings(self) -> torch.Tensor:
         """Base-LLM embeddings of every item title [n_items, h] (row 0 = padding, zeros).
 
-        Computed once per model and kept in memory; with ``bigrec_item_emb_cache`` set, also stored in (and
-        reused from) that folder, in a file keyed by the LLM's files and the exact titles.
+        Computed once per (LLM, titles, pooling) and kept in memory and in ``bigrec_item_emb_cache`` (default: the
+        run's ``<output_dir>/<dataset>/cache``), in a checksummed file keyed by the LLM's files, the exact titles
+        and the pooling, reused by every later run.
         """
         if self._item_emb is None:
             path = self._item_emb_cache_file()
