@@ -1,8 +1,9 @@
 """Benchmark of the influence stage; prints times and ratios (timings here are noisy: read the ratios).
 
-For one dataset: one surrogate training epoch, the mean gradient, the iHVP solve (with its relative
-residual), batched scoring of every user (forward-mode jvp), and the per-user backward loop on the same
-parameters for ``--loop-users`` users, extrapolated to all users.
+For one dataset: one surrogate training epoch (RecBole's prefix rows), then in prefix and in sequence mode the
+mean gradient, the iHVP solve (with its relative residual) and batched scoring of every user (forward-mode
+jvp), and the per-user backward loop (sequence mode, the paper's algorithm) for ``--loop-users`` users,
+extrapolated to all users.
 
     python run_scripts/bench_influence.py --dataset ml-100k
     python run_scripts/bench_influence.py --dataset games --data_path dataset   # after the importer
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="surrogate layers (paper: 2)")
     parser.add_argument("--max-len", type=int, default=50, help="MAX_ITEM_LIST_LENGTH (paper: 50)")
     parser.add_argument("--hessian-users", type=int, default=None, help="users the Hessian is estimated on (default all)")
+    parser.add_argument("--user-loss", default="mean", choices=["mean", "sum"], help="influence_user_loss")
     args = parser.parse_args()
 
     overrides = {"show_progress": False, "hidden_size": args.hidden, "inner_size": 4 * args.hidden,
@@ -62,51 +64,55 @@ def main() -> None:
     timings = {}
     start = time.perf_counter()
     trainer._train_epoch(train_data, 0, show_progress=False)
-    timings["surrogate epoch"] = time.perf_counter() - start
+    timings["surrogate epoch (prefix rows)"] = time.perf_counter() - start
     model.eval()
 
-    loss = SurrogateLoss(model)
+    loss = SurrogateLoss(model, args.user_loss)
     params = select_parameters(model.named_parameters(), args.params)
-    batches = user_batches(train_data.dataset, args.batch_rows)
-    n_users = sum(len(b) for b in batches)
     m = sum(p.numel() for p in params.values())
+    stage = {}
+    for mode in ("prefix", "sequence"):
+        batches = user_batches(train_data.dataset, args.batch_rows, sequence=mode == "sequence")
+        n_users = sum(len(b) for b in batches)
+        start = time.perf_counter()
+        v = flatten(mean_gradient(loss, params, batches, n_users))
+        timings[f"{mode}: mean gradient"] = time.perf_counter() - start
+        hvp = hessian_vector_product(config, loss, params, train_data.dataset, batches)
+        start = time.perf_counter()
+        result = solve("cg", v, hvp=hvp, damping=args.damping, tol=1e-4, max_iter=args.cg_iters)
+        timings[f"{mode}: iHVP (CG, Gauss-Newton, {result.iterations} it., residual {result.residual:.1e})"] = \
+            time.perf_counter() - start
+        direction = unflatten(result.x, params)
+        start = time.perf_counter()
+        scores = directional_derivatives(loss, params, direction, batches)
+        timings[f"{mode}: score all users (jvp)"] = time.perf_counter() - start
+        stage[mode] = sum(t for k, t in timings.items() if k.startswith(mode + ":"))
+        rows = sum(len(b.segment) for b in batches)
+        print(f"{mode} mode: {rows} model rows per pass", flush=True)
 
-    start = time.perf_counter()
-    v = flatten(mean_gradient(loss, params, batches, n_users))
-    timings["mean gradient"] = time.perf_counter() - start
-    hvp = hessian_vector_product(config, loss, params, train_data.dataset, batches)
-    start = time.perf_counter()
-    hvp(v)
-    timings[f"one HVP (Gauss-Newton, {args.hessian_users or 'all'} users)"] = time.perf_counter() - start
-    start = time.perf_counter()
-    result = solve("cg", v, hvp=hvp, damping=args.damping, tol=1e-4, max_iter=args.cg_iters)
-    timings["iHVP (CG, Gauss-Newton)"] = time.perf_counter() - start
-    direction = unflatten(result.x, params)
-
-    start = time.perf_counter()
-    scores = directional_derivatives(loss, params, direction, batches)
-    timings["score all users (jvp)"] = time.perf_counter() - start
-
-    loop_batches = user_batches(train_data.dataset, args.batch_rows, user_ids=[u for b in batches for u in b.user_ids][: args.loop_users])
+    # The paper's algorithm: one backward per user, in sequence mode.
+    loop_batches = user_batches(train_data.dataset, args.batch_rows, sequence=True,
+                                user_ids=[u for b in batches for u in b.user_ids][: args.loop_users])
     n_loop = sum(len(b) for b in loop_batches)
     start = time.perf_counter()
     loop_scores = per_sample_gradient_dot_loop(loss, params, direction, loop_batches, lambda b: b.split())
     loop_time = time.perf_counter() - start
-    timings[f"per-user loop, {n_loop} users"] = loop_time
-    timings["per-user loop, all users (extrapolated)"] = loop_time * n_users / n_loop
+    timings[f"sequence: per-user loop, {n_loop} users"] = loop_time
+    loop_all = loop_time * n_users / n_loop
     max_diff = (scores[:n_loop].double() - loop_scores.double()).abs().max().item()
 
     print(f"surrogate {args.model}: hidden {args.hidden}, {args.layers} layers, max length {args.max_len}; "
-          f"Hessian on {args.hessian_users or 'all'} users")
+          f"Hessian on {args.hessian_users or 'all'} users; per-user loss: {args.user_loss}")
     print(f"dataset={args.dataset} users={n_users} rows={len(train_data.dataset)} scored parameters={m} "
           f"threads={torch.get_num_threads()}")
     for name, seconds in timings.items():
-        print(f"  {name:45s} {seconds:9.2f} s")
-    print(f"  iHVP: {result.iterations} CG iterations, relative residual {result.residual:.2e}")
-    print(f"  ratio  score all users / surrogate epoch      {timings['score all users (jvp)'] / timings['surrogate epoch']:.2f}")
-    print(f"  ratio  per-user loop / batched jvp (all users) "
-          f"{timings['per-user loop, all users (extrapolated)'] / timings['score all users (jvp)']:.1f}x")
-    print(f"  max |batched - loop| on the looped users      {max_diff:.2e} (scores up to {scores.abs().max().item():.2e})")
+        print(f"  {name:62s} {seconds:9.2f} s")
+    epoch = timings["surrogate epoch (prefix rows)"]
+    print(f"  ratio  influence stage, sequence / prefix mode          {stage['sequence'] / stage['prefix']:.2f}")
+    print(f"  ratio  influence stage (sequence) / prefix-row epoch    {stage['sequence'] / epoch:.2f}")
+    print(f"  ratio  per-user loop (all users, extrapolated) / jvp    "
+          f"{loop_all / timings['sequence: score all users (jvp)']:.2f}x")
+    print(f"  max |batched - loop| on the looped users               {max_diff:.2e} (scores up to {scores.abs().max().item():.2e})")
 
 
 if __name__ == "__main__":
