@@ -286,3 +286,12 @@ def test_sequence_mode_short_users_make_one_row_each():
     [prefix] = user_batches(train.dataset, 10_000, user_ids=short)
     loss = SurrogateLoss(model, "mean")
     torch.testing.assert_close(loss({}, batch), loss({}, prefix), rtol=1e-10, atol=1e-10)
+
+
+def test_power_iteration_finds_the_largest_gauss_newton_eigenvalue():
+    from recbole_dealrec.scoring.hessian import largest_eigenvalue
+
+    model, loss, params, batches = small_problem()
+    hvp = loss.gauss_newton_hvp(params, batches, 20)
+    top = torch.linalg.eigvalsh(dense_hessian(hvp, 8))[-1].item()
+    assert largest_eigenvalue(hvp, 8, iters=60, dtype=torch.float64) == pytest.approx(top, rel=1e-3)

@@ -163,8 +163,9 @@ def conjugate_gradient(
     damping: float = 0.0,
     max_iter: Optional[int] = None,
     tol: float = 1e-6,
+    show_progress: bool = False,
 ) -> SolveResult:
-    """Conjugate gradient on ``(H + damping I) x = v`` from ``x_0 = 0``.
+    """Conjugate gradient on ``(H + damping I) x = v`` from ``x_0 = 0`` (a tqdm bar per step with ``show_progress``).
 
     ``damping`` is the effective damping (added to every eigenvalue of ``H``).
     ``max_iter=None`` means ``min(m, 1000)`` (CG is exact after ``m`` steps in
@@ -194,6 +195,11 @@ def conjugate_gradient(
     rs = torch.dot(r, r)
     it = 0
     converged = False
+    bar = None
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_iter, desc="iHVP (CG)", ncols=100)
     for it in range(1, max_iter + 1):
         ap = a_mul(p)
         pap = torch.dot(p, ap)
@@ -213,14 +219,38 @@ def conjugate_gradient(
         x = x + alpha * p
         r = r - alpha * ap
         rs_new = torch.dot(r, r)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(residual=f"{math.sqrt(float(rs_new)) / v_norm:.2e}")
         if math.sqrt(float(rs_new)) / v_norm <= tol:
             converged = True
             break
         p = r + (rs_new / rs) * p
         rs = rs_new
+    if bar is not None:
+        bar.close()
     ensure_finite(x, "ihvp")
     residual = relative_residual(hvp, x, v, damping)
     return SolveResult(x, residual, it, float(damping), converged, "cg")
+
+
+def largest_eigenvalue(hvp: HVP, m: int, iters: int = 20, seed: int = 0, dtype=torch.float32,
+                       device=None) -> float:
+    """Largest eigenvalue of a positive semi-definite H (e.g. the Gauss-Newton Hessian) by power iteration:
+    ``iters`` HVPs from a seeded random start, the last Rayleigh quotient ``x^T H x`` (``||x|| = 1``)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(m, generator=generator, dtype=dtype).to(device)
+    x = x / torch.linalg.vector_norm(x)
+    value = 0.0
+    for _ in range(max(1, iters)):
+        hx = hvp(x)
+        ensure_finite(hx, "power iteration")
+        value = float(torch.dot(x, hx))
+        norm = torch.linalg.vector_norm(hx)
+        if float(norm) == 0.0:
+            return 0.0
+        x = hx / norm
+    return value
 
 
 def lissa_damping_for(effective_damping: float, scale: float) -> float:

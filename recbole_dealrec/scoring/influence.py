@@ -27,7 +27,7 @@ from recbole.utils import set_color
 
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.scoring.cache import ScoredUsers
-from recbole_dealrec.scoring.hessian import SOLVERS, ensure_finite, lissa_damping_for, solve
+from recbole_dealrec.scoring.hessian import SOLVERS, ensure_finite, largest_eigenvalue, lissa_damping_for, solve
 from recbole_dealrec.scoring.influence_core import (
     directional_derivatives,
     flatten,
@@ -43,7 +43,11 @@ from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, UserBatch, us
 from recbole_dealrec.surrogate.loss import USER_LOSSES, concat_user_batches, supports_sequence_mode
 from recbole_dealrec.surrogate.train import surrogate_config
 
-INFLUENCE_KEYS = ("influence_params", "influence_user_loss", "influence_sequence_mode", "influence_hessian", "influence_hessian_users", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
+#: Users the Hessian is estimated on with ``influence_hessian_users: auto``.
+AUTO_HESSIAN_USERS = 2000
+
+INFLUENCE_KEYS = ("influence_params", "influence_user_loss", "influence_sequence_mode", "influence_damping_ratio",
+                  "influence_power_iters", "influence_hessian", "influence_hessian_users", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
                   "lissa_repeats", "lissa_batch_users", "cg_max_iter", "ihvp_tol", "seed")
 
 
@@ -58,13 +62,17 @@ def check_influence_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"influence_user_loss must be one of {list(USER_LOSSES)}, got {config['influence_user_loss']!r}")
     if config["influence_hessian"] not in ("gauss_newton", "exact"):
         raise ConfigError(f"influence_hessian must be gauss_newton or exact, got {config['influence_hessian']!r}")
-    for key in ("influence_damping", "lissa_scale", "ihvp_tol"):
-        if not isinstance(config[key], (int, float)) or config[key] < 0 or (key != "influence_damping" and config[key] == 0):
+    damping = config["influence_damping"]
+    if damping != "auto" and (not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0):
+        raise ConfigError(f"influence_damping must be auto or a number >= 0, got {damping!r}")
+    for key in ("influence_damping_ratio", "lissa_scale", "ihvp_tol"):
+        if not isinstance(config[key], (int, float)) or config[key] <= 0:
             raise ConfigError(f"{key} must be a positive number, got {config[key]!r}")
     subset = config["influence_hessian_users"]
-    if subset is not None and (not isinstance(subset, int) or subset < 1):
-        raise ConfigError(f"influence_hessian_users must be ~ (all users) or an integer >= 1, got {subset!r}")
-    for key in ("lissa_depth", "lissa_repeats", "lissa_batch_users", "cg_max_iter", "influence_batch_rows"):
+    if subset not in (None, "auto") and (not isinstance(subset, int) or subset < 1):
+        raise ConfigError(f"influence_hessian_users must be auto, ~ (all users) or an integer >= 1, got {subset!r}")
+    for key in ("lissa_depth", "lissa_repeats", "lissa_batch_users", "cg_max_iter", "influence_batch_rows",
+                "influence_power_iters"):
         if not isinstance(config[key], int) or config[key] < 1:
             raise ConfigError(f"{key} must be an integer >= 1, got {config[key]!r}")
 
@@ -84,6 +92,8 @@ def hessian_vector_product(config, loss: SurrogateLoss, params, train_dataset, b
     users drawn with ``seed`` (an unbiased estimate of H that makes every HVP that much cheaper)."""
     n_users = sum(len(b) for b in batches)
     subset = config["influence_hessian_users"]
+    if subset == "auto":
+        subset = AUTO_HESSIAN_USERS
     if subset is not None and subset < n_users:
         users = np.concatenate([b.user_ids for b in batches])
         chosen = np.random.default_rng(int(config["seed"])).choice(users, size=subset, replace=False)
@@ -127,10 +137,19 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     ensure_finite(v, "mean gradient")
     hvp = hessian_vector_product(config, loss, params, surrogate.train_dataset, batches)
     solver = str(config["ihvp_solver"]).lower()
-    damping = float(config["influence_damping"])
+    damping = config["influence_damping"]
+    if damping == "auto":
+        # Relative to the spectrum: a damping fixed in absolute terms is far too small for one surrogate (CG
+        # stalls) and far too large for another (the scores turn into plain gradient dot products).
+        top = largest_eigenvalue(hvp, m, iters=config["influence_power_iters"], seed=config["seed"], dtype=v.dtype)
+        damping = float(config["influence_damping_ratio"]) * top
+        logger.info(set_color("[Influence]", "pink") + f" damping {damping:.3e} = influence_damping_ratio "
+                    f"{config['influence_damping_ratio']} x largest Hessian eigenvalue {top:.3e} "
+                    f"({config['influence_power_iters']} power-iteration HVPs)")
+    damping = float(damping)
     kwargs: dict[str, Any] = {}
     if solver == "cg":
-        kwargs["max_iter"] = config["cg_max_iter"]
+        kwargs.update(max_iter=config["cg_max_iter"], show_progress=show_progress)
     elif solver == "lissa":
         scale = float(config["lissa_scale"])
         generator = torch.Generator().manual_seed(int(config["seed"]))
@@ -149,7 +168,7 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     user_ids = np.concatenate([b.user_ids for b in batches])
     tokens = surrogate.train_dataset.id2token(surrogate.train_dataset.uid_field, user_ids)
     meta = {"solver": solver, "residual": result.residual, "iterations": result.iterations,
-            "effective_damping": result.effective_damping, "converged": result.converged,
+            "effective_damping": result.effective_damping, "damping": damping, "converged": result.converged,
             "scored_parameters": m, "parameter_names": list(params), "n_users": n_users,
             "mode": "sequence" if sequence else "prefix"}
     return ScoredUsers(np.asarray(tokens).astype(str), scores, meta)
