@@ -1,10 +1,12 @@
-"""Benchmark of the effort scores: batched exact per-sample norms vs a batch-of-one loop, same parameters.
+"""Benchmark of the effort scores: batched exact per-sample norms vs a batch-of-one loop, same parameters,
+and against what they cannot be cheaper than (one plain forward; one forward + backward of the batch loss).
 
     python run_scripts/bench_effort.py --users 200                      # default LLM (SmolLM2-135M)
     python run_scripts/bench_effort.py --users 200 --last-layer-lora-b  # the paper's single tensor
+    python run_scripts/bench_effort.py --users 64 --costs               # ratios to a forward / forward+backward
 
-Prints both times, their ratio and the largest difference between the two (timings are noisy here:
-read the ratio).
+Prints the times, their ratios and the largest difference between batched and loop (timings are noisy here:
+read the ratios).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128, help="llm_max_length (paper: 512)")
     parser.add_argument("--llm-path", default=None, help="local causal-LM folder (default: SmolLM2)")
     parser.add_argument("--last-layer-lora-b", action="store_true", help="score only the last v_proj lora_B")
+    parser.add_argument("--costs", action="store_true",
+                        help="instead of the loop: effort (all LoRA, paper's tensor) vs a forward and a forward+backward")
     args = parser.parse_args()
 
     config = DealrecConfig("BIGRec", args.dataset, config_dict={
@@ -42,6 +46,8 @@ def main() -> None:
                for i in range(0, len(rows), args.batch_size)]
     patterns = [last_layer_lora_pattern(model.llm)] if args.last_layer_lora_b else None
     tokens = int(sum(b["attention_mask"].sum() for b in batches))
+    if args.costs:
+        return costs(model.llm, batches, len(rows), tokens)
 
     start = time.perf_counter()
     batched = effort_scores(model.llm, batches, patterns)
@@ -55,6 +61,38 @@ def main() -> None:
     print(f"  batched {t_batched:8.1f} s   loop {t_loop:8.1f} s   ratio loop/batched {t_loop / t_batched:.2f}x")
     rel = float(np.max(np.abs(batched.numpy() - loop.numpy()) / np.maximum(np.abs(loop.numpy()), 1e-12)))
     print(f"  max relative difference {rel:.2e}; norms {batched.min().item():.3g} .. {batched.max().item():.3g}")
+
+
+def costs(llm, batches, n_users: int, tokens: int) -> None:
+    """Effort with all LoRA / the paper's last-layer lora_B vs one plain forward and one forward+backward."""
+    from recbole_dealrec.scoring.effort import _forward_loss, _prepare
+
+    device = next(llm.parameters()).device
+    llm.eval()
+
+    def forward_only():
+        with torch.no_grad():
+            for b in batches:
+                _forward_loss(llm, *_prepare(b, device))
+
+    def forward_backward():
+        for b in batches:
+            _forward_loss(llm, *_prepare(b, device)).sum().backward()
+        llm.zero_grad(set_to_none=True)
+
+    timings = {}
+    for name, run in (("plain forward", forward_only), ("forward + backward (all LoRA)", forward_backward),
+                      ("effort, all LoRA", lambda: effort_scores(llm, batches, None)),
+                      ("effort, last v_proj.lora_B", lambda: effort_scores(llm, batches, [last_layer_lora_pattern(llm)]))):
+        start = time.perf_counter()
+        run()
+        timings[name] = time.perf_counter() - start
+    print(f"{n_users} users, {tokens} tokens, threads {torch.get_num_threads()}")
+    for name, seconds in timings.items():
+        print(f"  {name:32s} {seconds:8.1f} s")
+    print(f"  ratio effort (paper's tensor) / plain forward     {timings['effort, last v_proj.lora_B'] / timings['plain forward']:.2f}")
+    print(f"  ratio effort (all LoRA) / forward + backward      "
+          f"{timings['effort, all LoRA'] / timings['forward + backward (all LoRA)']:.2f}")
 
 
 if __name__ == "__main__":
