@@ -309,8 +309,9 @@ def test_item_embedding_disk_cache(ml100k, tiny_llm_path, tmp_path):
     cfg = {**tiny_bigrec_config(tiny_llm_path, tmp_path), "bigrec_item_emb_cache": str(tmp_path / "emb")}
     config = DealrecConfig("BIGRec", "ml-100k", config_dict=cfg)
     first = BIGRec(config, train.dataset).item_embeddings()
-    files = os.listdir(tmp_path / "emb")
-    assert len(files) == 1 and first.shape[0] == train.dataset.item_num and not first[0].any()
+    files = sorted(os.listdir(tmp_path / "emb"))
+    assert len(files) == 2 and files[1] == files[0] + ".sha256"  # the embeddings and their checksum record
+    assert first.shape[0] == train.dataset.item_num and not first[0].any()
     again = BIGRec(config, train.dataset)
     again.llm = None  # the cached file must be read, not recomputed
     assert torch.equal(again.item_embeddings(), first)

@@ -308,10 +308,12 @@ def test_load_causal_lm_tiny(tmp_path):
 
 
 def test_resolve_llm_path_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="llm_path"):
+    from recbole_dealrec.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="llm_path.*no such local folder"):
         resolve_llm_path(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="llm_path"):
+    with pytest.raises(ConfigError, match="llm_path.*no config.json"):
         resolve_llm_path(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="llm_path"):
         load_causal_lm(str(tmp_path / "missing"))
