@@ -26,7 +26,7 @@ if [[ $mode == gpu ]]; then
 else
   # Shrunk: a tiny surrogate, 8 users, one epoch, 4 test users, short prompts and answers.
   args+=(--selection_num=8 --epochs=1 --llm_max_length=64 --max_new_tokens=4 --num_beams=2 --eval_user_subset=4
-         --valid_user_subset=4 --eval_batch_size=4 --effort_batch_size=64 --MAX_ITEM_LIST_LENGTH=5 --cg_max_iter=5
+         --valid_user_subset=4 --eval_batch_size=4 --effort_batch_size=64 --MAX_ITEM_LIST_LENGTH=5 --cg_max_iter=5 --influence_power_iters=3
          --influence_hessian_users=50 --use_gpu=False
          "--surrogate_config={'hidden_size': 8, 'inner_size': 8, 'n_layers': 1, 'n_heads': 1, 'MAX_ITEM_LIST_LENGTH': 5, 'epochs': 1, 'train_batch_size': 4096}")
 fi

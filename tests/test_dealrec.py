@@ -16,7 +16,7 @@ def dealrec_config(llm_path, tmp, **extra):
     return {
         **tiny_bigrec_config(llm_path, tmp),
         "sampler": "dealrec", "selection_num": 16, "dealrec_num_groups": 5,
-        "surrogate_config": TINY_SURROGATE, "cg_max_iter": 3, "influence_batch_rows": 8192,
+        "surrogate_config": TINY_SURROGATE, "cg_max_iter": 3, "influence_power_iters": 3, "influence_batch_rows": 8192,
         "influence_params": [r"trm_encoder\.layer\.0\.multi_head_attention\.dense\.weight$"],
         "eval_user_subset": 8, "valid_user_subset": 8, "effort_batch_size": 32, "llm_max_length": 160,
         **extra,

@@ -155,7 +155,7 @@ def test_cg_and_lissa_agree_with_the_exact_inverse(hessian):
 def run_config(tmp_path):
     return DealrecConfig("SASRec", "ml-100k", config_dict={
         **TINY, "output_dir": str(tmp_path / "out"), "checkpoint_dir": str(tmp_path / "ckpt"),
-        "surrogate_config": {**TINY, "epochs": 2}, "influence_batch_rows": 4096, "cg_max_iter": 3,
+        "surrogate_config": {**TINY, "epochs": 2}, "influence_batch_rows": 4096, "cg_max_iter": 3, "influence_power_iters": 3,
         # The paper's choice of scored parameters: one attention output projection.
         "influence_params": [r"trm_encoder\.layer\.0\.multi_head_attention\.dense\.weight$"],
     })

@@ -156,7 +156,7 @@ def test_backend_contract(setup, request):
 
 def test_tiger_dealrec_end_to_end_exports_its_semantic_ids(tmp_path):
     config = {**TINY_TIGER, "sampler": "dealrec", "selection_num": 24, "dealrec_num_groups": 5,
-              "surrogate_config": TINY_SURROGATE, "cg_max_iter": 3, "effort_batch_size": 64,
+              "surrogate_config": TINY_SURROGATE, "cg_max_iter": 3, "influence_power_iters": 3, "effort_batch_size": 64,
               "influence_params": [r"trm_encoder\.layer\.0\.multi_head_attention\.dense\.weight$"],
               "output_dir": str(tmp_path / "out"), "checkpoint_dir": str(tmp_path / "ckpt")}
     result = run_recbole("TIGER", config_dict=config)
