@@ -35,31 +35,37 @@ from recbole_dealrec.model.bigrec.llm import load_causal_lm, resolve_llm_path
 from recbole_dealrec.quick_start import run_recbole
 
 K = 10
+GAMMAS = (0.0, 1.0, 5.0, 25.0)  # popularity weights of BIGRec's grounding with statistical information (0 = off)
 
 
-def test_targets(config) -> dict[int, set[int]]:
-    """Internal user id -> its test item ids (RecBole's test split of the run's dataset)."""
+def test_targets(config) -> tuple[dict[int, set[int]], torch.Tensor]:
+    """(internal user id -> its test item ids, training interactions per item [n_items]) of the run's dataset."""
     dataset = create_dataset(config)
-    _, _, test = data_preparation(config, dataset)
+    train, _, test = data_preparation(config, dataset)
     feat = test.dataset.inter_feat
     targets: dict[int, set[int]] = {}
     for u, i in zip(feat[test.dataset.uid_field].tolist(), feat[test.dataset.iid_field].tolist()):
         targets.setdefault(int(u), set()).add(int(i))
-    return targets
+    popularity = torch.bincount(train.dataset.inter_feat[train.dataset.iid_field], minlength=dataset.item_num).double()
+    return targets, popularity
 
 
-def regrounded_metrics(generations: dict, targets: dict[int, set[int]], llm, tokenizer) -> dict[str, dict]:
-    """Hits@K, Recall@K and NDCG@K of the answers under every (beams, pooling) grounding."""
+def regrounded_metrics(generations: dict, targets: dict[int, set[int]], popularity: torch.Tensor, llm, tokenizer,
+                       gammas=GAMMAS) -> dict[str, dict]:
+    """Hits@K, Recall@K and NDCG@K of the answers under every (beams, pooling, popularity gamma) grounding."""
     titles = generations["item_titles"]
     rows = generations["rows"]
     title_items: dict[str, list[int]] = {}
     for item, title in enumerate(titles[1:], start=1):
         title_items.setdefault(title.strip(), []).append(item)
     out = {}
+    unique_answers = sorted({a for row in rows for a in row["answers"] if a})
     for pooling in POOLINGS:
         item_emb = last_token_embeddings(llm, tokenizer, titles[1:], batch_size=32, pooling=pooling)
         item_emb = torch.cat([torch.zeros(1, item_emb.shape[1]), item_emb])
-        for beams_mode in GROUNDING_BEAMS:
+        table = dict(zip(unique_answers, last_token_embeddings(llm, tokenizer, unique_answers, batch_size=32,
+                                                               pooling=pooling)))
+        for beams_mode, gamma in [(m, g) for m in GROUNDING_BEAMS for g in gammas]:
             hits, recall, ndcg = 0, 0.0, 0.0
             for row in rows:
                 answers = row["answers"][:1] if beams_mode == "top" else row["answers"]
@@ -67,11 +73,14 @@ def regrounded_metrics(generations: dict, targets: dict[int, set[int]], llm, tok
                 raw = torch.zeros(1, len(answers)) if beams_mode == "top" else torch.tensor([row["scores"][: len(answers)]])
                 weights = beam_weights(raw, valid)
                 emb = torch.zeros(len(answers), item_emb.shape[1])
-                texts = [a for a in answers if a]
-                if texts:
-                    emb[valid[0]] = last_token_embeddings(llm, tokenizer, texts, batch_size=32, pooling=pooling)
-                exact = [[title_items.get(a.strip(), []) if a else [] for a in answers]] if beams_mode == "all" else ()
-                scores = ground_beams(emb[None], weights, item_emb, exact)[0] if valid.any() else torch.zeros(len(titles))
+                for k, a in enumerate(answers):
+                    if a:
+                        emb[k] = table[a]
+                exact = [[[i - 1 for i in title_items.get(a.strip(), [])] if a else [] for a in answers]] \
+                    if beams_mode == "all" else ()
+                scores = torch.zeros(len(titles), dtype=torch.float64)
+                if valid.any():  # as BIGRec._ground: item 0 (padding) left out
+                    scores[1:] = ground_beams(emb[None], weights, item_emb[1:], exact, popularity[1:], gamma)[0]
                 scores[0] = -math.inf
                 # RecBole's full sort: ties broken by item id order (torch.topk is stable enough here for a report)
                 top = scores.topk(K).indices.tolist()
@@ -81,7 +90,7 @@ def regrounded_metrics(generations: dict, targets: dict[int, set[int]], llm, tok
                 recall += len(found) / len(target)
                 ndcg += sum(1 / math.log2(r + 2) for r in found) / sum(1 / math.log2(r + 2) for r in range(min(len(target), K)))
             n = len(rows)
-            out[f"{beams_mode}/{pooling}"] = {"hits@10": hits, "recall@10": recall / n, "ndcg@10": ndcg / n}
+            out[f"{beams_mode}/{pooling}/gamma={gamma}"] = {"hits@10": hits, "recall@10": recall / n, "ndcg@10": ndcg / n}
     return out
 
 
@@ -92,12 +101,21 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-zero-shot", action="store_true")
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--name", default="finetuned", help="name of the fine-tuned run in the summary")
+    parser.add_argument("--reground", metavar="ANSWERS_JSON", default=None,
+                        help="only ground again the answers of an earlier run (a bigrec_generations_file) and print")
     args, rest = parser.parse_known_args(argv)
     overrides = {}
     for arg in rest:  # --key=value, parsed as literals like run_recbole's command line
         key, _, value = arg.lstrip("-").partition("=")
         overrides[key] = parse_literal(value)
     os.makedirs(args.out, exist_ok=True)
+    if args.reground:
+        config = DealrecConfig("BIGRec", "ml-100k", [args.config], overrides)
+        llm, tokenizer = load_causal_lm(resolve_llm_path(config["llm_path"], config["llm_cache_dir"]))
+        targets, popularity = test_targets(config)
+        result = regrounded_metrics(json.load(open(args.reground)), targets, popularity, llm, tokenizer)
+        print(json.dumps(result, indent=1))
+        return
     summary_file = os.path.join(args.out, "summary.json")
     summary = json.load(open(summary_file)) if os.path.isfile(summary_file) else {}
 
@@ -122,7 +140,8 @@ def main(argv=None) -> None:
         config = DealrecConfig("BIGRec", "ml-100k", [args.config], cfg)
         llm, tokenizer = load_causal_lm(resolve_llm_path(config["llm_path"], config["llm_cache_dir"]))
         generations = json.load(open(gen_file))
-        summary[name]["groundings"] = regrounded_metrics(generations, test_targets(config), llm, tokenizer)
+        targets, popularity = test_targets(config)
+        summary[name]["groundings"] = regrounded_metrics(generations, targets, popularity, llm, tokenizer)
         n_items = len(generations["item_titles"]) - 1
         summary[name]["random_expected_hits@10"] = len(generations["rows"]) * K / n_items
         with open(summary_file + ".tmp", "w") as handle:

@@ -184,6 +184,8 @@ def ground_beams(
     weights: torch.Tensor,
     item_emb: torch.Tensor,
     exact_items: Sequence[Sequence[Sequence[int]]] = (),
+    popularity: torch.Tensor | None = None,
+    gamma: float = 0.0,
 ) -> torch.Tensor:
     """Grounding scores of several beams per row: [b, B, h], [b, B], [n_items, h] -> [b, n_items] (float64).
 
@@ -192,6 +194,9 @@ def ground_beams(
       a title tie.
     - Every other item scores ``-sum_k weight_k * ||beam_k - item||``, the beams' L2 distances weighted by the
       beams' probabilities (a zero-weight beam does not count).
+    - With ``gamma > 0`` and ``popularity`` [n_items] (BIGRec's grounding with statistical information), the
+      distance d is min-max normalised per row and divided by ``(1 + p)^gamma``, p = popularity min-max
+      normalised: among similar distances the more popular item ranks higher.
     With one beam of weight 1 and no exact list this is :func:`ground`'s ranking.
     """
     b, n_beams, h = beam_emb.shape
@@ -199,7 +204,14 @@ def ground_beams(
         raise ValueError(f"ground_beams: weights {tuple(weights.shape)} != {(b, n_beams)}")
     dist = -ground(beam_emb.reshape(b * n_beams, h), item_emb).reshape(b, n_beams, -1)  # [b, B, n]
     w = weights.to(dist.dtype)
-    scores = -(w.unsqueeze(-1) * dist).sum(1)
+    distance = (w.unsqueeze(-1) * dist).sum(1)  # [b, n]
+    if gamma and popularity is not None:
+        low, high = distance.min(1, keepdim=True).values, distance.max(1, keepdim=True).values
+        distance = (distance - low) / (high - low).clamp_min(1e-12)
+        pop = popularity.to(distance.dtype)
+        pop = (pop - pop.min()) / (pop.max() - pop.min()).clamp_min(1e-12)
+        distance = distance / (1.0 + pop).pow(gamma)
+    scores = -distance
     for r, beams in enumerate(exact_items):
         for k, items in enumerate(beams):
             if items and w[r, k] > 0:

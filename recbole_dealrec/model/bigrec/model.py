@@ -58,6 +58,9 @@ class BIGRec(GenerativeBackend):
     def check_config(cls, config) -> None:
         check_title_field(config, "BIGRec")
         check_llm_path(config["llm_path"])
+        gamma = config["bigrec_popularity_gamma"]
+        if gamma is not None and (not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma < 0):
+            raise ConfigError(f"`bigrec_popularity_gamma` must be a number >= 0, got {gamma!r}")
         for key, allowed in (("bigrec_loss_on", LOSS_ON), ("bigrec_grounding_beams", GROUNDING_BEAMS),
                              ("bigrec_grounding_pooling", POOLINGS)):
             if config[key] is not None and config[key] not in allowed:
@@ -78,6 +81,9 @@ class BIGRec(GenerativeBackend):
         self.max_new_tokens: int = int(_cfg(config, "max_new_tokens", 128))
         self.grounding_beams: str = _cfg(config, "bigrec_grounding_beams", "all")
         self.grounding_pooling: str = _cfg(config, "bigrec_grounding_pooling", "last")
+        self.popularity_gamma: float = float(_cfg(config, "bigrec_popularity_gamma", 0.0))
+        # Training interactions per item in the data this model trains on (the selected users' only, after pruning).
+        self.popularity = torch.bincount(dataset.inter_feat[dataset.iid_field], minlength=dataset.item_num).double()
         self._title_items: Optional[dict[str, list[int]]] = None
         self.n_answers = self.n_exact_top = self.n_exact_any = 0
         self.top_answers: set[str] = set()
@@ -297,11 +303,18 @@ class BIGRec(GenerativeBackend):
             emb = torch.zeros(len(flat), item_emb.shape[1], dtype=item_emb.dtype)
             emb[nonempty] = self.embed_texts([flat[i] for i in nonempty]).to(item_emb.dtype)
             exact = [[self.items_titled(t) for t in row] for row in beams] if self.grounding_beams == "all" else ()
-            grounded = ground_beams(emb.reshape(b, width, -1), weights, item_emb, exact)
+            grounded = self._ground(emb.reshape(b, width, -1), weights, item_emb, exact)
             has_answer = valid.any(1)
             scores[has_answer] = grounded[has_answer]
         scores[:, 0] = -np.inf
         return scores.float()
+
+    def _ground(self, emb, weights, item_emb, exact) -> torch.Tensor:
+        # Column 0 (padding) is set to -inf by the caller; it must not shape the popularity normalisation.
+        scores = torch.full((emb.shape[0], item_emb.shape[0]), -np.inf, dtype=torch.float64)
+        scores[:, 1:] = ground_beams(emb, weights, item_emb[1:], [[[i - 1 for i in items] for items in row] for row in exact],
+                                     popularity=self.popularity[1:], gamma=self.popularity_gamma)
+        return scores
 
     def _count_answers(self, texts: Sequence[Sequence[str]], beam_scores: torch.Tensor, user_ids) -> None:
         for r, row in enumerate(texts):
