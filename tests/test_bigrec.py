@@ -230,6 +230,16 @@ def test_grounding_with_several_beams_pure():
     # no valid beam: all-zero weights, all items tie
     none = ground_beams(gen, beam_weights(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool)), items)
     assert (none == 0).all()
+    # popularity (BIGRec's statistical information): normalised distance / (1 + normalised popularity)^gamma
+    popularity = torch.tensor([0.0, 5, 1, 9, 9, 3, 2], dtype=torch.float64)
+    assert torch.equal(ground_beams(gen, w, items, popularity=popularity, gamma=0.0), by_hand)
+    scored = ground_beams(gen, w, items, popularity=popularity, gamma=2.0)
+    distance = -by_hand
+    norm = (distance - distance.min(1, keepdim=True).values) / (distance.max(1, keepdim=True).values - distance.min(1, keepdim=True).values)
+    torch.testing.assert_close(scored, -norm / (1 + popularity / 9) ** 2)
+    assert scored[0, 3] == scored[0, 4]  # a shared title still ties
+    exact_pop = ground_beams(gen, w, items, exact, popularity=popularity, gamma=50.0)
+    assert set(exact_pop[0].topk(2).indices.tolist()) == {3, 4}  # an exact title still wins
 
 
 def test_model_grounds_every_beam(ml100k, model):
