@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=50, help="MAX_ITEM_LIST_LENGTH (paper: 50)")
     parser.add_argument("--hessian-users", type=int, default=None, help="users the Hessian is estimated on (default all)")
     parser.add_argument("--user-loss", default="mean", choices=["mean", "sum"], help="influence_user_loss")
+    parser.add_argument("--epochs-only", action="store_true", help="only the prefix-row vs sequence-mode epoch")
     args = parser.parse_args()
 
     overrides = {"show_progress": False, "hidden_size": args.hidden, "inner_size": 4 * args.hidden,
@@ -65,6 +66,18 @@ def main() -> None:
     start = time.perf_counter()
     trainer._train_epoch(train_data, 0, show_progress=False)
     timings["surrogate epoch (prefix rows)"] = time.perf_counter() - start
+    from recbole_dealrec.surrogate.train import _sequence_mode_loader
+
+    config["surrogate_sequence_mode"] = True
+    sequence_loader = _sequence_mode_loader(config, model, train_data)
+    start = time.perf_counter()
+    trainer._train_epoch(sequence_loader, 1, show_progress=False)
+    timings["surrogate epoch (sequence rows)"] = time.perf_counter() - start
+    print(f"surrogate epoch: {len(train_data.dataset)} prefix rows, {len(sequence_loader.dataset)} sequence rows; "
+          f"ratio sequence / prefix epoch {timings['surrogate epoch (sequence rows)'] / timings['surrogate epoch (prefix rows)']:.2f}",
+          flush=True)
+    if args.epochs_only:
+        return
     model.eval()
 
     loss = SurrogateLoss(model, args.user_loss)

@@ -295,3 +295,22 @@ def test_power_iteration_finds_the_largest_gauss_newton_eigenvalue():
     hvp = loss.gauss_newton_hvp(params, batches, 20)
     top = torch.linalg.eigvalsh(dense_hessian(hvp, 8))[-1].item()
     assert largest_eigenvalue(hvp, 8, iters=60, dtype=torch.float64) == pytest.approx(top, rel=1e-3)
+
+
+def test_sequence_mode_training_loss_covers_the_same_prefix_samples():
+    """The sequence-mode training rows carry every prefix sample once: in eval mode, the summed sequence loss
+    equals RecBole's own CE loss summed over the prefix rows."""
+    from recbole_dealrec.surrogate.loss import TARGET_SEQ_FIELD, sequence_train_dataset, sequence_training_loss
+
+    model, dataset = untrained("SASRec")
+    users = np.array([1, 2, 3, 33])
+    uid = dataset.inter_feat["user_id"].numpy()
+    prefix_rows = dataset.inter_feat[torch.from_numpy(np.flatnonzero(np.isin(uid, users)))]
+    small = dataset.copy(prefix_rows)
+    seq = sequence_train_dataset(small)
+    n_targets = int((seq.inter_feat[TARGET_SEQ_FIELD] > 0).sum())
+    assert n_targets == len(small) and len(seq) < len(small)
+    with torch.no_grad():
+        total = sequence_training_loss(model, seq.inter_feat) * n_targets
+        expected = model.calculate_loss(small.inter_feat) * len(small)
+    torch.testing.assert_close(total, expected, rtol=1e-10, atol=1e-10)

@@ -166,6 +166,31 @@ class _Predict(torch.nn.Module):
         return self.model.full_sort_predict(interaction)
 
 
+#: Field of a sequence-mode training row holding the next-item target at every position (0 = no target).
+TARGET_SEQ_FIELD = "target_seq"
+
+
+def sequence_train_dataset(train_dataset):
+    """The surrogate's training rows in sequence mode: a copy of ``train_dataset`` with one row per user window
+    (plus one per prefix beyond it, as :func:`user_batches`) and a ``target_seq`` field [rows, L] holding each
+    position's target, so one forward trains on every prefix sample the row stands for."""
+    [batch] = user_batches(train_dataset, max_rows=len(train_dataset) + 1, sequence=True)
+    rows = batch.interaction
+    target_seq = torch.zeros_like(rows[train_dataset.item_id_list_field])
+    target_seq[batch.target_rows, batch.positions] = batch.targets
+    rows[TARGET_SEQ_FIELD] = target_seq
+    return train_dataset.copy(rows)
+
+
+def sequence_training_loss(model: torch.nn.Module, interaction) -> torch.Tensor:
+    """Mean full-softmax cross-entropy over every target of sequence-mode rows (:func:`sequence_train_dataset`):
+    the CE loss RecBole's SASRec trains with, over the same prefix samples, in train mode (dropout on)."""
+    target_seq = interaction[TARGET_SEQ_FIELD]
+    rows, positions = torch.nonzero(target_seq, as_tuple=True)
+    logits = _SequencePredict(model)(interaction[model.ITEM_SEQ], rows, positions)
+    return F.cross_entropy(logits, target_seq[rows, positions])
+
+
 class _SequencePredict(torch.nn.Module):
     # SASRec.forward without its final gather: the output at every position, then the logits of the asked ones.
     def __init__(self, model: torch.nn.Module) -> None:

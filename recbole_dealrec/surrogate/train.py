@@ -19,10 +19,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from recbole.utils import ModelType, init_seed, set_color
 
+from recbole.data.utils import get_dataloader
+
 from recbole_dealrec.config import DealrecConfig, plugin_keys
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.model import get_model, get_trainer
+from recbole_dealrec.surrogate.loss import sequence_train_dataset, sequence_training_loss, supports_sequence_mode
 from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, stable_key
 
 # Keys that never change the trained weights (paths, logging, devices) or belong to later stages.
@@ -106,6 +109,19 @@ def _capture_epochs(trainer, model, paths: dict[int, str]) -> None:
     trainer._train_epoch = hooked
 
 
+def _sequence_mode_loader(scfg, model, train_data):
+    """With ``surrogate_sequence_mode`` and a causal CE surrogate (SASRec): a train loader over one row per user
+    window, the model's loss replaced by :func:`sequence_training_loss` (RecBole's trainer unchanged); else
+    ``train_data`` as it is."""
+    if not scfg["surrogate_sequence_mode"] or not supports_sequence_mode(model) or scfg["loss_type"] != "CE":
+        return train_data
+    dataset = sequence_train_dataset(train_data.dataset)
+    model.calculate_loss = lambda interaction: sequence_training_loss(model, interaction)
+    getLogger().info(set_color("[Surrogate]", "pink") + f" sequence mode: {len(dataset)} training rows for "
+                     f"{len(train_data.dataset)} prefix samples")
+    return get_dataloader(scfg, "train")(scfg, dataset, train_data._sampler, shuffle=scfg["shuffle"])
+
+
 def _capture_best(trainer, model) -> dict:
     """A dict that holds (key ``state``) a CPU copy of the weights each time RecBole's trainer saves its best model."""
     best: dict = {}
@@ -156,11 +172,12 @@ def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) 
         logger.info(set_color("[Surrogate]", "pink") + f" reused {path}")
     else:
         logger.info(set_color("[Surrogate]", "pink") + f" training {scfg['model']} on all training data")
+        fit_data = _sequence_mode_loader(scfg, model, train_data)
         with _private_checkpoint_dir(config, scfg):
             trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
             _capture_epochs(trainer, model, {e: _snapshot_path(config, scfg, key, 0, e) for e in snapshot_epochs})
             best = _capture_best(trainer, model)
-            trainer.fit(train_data, valid_data, saved=True, show_progress=scfg["show_progress"])
+            trainer.fit(fit_data, valid_data, saved=True, show_progress=scfg["show_progress"])
             # fit() leaves the LAST epoch's weights in memory; the best-by-validation ones were copied when
             # RecBole saved them (its checkpoint file holds a pickled config, so it is never loaded back).
             if best:
@@ -196,7 +213,8 @@ def surrogate_snapshot(config: DealrecConfig, run: int, epoch: int) -> Surrogate
         with _private_checkpoint_dir(config, scfg):  # saves nothing, but RecBole's trainer creates the folder
             trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
             _capture_epochs(trainer, model, {int(epoch): path})
-            trainer.fit(train_data, valid_data, saved=False, show_progress=scfg["show_progress"])
+            trainer.fit(_sequence_mode_loader(scfg, model, train_data), valid_data, saved=False,
+                        show_progress=scfg["show_progress"])
     else:
         _save_state(model, path)
     model.eval()

@@ -89,7 +89,7 @@ class BIGRec(GenerativeBackend):
         self.top_answers: set[str] = set()
         self.last_answer_stats: dict = {}
         #: every evaluated row's answers (best first) when ``bigrec_generations_file`` is set, else None
-        self.generations: Optional[list[list[str]]] = [] if config["bigrec_generations_file"] else None
+        self.generations: Optional[list[dict]] = [] if config["bigrec_generations_file"] else None
         self.generations_file: Optional[str] = config["bigrec_generations_file"]
 
         self.item_emb_cache: str = config["bigrec_item_emb_cache"] or cache_dir(config)
