@@ -192,14 +192,18 @@ def plugin_keys() -> tuple[frozenset, frozenset, frozenset]:
     return frozenset(keys | recbole_keys()), frozenset(selection_keys), frozenset(prefixes)
 
 
+def user_keys(config: Config) -> dict:
+    """The keys the user gave (property files, config dict, command line; later ones win), not the defaults."""
+    return {**config.file_config_dict, **config.variable_config_dict, **config.cmd_config_dict}
+
+
 def check_known_keys(config: Config) -> None:
     """Every key the user gave (files, config dict, command line) must be one a property file of RecBole or of the
     plugin defines: a misspelled key fails with the closest known key instead of being ignored. A key RecBole reads
     that no property file names can be let through by listing it in ``unchecked_keys``."""
     known, _, _ = plugin_keys()
     allowed = known | RECBOLE_BUILTIN_KEYS | set(config["unchecked_keys"] or [])
-    given = {**config.file_config_dict, **config.variable_config_dict, **config.cmd_config_dict}
-    for key in given:
+    for key in user_keys(config):
         if key in allowed:
             continue
         close = difflib.get_close_matches(key, sorted(known), n=1)

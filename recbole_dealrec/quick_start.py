@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
-from recbole_dealrec.config import DealrecConfig, check_known_keys
+from recbole_dealrec.config import DealrecConfig, check_known_keys, user_keys
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
 from recbole_dealrec.export import save_selection, selection_dir
 from recbole_dealrec.registry import ConfigError
@@ -27,6 +27,7 @@ from recbole_dealrec.scoring.signals import check_signal_config, compute_signals
 from recbole_dealrec.selection import SAMPLERS, check_selection_config, resolve_budget, selection_rng
 from recbole_dealrec.model import get_model, get_trainer
 from recbole_dealrec.model.backend import GenerativeBackend
+from recbole_dealrec.trainer import check_trainer_config
 from recbole_dealrec.utils import StageTimer
 
 
@@ -45,17 +46,8 @@ def run_recbole(
     ``evaluation_facts`` (a generative backend's facts about its test answers, e.g. BIGRec's exact-title share).
     """
     config = DealrecConfig(model, dataset, config_file_list, config_dict, argv=argv)
-    check_known_keys(config)
-    method = check_selection_config(config)  # bad sampler/budget keys fail here, before any data is read
-    model_class = get_model(config["model"])
-    if issubclass(model_class, GenerativeBackend):
-        model_class.check_config(config)  # so do the backend's (TIGER's beam width, ID space, BIGRec's titles)
-    else:
-        valid_metric = str(config["valid_metric"])
-        if "@" in valid_metric and int(valid_metric.split("@")[1]) not in config["topk"]:
-            raise ConfigError(f"valid_metric={valid_metric} needs its cut-off in topk={config['topk']}; set both")
+    method, model_class = check_run_config(config)
     needed = method.required_signals()
-    check_signal_config(needed, config)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
@@ -133,13 +125,31 @@ def run_recbole(
     }
 
 
+def check_run_config(config: DealrecConfig):
+    """Every check that needs no data, in the order a run meets them: unknown keys, the sampler and budget keys,
+    the model's own keys (a backend's beam width, ID space, titles), the signals' keys. Raises ``ConfigError``;
+    returns ``(selection method, model class)``. The experiment runner calls it on every cell before the first."""
+    check_known_keys(config)
+    method = check_selection_config(config)
+    model_class = get_model(config["model"])
+    if issubclass(model_class, GenerativeBackend):
+        model_class.check_config(config)
+        check_trainer_config(config)
+    else:
+        valid_metric = str(config["valid_metric"])
+        if "@" in valid_metric and int(valid_metric.split("@")[1]) not in config["topk"]:
+            raise ConfigError(f"valid_metric={valid_metric} needs its cut-off in topk={config['topk']}; set both")
+    check_signal_config(method.required_signals(), config)
+    return method, model_class
+
+
 def run_checkpoint_dir(config) -> str:
     """This run's own checkpoint folder: the ``checkpoint_dir`` the user set, else a fresh one under
     ``<output_dir>/<dataset>/checkpoints/`` (RecBole names checkpoints by model and second, which two runs
     started together would share in its default ``saved/``)."""
-    given = {**config.file_config_dict, **config.variable_config_dict, **config.cmd_config_dict}
-    if given.get("checkpoint_dir"):
-        return str(given["checkpoint_dir"])
+    given = user_keys(config).get("checkpoint_dir")
+    if given:
+        return str(given)
     root = os.path.join(config["output_dir"], config["dataset"], "checkpoints")
     os.makedirs(root, exist_ok=True)
     return tempfile.mkdtemp(prefix=f"{config['model']}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=root)

@@ -34,6 +34,7 @@ from recbole.utils import early_stopping, set_color
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
+from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.utils import atomic_write
 
 CHECKPOINT_FORMAT = "recbole-dealrec/generative-v1"
@@ -59,15 +60,25 @@ def first_rows(dataset) -> np.ndarray:
     return first.astype(np.int64)
 
 
+def check_trainer_config(config) -> None:
+    """The generative trainer's own keys (run by ``check_run_config`` before any data is read, and again here)."""
+    grad_accum, warmup = config["gradient_accumulation_steps"], config["warmup_steps"]
+    if grad_accum is not None and (not isinstance(grad_accum, int) or grad_accum < 1):
+        raise ConfigError(f"`gradient_accumulation_steps` must be an int >= 1, got {grad_accum!r}")
+    if warmup is not None and (not isinstance(warmup, int) or warmup < 0):
+        raise ConfigError(f"`warmup_steps` must be an int >= 0, got {warmup!r}")
+    if (config["lr_schedule"] or "constant") not in LR_SCHEDULES:
+        raise ConfigError(f"`lr_schedule` must be one of {list(LR_SCHEDULES)}, got {config['lr_schedule']!r}")
+
+
 class GenerativeTrainer(Trainer):
     """RecBole trainer for generative backends: trained-weights-only optimisation and checkpoints,
     validation-loss early stopping."""
 
     def __init__(self, config, model):
         super().__init__(config, model)
+        check_trainer_config(config)
         self.grad_accum = int(config["gradient_accumulation_steps"] or 1)
-        if self.grad_accum < 1:
-            raise ValueError(f"`gradient_accumulation_steps` must be >= 1, got {self.grad_accum}")
         # The validation score is a loss: lower is better (also reported by run_recbole as valid_score_bigger).
         self.valid_metric_bigger = False
         config["valid_metric_bigger"] = False
@@ -77,9 +88,6 @@ class GenerativeTrainer(Trainer):
         self._subset_cache: dict[int, object] = {}
         self.warmup_steps = int(config["warmup_steps"] or 0)
         self.lr_schedule = config["lr_schedule"] or "constant"
-        if self.warmup_steps < 0 or self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"`warmup_steps` must be >= 0 and `lr_schedule` one of {list(LR_SCHEDULES)}, "
-                             f"got {config['warmup_steps']!r} and {config['lr_schedule']!r}")
         self.optimizer_steps = 0  # optimizer steps taken so far (drives the learning-rate schedule)
         self.total_steps = 0  # planned optimizer steps: epochs x steps per epoch (set by fit)
         self.valid_users: Optional[np.ndarray] = None  # users whose validation rows count (set by fit)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from logging import getLogger
 from typing import Any, Callable, Mapping
 
@@ -70,7 +71,9 @@ def cached_user_scores(
             meta = json.load(handle)
         getLogger().info(set_color(f"[{stage}]", "pink") + f" reused {path}")
         return ScoredUsers(tokens, scores, {**meta, "cached": True, "path": path})
+    start = time.perf_counter()
     result = compute()
-    meta = {**result.meta, **key_payload}
+    # Kept with the values, so a run that reuses them can still report what they cost (experiment tables).
+    meta = {**result.meta, **key_payload, "compute_seconds": round(time.perf_counter() - start, 2)}
     save_scores(path, result.tokens, result.scores, meta)
     return ScoredUsers(result.tokens, result.scores, {**meta, "cached": False, "path": path})

@@ -21,7 +21,7 @@ from recbole.utils import ModelType, init_seed, set_color
 
 from recbole.data.utils import get_dataloader
 
-from recbole_dealrec.config import DealrecConfig, plugin_keys
+from recbole_dealrec.config import DealrecConfig, plugin_keys, user_keys
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.model import get_model, get_trainer
@@ -51,7 +51,7 @@ def surrogate_config(config: DealrecConfig) -> DealrecConfig:
     block = config["surrogate_config"] or {}
     if not isinstance(block, dict):
         raise ConfigError(f"surrogate_config must be a dict of RecBole keys, got {block!r}")
-    external = {**config.file_config_dict, **config.variable_config_dict, **config.cmd_config_dict}
+    external = user_keys(config)
     external.pop("model", None)
     scfg = DealrecConfig(config["surrogate_model"], config["dataset"], config_dict={**external, **block})
     if scfg["MODEL_TYPE"] != ModelType.SEQUENTIAL:

@@ -1,0 +1,309 @@
+"""Tables and figures in the paper's forms from a grid's results file (JSON lines, one record per cell).
+
+- Table 2 (``table2``): methods x test metrics per (dataset, model, budget): mean and std over seeds, best in
+  bold, second underlined, and a one-sample t-test of the best method's per-seed values against the second
+  best's mean (scipy; ``*`` when p < 0.01, as the paper).
+- Table 3 (``table3``): each method against full fine-tuning (``sampler: full``): metrics, fine-tuning and
+  selection seconds, % change.
+- Table 4 (``table4``): DEALRec with each surrogate: metrics, surrogate and influence seconds.
+- Figure 4 (``figure4``): ablations beside DEALRec (the ``table2`` DEALRec cells of the same budget).
+- Figure 5 (``figure5``): metric and seconds vs the number of selected users, full fine-tuning as a line.
+- Figure 7 (``figure7``): metric vs ``dealrec_lambda``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from recbole_dealrec.utils import atomic_write
+
+SIGNIFICANCE_LEVEL = 0.01
+
+
+def ok_records(records: Iterable[dict]) -> list[dict]:
+    """The finished cells, the latest record of each cell key (a re-run replaces an earlier one)."""
+    latest: dict[str, dict] = {}
+    for record in records:
+        if record.get("status") == "ok":
+            latest[record["cell"]] = record
+    return list(latest.values())
+
+
+def metric_names(records: Sequence[dict]) -> list[str]:
+    """Test metrics in a stable order: recall, then ndcg, then others; by cut-off."""
+    names = {k for r in records for k in r.get("test", {})}
+
+    def order(name: str) -> tuple:
+        base, _, k = name.partition("@")
+        rank = {"recall": 0, "ndcg": 1}.get(base, 2)
+        return rank, base, int(k) if k.isdigit() else 0
+
+    return sorted(names, key=order)
+
+
+def budget_of(record: dict) -> str:
+    s = record["settings"]
+    if s.get("sampler") == "full":
+        return "full"
+    if s.get("selection_num") is not None:
+        return f"{s['selection_num']}-shot"
+    if s.get("selection_ratio") is not None:
+        return f"r={s['selection_ratio']}"
+    return "?"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof 1; 0 for one value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def one_sample_ttest(best: Sequence[float], second_mean: float) -> Optional[float]:
+    """p-value of the one-sample t-test of ``best`` (per-seed values) against the second best's mean; ``None``
+    with fewer than 2 values or no spread (the test is undefined)."""
+    from scipy import stats
+
+    arr = np.asarray(best, dtype=np.float64)
+    if len(arr) < 2 or np.all(arr == arr[0]):
+        return None
+    return float(stats.ttest_1samp(arr, popmean=second_mean).pvalue)
+
+
+def _groups(records: Sequence[dict], key) -> dict:
+    out: dict = defaultdict(list)
+    for r in records:
+        out[key(r)].append(r)
+    return dict(out)
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Optional[float], digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def table2(records: Sequence[dict]) -> tuple[str, list[dict]]:
+    """Markdown and the facts behind it (per group and metric: best, second, p-value)."""
+    rows_out, facts = [], []
+    chosen = [r for r in records if "table2" in r.get("tags", [])]
+    metrics = metric_names(chosen)
+    for (dataset, model, budget), group in sorted(_groups(chosen, lambda r: (r["dataset"], r["model"], budget_of(r))).items(),
+                                                   key=lambda kv: tuple(map(str, kv[0]))):
+        by_method = _groups(group, lambda r: r["method"])
+        values = {m: {k: [r["test"][k] for r in rs if k in r["test"]] for k in metrics} for m, rs in by_method.items()}
+        marks: dict[tuple[str, str], str] = {}
+        for k in metrics:
+            ranked = sorted((m for m in values if values[m][k]), key=lambda m: -mean_std(values[m][k])[0])
+            if not ranked:
+                continue
+            marks[(ranked[0], k)] = "best"
+            fact = {"dataset": dataset, "model": model, "budget": budget, "metric": k, "best": ranked[0],
+                    "best_mean": mean_std(values[ranked[0]][k])[0], "n_seeds": len(values[ranked[0]][k])}
+            if len(ranked) > 1:
+                marks[(ranked[1], k)] = "second"
+                second_mean = mean_std(values[ranked[1]][k])[0]
+                p = one_sample_ttest(values[ranked[0]][k], second_mean)
+                fact.update(second=ranked[1], second_mean=second_mean, p_value=p,
+                            significant=p is not None and p < SIGNIFICANCE_LEVEL)
+                if fact["significant"]:
+                    marks[(ranked[0], k)] = "best*"
+            facts.append(fact)
+        header = ["dataset", "model", "budget", "method", "seeds", *metrics]
+        for method in by_method:
+            cells = []
+            for k in metrics:
+                if not values[method][k]:
+                    cells.append("-")
+                    continue
+                m, s = mean_std(values[method][k])
+                text = f"{m:.4f} ± {s:.4f}" if len(values[method][k]) > 1 else f"{m:.4f}"
+                mark = marks.get((method, k))
+                text = (f"**{text}**" + ("\\*" if mark == "best*" else "")) if mark in ("best", "best*") else (
+                    f"<u>{text}</u>" if mark == "second" else text)
+                cells.append(text)
+            rows_out.append([dataset, model, budget, method, len(by_method[method]), *cells])
+    if not rows_out:
+        return "", facts
+    text = _markdown(header, rows_out)
+    text += (f"\n\nMean ± sample std over seeds; **bold** best, <u>underlined</u> second; \\* the best is significantly "
+             f"above the second (one-sample t-test of the best's per-seed values against the second's mean, "
+             f"p < {SIGNIFICANCE_LEVEL}).")
+    tested = [f for f in facts if f.get("p_value") is not None]
+    if tested:
+        text += "\n\n" + _markdown(["dataset", "model", "budget", "metric", "best", "second", "p-value"],
+                                   [[f["dataset"], f["model"], f["budget"], f["metric"], f["best"], f["second"],
+                                     f"{f['p_value']:.3g}"] for f in tested])
+    return text, facts
+
+
+def _mean_metrics(records: Sequence[dict], metrics: Sequence[str]) -> list[Optional[float]]:
+    return [float(np.mean([r["test"][k] for r in records if k in r["test"]])) if any(k in r["test"] for r in records)
+            else None for k in metrics]
+
+
+def _pct(value: Optional[float], reference: Optional[float]) -> str:
+    if value is None or not reference:
+        return "-"
+    return f"{100.0 * (value - reference) / reference:+.1f}%"
+
+
+def table3(records: Sequence[dict]) -> str:
+    chosen = [r for r in records if "table3" in r.get("tags", [])]
+    metrics = metric_names(chosen)
+    rows = []
+    for (dataset, model), group in _groups(chosen, lambda r: (r["dataset"], r["model"])).items():
+        full = [r for r in group if r["settings"].get("sampler") == "full"]
+        ref_metrics = _mean_metrics(full, metrics) if full else [None] * len(metrics)
+        ref_time = float(np.mean([r["fine_tuning_seconds"] or 0 for r in full])) if full else None
+        for (method, budget), rs in _groups(group, lambda r: (r["method"], budget_of(r))).items():
+            means = _mean_metrics(rs, metrics)
+            tune = float(np.mean([r["fine_tuning_seconds"] or 0 for r in rs]))
+            select = float(np.mean([r["selection_seconds"] or 0 for r in rs]))
+            row = [dataset, model, method, budget, *[_fmt(m) for m in means], f"{tune:.0f}", f"{select:.0f}"]
+            if budget != "full":
+                row += [" / ".join(_pct(m, ref) for m, ref in zip(means, ref_metrics)), _pct(tune + select, ref_time)]
+            else:
+                row += ["reference", "reference"]
+            rows.append(row)
+    if not rows:
+        return ""
+    header = ["dataset", "model", "method", "budget", *metrics, "fine-tuning s", "selection s",
+              f"% change vs full ({', '.join(metrics)})", "% change of time (fine-tuning + selection)"]
+    return _markdown(header, rows) + ("\n\nSelection seconds: every signal's own compute time (kept with its cache "
+                                      "entry, so a cell that reused it still reports it) plus the selection step.")
+
+
+def table4(records: Sequence[dict]) -> str:
+    chosen = [r for r in records if "table4" in r.get("tags", [])]
+    metrics = metric_names(chosen)
+    rows = []
+    for (dataset, model, surrogate), rs in _groups(
+            chosen, lambda r: (r["dataset"], r["model"], r["settings"].get("surrogate_model") or "SASRec")).items():
+        surrogate_s = max((r.get("seconds", {}).get("surrogate") or 0.0) for r in rs)
+        influence_s = max((r.get("signal_seconds", {}).get("influence") or 0.0) for r in rs)
+        rows.append([dataset, model, surrogate, len(rs), *[_fmt(m) for m in _mean_metrics(rs, metrics)],
+                     f"{surrogate_s:.0f}", f"{influence_s:.0f}"])
+    if not rows:
+        return ""
+    return _markdown(["dataset", "model", "surrogate", "cells", *metrics, "surrogate training s",
+                      "influence s (incl. surrogate)"], rows)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def figure4(records: Sequence[dict], out_dir: str) -> list[str]:
+    """Grouped bars: each ablation and DEALRec (the table-2 DEALRec cells of the same budget), mean over seeds."""
+    ablations = [r for r in records if "figure4" in r.get("tags", [])]
+    paths = []
+    for (dataset, model), group in _groups(ablations, lambda r: (r["dataset"], r["model"])).items():
+        budgets = {budget_of(r) for r in group}
+        reference = [r for r in records if "table2" in r.get("tags", []) and r["settings"].get("sampler") == "dealrec"
+                     and r["dataset"] == dataset and r["model"] == model and budget_of(r) in budgets]
+        rs = reference + [r for r in group if r not in reference]
+        metrics = metric_names(rs)
+        methods = list(dict.fromkeys(r["method"] for r in rs))
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(1.8 + 1.5 * len(metrics), 3.2))
+        width = 0.8 / max(1, len(methods))
+        for i, method in enumerate(methods):
+            means = _mean_metrics([r for r in rs if r["method"] == method], metrics)
+            ax.bar(np.arange(len(metrics)) + i * width, [m or 0 for m in means], width, label=method)
+        ax.set_xticks(np.arange(len(metrics)) + width * (len(methods) - 1) / 2, metrics)
+        ax.set_title(f"Ablation: {model} on {dataset}")
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, os.path.join(out_dir, f"figure4_ablation_{dataset}_{model}.png")))
+    return paths
+
+
+def _sweep(records: Sequence[dict], tag: str, x_of, xlabel: str, name: str, title: str, out_dir: str,
+           with_time: bool = False) -> list[str]:
+    chosen = [r for r in records if tag in r.get("tags", [])]
+    paths = []
+    for (dataset, model), group in _groups(chosen, lambda r: (r["dataset"], r["model"])).items():
+        full = [r for r in records if r["settings"].get("sampler") == "full" and r["dataset"] == dataset
+                and r["model"] == model]
+        points = [r for r in group if r["settings"].get("sampler") != "full" and x_of(r) is not None]
+        metrics = metric_names(points)[:2]
+        if not points or not metrics:
+            continue
+        plt = _pyplot()
+        panels = len(metrics) + (1 if with_time else 0)
+        fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.0), squeeze=False)
+        for method, rs in _groups(points, lambda r: r["method"]).items():
+            xs = sorted({x_of(r) for r in rs})
+            for ax, k in zip(axes[0], metrics):
+                ax.plot(xs, [np.mean([r["test"][k] for r in rs if x_of(r) == x]) for x in xs], marker="o", label=method)
+            if with_time:
+                axes[0][-1].plot(xs, [np.mean([(r["fine_tuning_seconds"] or 0) + (r["selection_seconds"] or 0)
+                                               for r in rs if x_of(r) == x]) for x in xs], marker="o", label=method)
+        for ax, k in zip(axes[0], metrics):
+            if full:
+                ax.axhline(np.mean([r["test"][k] for r in full]), color="gray", linestyle="--", label="full")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(k)
+        if with_time:
+            if full:
+                axes[0][-1].axhline(np.mean([r["fine_tuning_seconds"] or 0 for r in full]), color="gray",
+                                    linestyle="--", label="full")
+            axes[0][-1].set_xlabel(xlabel)
+            axes[0][-1].set_ylabel("selection + fine-tuning s")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{title}: {model} on {dataset}")
+        paths.append(_save(fig, os.path.join(out_dir, f"{name}_{dataset}_{model}.png")))
+    return paths
+
+
+def write_report(records: Sequence[dict], out_dir: str) -> dict:
+    """Write ``report.md`` and the figures under ``out_dir``; return ``{"report": path, "figures": [...],
+    "table2_facts": [...]}``."""
+    os.makedirs(out_dir, exist_ok=True)
+    ok = ok_records(records)
+    failed = [r for r in records if r.get("status") == "failed" and r["cell"] not in {o["cell"] for o in ok}]
+    t2, facts = table2(ok)
+    figures = figure4(ok, out_dir)
+    figures += _sweep(ok, "figure5", lambda r: r.get("selected_users"), "selected users", "figure5_ratio",
+                      "Selection budget", out_dir, with_time=True)
+    figures += _sweep(ok, "figure7", lambda r: r["settings"].get("dealrec_lambda"), "lambda", "figure7_lambda",
+                      "Lambda", out_dir)
+    grids = sorted({str(r.get("grid")) for r in records})
+    parts = [f"# Results of grid {', '.join(grids)}", "",
+             f"{len(ok)} finished cells, {len(failed)} failed (not re-run since)."]
+    for title, body in (("Table 2: methods", t2), ("Table 3: few-shot vs full fine-tuning", table3(ok)),
+                        ("Table 4: surrogates", table4(ok))):
+        if body:
+            parts += ["", f"## {title}", "", body]
+    if figures:
+        parts += ["", "## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figures]
+    if failed:
+        parts += ["", "## Failed cells", ""] + [f"- `{r['cell']}` {r['method']} {r['model']}: {r['error']}"
+                                               for r in failed]
+    seconds = [r.get("wall_seconds") or 0 for r in ok]
+    parts += ["", f"Cells' wall time: {sum(seconds) / 60:.1f} min in all."]
+    path = os.path.join(out_dir, "report.md")
+    with atomic_write(path, encoding="utf-8") as handle:
+        handle.write("\n".join(parts) + "\n")
+    return {"report": path, "figures": figures, "table2_facts": facts}

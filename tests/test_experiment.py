@@ -1,0 +1,221 @@
+"""Experiment grids: expansion, checks before the first cell, resume, failing cells, report tables and figures."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import TINY_SASREC
+from recbole_dealrec.experiment import expand_grid, load_grid, read_results, run_grid, write_report
+from recbole_dealrec.experiment.__main__ import main as experiment_main
+from recbole_dealrec.experiment.report import one_sample_ttest, table2, table3
+from recbole_dealrec.registry import ConfigError
+
+SMOKE_GRID = os.path.join(os.path.dirname(__file__), "..", "run_scripts", "grids", "smoke.yaml")
+
+
+def spec(**extra):
+    base = {
+        "name": "g",
+        "settings": {"epochs": 1},
+        "models": ["SASRec"],
+        "samplers": {"Random": {"sampler": "random"}, "DEALRec": {"sampler": "dealrec"}, "Full": {"sampler": "full"}},
+        "budgets": [10, 0.5],
+        "lambdas": [0.0, 1.0],
+        "seeds": [1, 2],
+    }
+    return {**base, **extra}
+
+
+def test_expansion_product_and_axes_that_do_not_apply():
+    cells = expand_grid(spec()).cells
+    by_method = {m: [c for c in cells if c.method == m] for m in ("Random", "DEALRec", "Full")}
+    assert len(by_method["Random"]) == 2 * 2  # budgets x seeds; no lambda axis
+    assert len(by_method["DEALRec"]) == 2 * 2 * 2  # budgets x lambdas x seeds
+    assert len(by_method["Full"]) == 2  # seeds only: full has no budget
+    assert all("selection_num" not in c.settings and "selection_ratio" not in c.settings for c in by_method["Full"])
+    assert {c.settings.get("selection_ratio") for c in by_method["Random"]} == {None, 0.5}
+    assert {c.settings["dealrec_lambda"] for c in by_method["DEALRec"]} == {0.0, 1.0}
+    assert all("dealrec_lambda" not in c.settings for c in by_method["Random"])
+    assert len({c.key for c in cells}) == len(cells)
+
+
+def test_cell_keys_are_stable_and_ignore_where_outputs_go():
+    first = [c.key for c in expand_grid(spec()).cells]
+    reordered = dict(reversed(list(spec().items())))
+    assert [c.key for c in expand_grid(reordered).cells] == first
+    moved = expand_grid(spec(), overrides={"output_dir": "/elsewhere", "show_progress": True}).cells
+    assert [c.key for c in moved] == first
+    changed = expand_grid(spec(), overrides={"epochs": 2}).cells
+    assert not set(c.key for c in changed) & set(first)
+    # a fixed spec has a fixed key: a results file stays valid across sessions and machines
+    one = expand_grid({"name": "g", "models": ["SASRec"], "samplers": ["random"], "budgets": [5], "seeds": [1]})
+    assert one.cells[0].key == expand_grid({"name": "g", "models": ["SASRec"], "samplers": ["random"],
+                                            "budgets": [5], "seeds": [1]}).cells[0].key
+
+
+def test_blocks_override_axes_and_share_cells():
+    grid = expand_grid(spec(blocks=[
+        {"name": "a", "report": ["table2"], "samplers": ["random"], "budgets": [10], "seeds": [1]},
+        {"name": "b", "report": ["figure5"], "samplers": ["random"], "budgets": [10, 20], "seeds": [1]},
+    ]))
+    assert len(grid.cells) == 2  # random-10-seed1 reached from both blocks is one cell
+    shared = [c for c in grid.cells if c.settings["selection_num"] == 10][0]
+    assert shared.tags == ("table2", "figure5") and shared.block == "a"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"nmae": "x"}, r"unknown key\(s\) \['nmae'\]"),
+    ({"seeds": []}, r"axis 'seeds' is empty"),
+    ({"samplers": {}}, r"axis 'samplers' is empty"),
+    ({"budgets": [1.5]}, r"a float budget is a ratio"),
+    ({"name": None}, r"`name`"),
+    ({"blocks": [{"name": "a", "report": ["table9"]}]}, r"report \['table9'\] unknown"),
+    ({"blocks": [{"name": "a", "lambda": [1]}]}, r"unknown key\(s\) \['lambda'\]"),
+])
+def test_bad_grid_structure_fails_naming_the_key(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        expand_grid(spec(**bad))
+
+
+def tiny_grid(tmp_path, **extra):
+    body = {
+        "name": "tiny",
+        "settings": {**TINY_SASREC, "output_dir": str(tmp_path / "out"), "checkpoint_dir": str(tmp_path / "ckpt")},
+        "models": ["SASRec"], "samplers": {"Random": {"sampler": "random"}}, "budgets": [50], "seeds": [1, 2],
+        **extra,
+    }
+    return expand_grid(body)
+
+
+def test_bad_cells_fail_before_the_first_cell_runs(tmp_path):
+    results = str(tmp_path / "r.jsonl")
+    bad_key = tiny_grid(tmp_path, samplers={"Random": {"sampler": "random", "selection_nmu": 3}})
+    with pytest.raises(ConfigError, match=r"grid cell .*Random.*unknown key 'selection_nmu'"):
+        run_grid(bad_key, results)
+    cannot = tiny_grid(tmp_path, samplers={"CCS": {"sampler": "ccs", "ccs_beta": 2.0}})
+    with pytest.raises(ConfigError, match=r"grid cell .*CCS.*cannot run.*ccs_beta"):
+        run_grid(cannot, results)
+    assert not os.path.exists(results)
+
+
+def test_run_resume_failing_cell_and_foreign_results(tmp_path):
+    results = str(tmp_path / "r.jsonl")
+    grid = tiny_grid(tmp_path, blocks=[
+        {"name": "ok"},
+        # passes every pre-data check, fails on reading the data: recorded, and the grid goes on
+        {"name": "broken", "seeds": [3], "datasets": ["no-data"],
+         "settings": {**TINY_SASREC, "data_path": str(tmp_path)}},
+    ])
+    appended = run_grid(grid, results)
+    assert [r["status"] for r in appended] == ["ok", "ok", "failed"]
+    broken = appended[2]
+    assert "no-data" in broken["error"] and "Traceback" in broken["traceback"]
+    ok = appended[0]
+    assert set(ok["test"]) >= {"recall@10", "ndcg@10"} and ok["selected_users"] == 50
+    assert ok["seconds"]["training"] > 0 and ok["fine_tuning_seconds"] == ok["seconds"]["training"]
+    assert ok["peak_rss_mb"] > 0 and ok["code"]["package"] and os.path.isdir(ok["selection_folder"])
+    assert ok["settings"]["seed"] == 1 and ok["grid"] == "tiny"
+    assert len(read_results(results)) == 3
+
+    # resume: finished cells are skipped, the failed one is tried again (and fails again)
+    again = run_grid(grid, results)
+    assert [r["cell"] for r in again] == [broken["cell"]]
+    assert run_grid(grid, results, retry_failed=False) == []
+
+    # a torn last line (a killed run) is ignored, not fatal
+    with open(results, "a") as handle:
+        handle.write('{"grid": "tiny", "cell"')
+    assert len(read_results(results)) == 4
+
+    other = expand_grid({**{"name": "other"}, "models": ["SASRec"], "samplers": ["random"], "budgets": [5]})
+    with pytest.raises(ConfigError, match=r"holds records of grid\(s\) \['tiny'\], not of 'other'"):
+        run_grid(other, results)
+
+
+def synthetic(method, values, metric="recall@10", tags=("table2",), **settings):
+    out = []
+    for seed, value in enumerate(values):
+        cell = f"{method}-{seed}-{settings}"
+        out.append({"status": "ok", "grid": "s", "cell": cell, "method": method, "model": "M", "dataset": "d",
+                    "tags": list(tags), "settings": {"sampler": method.lower(), "selection_num": 8, "seed": seed,
+                                                     **settings},
+                    "test": {metric: value, "ndcg@10": value / 2}, "fine_tuning_seconds": 10.0,
+                    "selection_seconds": 2.0, "selected_users": settings.get("selection_num", 8),
+                    "seconds": {"training": 10.0}, "wall_seconds": 12.0})
+    return out
+
+
+def test_table2_marks_and_ttest_match_scipy():
+    best, second = [0.30, 0.32, 0.31], [0.20, 0.22, 0.21]
+    records = synthetic("A", best) + synthetic("B", second) + synthetic("C", [0.1, 0.1, 0.11])
+    text, facts = table2(records)
+    fact = [f for f in facts if f["metric"] == "recall@10"][0]
+    assert fact["best"] == "A" and fact["second"] == "B"
+    # the t statistic by hand, the p-value from scipy's t distribution
+    mean, sd = np.mean(best), np.std(best, ddof=1)
+    t = (mean - np.mean(second)) / (sd / math.sqrt(3))
+    assert fact["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), df=2), rel=1e-9)
+    assert fact["significant"] == (fact["p_value"] < 0.01)
+    assert one_sample_ttest([0.2], 0.1) is None and one_sample_ttest([0.2, 0.2], 0.1) is None
+    row_a = [line for line in text.splitlines() if "| A |" in line][0]
+    row_b = [line for line in text.splitlines() if "| B |" in line][0]
+    assert "**0.3100 ± 0.0100**" in row_a and "<u>0.2100 ± 0.0100</u>" in row_b
+    assert "**" not in [line for line in text.splitlines() if "| C |" in line][0]
+
+
+def test_table3_percent_change_against_full():
+    full = synthetic("Full", [0.2], tags=("table3",))
+    full[0]["settings"] = {"sampler": "full", "seed": 0}
+    full[0]["fine_tuning_seconds"] = 100.0
+    few = synthetic("DEALRec", [0.25], tags=("table3",))
+    text = table3(full + few)
+    row = [line for line in text.splitlines() if "| DEALRec |" in line][0]
+    assert "+25.0%" in row  # recall 0.25 vs 0.2
+    assert "-88.0%" in row  # time (10 + 2) vs 100
+
+
+def test_report_writes_tables_and_figures(tmp_path):
+    records = synthetic("DEALRec", [0.3, 0.31]) + synthetic("Random", [0.2, 0.25])
+    records += synthetic("w/o effort", [0.25], tags=("figure4",), dealrec_lambda=0)
+    for n, v in ((4, 0.1), (16, 0.3)):
+        records += synthetic("Random", [v], tags=("figure5",), selection_num=n)
+    for lam, v in ((0.1, 0.2), (1.0, 0.3)):
+        records += synthetic("DEALRec", [v], tags=("figure7",), dealrec_lambda=lam)
+    records.append({"status": "failed", "cell": "x", "method": "EL2N", "model": "M", "error": "boom", "grid": "s"})
+    out = write_report(records, str(tmp_path / "rep"))
+    text = open(out["report"]).read()
+    assert "## Table 2" in text and "boom" in text
+    names = sorted(os.path.basename(p) for p in out["figures"])
+    assert names == ["figure4_ablation_d_M.png", "figure5_ratio_d_M.png", "figure7_lambda_d_M.png"]
+    for path in out["figures"]:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_smoke_grid_end_to_end(tmp_path, monkeypatch):
+    """The shipped smoke grid (tiny TIGER on ml-100k), run by the CLI, then reported."""
+    monkeypatch.chdir(tmp_path)  # RecBole writes ./log
+    results, report = str(tmp_path / "smoke.jsonl"), str(tmp_path / "report")
+    grid = load_grid(SMOKE_GRID)
+    assert {"table2", "table3", "table4", "figure4", "figure5", "figure7"} <= {t for c in grid.cells for t in c.tags}
+    experiment_main(["run", SMOKE_GRID, "--results", results, "--report", report, "--set", f"output_dir={tmp_path / 'out'}"])
+    records = read_results(results)
+    assert len(records) == len(grid.cells) and all(r["status"] == "ok" for r in records), \
+        [r.get("error") for r in records]
+    dealrec = [r for r in records if r["method"] == "DEALRec" and "table2" in r["tags"]]
+    # the surrogate's seed is fixed in the grid: the influence scores computed by the first DEALRec cell are reused
+    # (same cache entry, same compute time reported) by the second seed's cell
+    assert dealrec[0]["signal_seconds"]["influence"] == dealrec[1]["signal_seconds"]["influence"]
+    assert dealrec[1]["seconds"]["influence signal"] < dealrec[0]["seconds"]["influence signal"]
+    text = open(os.path.join(report, "report.md")).read()
+    for heading in ("## Table 2", "## Table 3", "## Table 4", "figure4_ablation", "figure5_ratio", "figure7_lambda"):
+        assert heading in text
+    assert "| GRU4Rec |" in text
+    # resume: nothing left to run
+    experiment_main(["run", SMOKE_GRID, "--results", results, "--set", f"output_dir={tmp_path / 'out'}"])
+    assert len(read_results(results)) == len(records)
+    assert json.loads(open(results).readline())["grid"] == "smoke"
