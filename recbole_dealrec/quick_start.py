@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from logging import getLogger
 from typing import Any, Optional, Sequence
 
@@ -20,6 +21,7 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_dealrec.config import DealrecConfig, check_known_keys, user_keys
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
+from recbole_dealrec.evaluation import capture_user_results, save_user_results
 from recbole_dealrec.export import save_selection, selection_dir
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.report import write_report
@@ -104,8 +106,13 @@ def run_recbole(
     last = getattr(trainer, "last_model_file", None)
     if last and os.path.isfile(last):  # only a resume needs it, and this training finished
         os.unlink(last)
-    with timer("test evaluation"):
+    user_results_file = config["test_user_results_file"]
+    capture = capture_user_results(trainer, dataset_obj.uid_field, max(config["topk"]),
+                                   with_loss=bool(config["test_user_loss"])) if user_results_file else nullcontext({})
+    with timer("test evaluation"), capture as per_user:
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    if user_results_file:
+        save_user_results(user_results_file, per_user, dataset_obj)
     summary["seconds"] = timer.seconds
     summary["checkpoint"] = trainer.saved_model_file if saved and os.path.isfile(trainer.saved_model_file) else None
 

@@ -27,9 +27,9 @@ from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.model.bigrec.grounding import (
     GROUNDING_BEAMS,
     POOLINGS,
-    beam_weights,
-    ground_beams,
+    ground_answers,
     last_token_embeddings,
+    title_index,
 )
 from recbole_dealrec.model.bigrec.llm import load_causal_lm, resolve_llm_path
 from recbole_dealrec.quick_start import run_recbole
@@ -55,33 +55,23 @@ def regrounded_metrics(generations: dict, targets: dict[int, set[int]], populari
     """Hits@K, Recall@K and NDCG@K of the answers under every (beams, pooling, popularity gamma) grounding."""
     titles = generations["item_titles"]
     rows = generations["rows"]
-    title_items: dict[str, list[int]] = {}
-    for item, title in enumerate(titles[1:], start=1):
-        title_items.setdefault(title.strip(), []).append(item)
+    index = title_index(titles)
     out = {}
-    unique_answers = sorted({a for row in rows for a in row["answers"] if a})
     for pooling in POOLINGS:
         item_emb = last_token_embeddings(llm, tokenizer, titles[1:], batch_size=32, pooling=pooling)
         item_emb = torch.cat([torch.zeros(1, item_emb.shape[1]), item_emb])
+        unique_answers = sorted({a for row in rows for a in row["answers"] if a})
         table = dict(zip(unique_answers, last_token_embeddings(llm, tokenizer, unique_answers, batch_size=32,
                                                                pooling=pooling)))
+
+        def embed(texts: list[str]) -> torch.Tensor:
+            return torch.stack([table[t] for t in texts])
+
         for beams_mode, gamma in [(m, g) for m in GROUNDING_BEAMS for g in gammas]:
             hits, recall, ndcg = 0, 0.0, 0.0
             for row in rows:
-                answers = row["answers"][:1] if beams_mode == "top" else row["answers"]
-                valid = torch.tensor([[bool(a) for a in answers]])
-                raw = torch.zeros(1, len(answers)) if beams_mode == "top" else torch.tensor([row["scores"][: len(answers)]])
-                weights = beam_weights(raw, valid)
-                emb = torch.zeros(len(answers), item_emb.shape[1])
-                for k, a in enumerate(answers):
-                    if a:
-                        emb[k] = table[a]
-                exact = [[[i - 1 for i in title_items.get(a.strip(), [])] if a else [] for a in answers]] \
-                    if beams_mode == "all" else ()
-                scores = torch.zeros(len(titles), dtype=torch.float64)
-                if valid.any():  # as BIGRec._ground: item 0 (padding) left out
-                    scores[1:] = ground_beams(emb[None], weights, item_emb[1:], exact, popularity[1:], gamma)[0]
-                scores[0] = -math.inf
+                scores = ground_answers([row["answers"]], torch.tensor([row["scores"]]), embed, item_emb, index,
+                                        beams_mode, popularity, gamma)[0]
                 # RecBole's full sort: ties broken by item id order (torch.topk is stable enough here for a report)
                 top = scores.topk(K).indices.tolist()
                 target = targets[row["user"]]

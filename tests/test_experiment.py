@@ -137,6 +137,29 @@ def test_run_resume_failing_cell_and_foreign_results(tmp_path):
         run_grid(other, results)
 
 
+def test_per_user_test_results_reproduce_recbole_metrics(tmp_path):
+    """The per-user hits captured during RecBole's own evaluation average to its Recall/NDCG; the per-user loss
+    is the trained model's loss on that user's test row alone."""
+    from recbole_dealrec.evaluation import load_user_results, per_user_metrics
+    from recbole_dealrec.quick_start import run_recbole
+
+    path = str(tmp_path / "users.npz")
+    config = {**TINY_SASREC, "output_dir": str(tmp_path / "out"), "checkpoint_dir": str(tmp_path / "ckpt"),
+              "sampler": "random", "selection_num": 100, "test_user_results_file": path, "test_user_loss": True}
+    result = run_recbole("SASRec", config_dict=config)
+    users = load_user_results(path)
+    assert len(users["user_id"]) == len(set(users["user_id"])) == 943 and users["hits"].shape == (943, 20)
+    for k in (10, 20):
+        metrics = per_user_metrics(users["hits"], users["n_targets"], k)
+        assert metrics[f"recall@{k}"].mean() == pytest.approx(result["test_result"][f"recall@{k}"], abs=1e-4)
+        assert metrics[f"ndcg@{k}"].mean() == pytest.approx(result["test_result"][f"ndcg@{k}"], abs=1e-4)
+    # SASRec's CE loss of a user's test row = -log softmax(logits)[target]: positive, and lower where the target
+    # made the top 20 than where it did not
+    assert np.all(users["loss"] > 0)
+    hit = users["hits"].any(1)
+    assert 0 < hit.sum() < len(hit) and users["loss"][hit].mean() < users["loss"][~hit].mean()
+
+
 def synthetic(method, values, metric="recall@10", tags=("table2",), **settings):
     out = []
     for seed, value in enumerate(values):
@@ -214,7 +237,14 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch):
     text = open(os.path.join(report, "report.md")).read()
     for heading in ("## Table 2", "## Table 3", "## Table 4", "figure4_ablation", "figure5_ratio", "figure7_lambda"):
         assert heading in text
-    assert "| GRU4Rec |" in text
+    assert "| GRU4Rec |" in text and "## Figure 6" in text and "figure6_groups" in text
+    from recbole_dealrec.evaluation import load_user_results, per_user_metrics
+
+    for record in [r for r in records if "figure6" in r["tags"]]:
+        users = load_user_results(os.path.join(str(tmp_path), record["user_results"]))
+        recall = per_user_metrics(users["hits"], users["n_targets"], 10)["recall@10"]
+        assert len(recall) == 64 and recall.mean() == pytest.approx(record["test"]["recall@10"], abs=1e-4)
+        assert np.isfinite(users["loss"]).all()
     # resume: nothing left to run
     experiment_main(["run", SMOKE_GRID, "--results", results, "--set", f"output_dir={tmp_path / 'out'}"])
     assert len(read_results(results)) == len(records)

@@ -61,11 +61,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             blocks = [b for b in (args.blocks or "").split(",") if b] or None
             run_grid(grid, results, retry_failed=not args.no_retry_failed, only_blocks=blocks)
             if args.report:
-                print(write_report(read_results(results), args.report)["report"])
+                print(write_report(read_results(results), args.report, os.path.dirname(os.path.abspath(results)))["report"])
         else:
             if not os.path.isfile(args.results):
                 raise ConfigError(f"results file {args.results!r} not found")
-            print(write_report(read_results(args.results), args.out)["report"])
+            print(write_report(read_results(args.results), args.out, os.path.dirname(os.path.abspath(args.results)))["report"])
     except ConfigError as error:
         parser.exit(2, f"experiment: error: {error}\n")
 

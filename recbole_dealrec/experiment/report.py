@@ -8,6 +8,7 @@
 - Table 4 (``table4``): DEALRec with each surrogate: metrics, surrogate and influence seconds.
 - Figure 4 (``figure4``): ablations beside DEALRec (the ``table2`` DEALRec cells of the same budget).
 - Figure 5 (``figure5``): metric and seconds vs the number of selected users, full fine-tuning as a line.
+- Figure 6 (``figure6``): test users in three groups by the Random model's test loss, each method per group.
 - Figure 7 (``figure7``): metric vs ``dealrec_lambda``.
 """
 from __future__ import annotations
@@ -277,9 +278,72 @@ def _sweep(records: Sequence[dict], tag: str, x_of, xlabel: str, name: str, titl
     return paths
 
 
-def write_report(records: Sequence[dict], out_dir: str) -> dict:
+GROUPS = ("easy", "medium", "hard")
+
+
+def difficulty_groups(records: Sequence[dict], results_dir: str) -> list[dict]:
+    """Figure 6's numbers: per (dataset, model), the test users split into three equal groups by the loss of the
+    ``figure6`` Random cell's model on their test sample (lowest loss = easy), and each ``figure6`` method's mean
+    per-user metrics in each group. Cells without per-user results are left out."""
+    from recbole_dealrec.evaluation import load_user_results, per_user_metrics
+
+    chosen = [r for r in records if "figure6" in r.get("tags", []) and r.get("user_results")]
+    rows = []
+    for (dataset, model), group in _groups(chosen, lambda r: (r["dataset"], r["model"])).items():
+        reference = sorted((r for r in group if r["settings"].get("sampler") == "random"),
+                           key=lambda r: r["settings"].get("seed") or 0)
+        if not reference:
+            continue
+        ref = load_user_results(os.path.join(results_dir, reference[0]["user_results"]))
+        order = np.argsort(ref["loss"], kind="stable")
+        group_of = {}
+        for g, part in enumerate(np.array_split(order, len(GROUPS))):
+            group_of.update({str(ref["user_id"][i]): g for i in part})
+        for r in group:
+            users = load_user_results(os.path.join(results_dir, r["user_results"]))
+            k_max = users["hits"].shape[1]
+            ks = sorted({min(10, k_max), k_max})
+            metrics = {}
+            for k in ks:
+                metrics.update(per_user_metrics(users["hits"], users["n_targets"], k))
+            labels = np.array([group_of.get(str(u), -1) for u in users["user_id"]])
+            for g, name in enumerate(GROUPS):
+                mask = labels == g
+                rows.append({"dataset": dataset, "model": model, "method": r["method"], "seed": r["settings"].get("seed"),
+                             "group": name, "users": int(mask.sum()),
+                             "loss_range": [float(ref["loss"][order][0]), float(ref["loss"][order][-1])],
+                             **{m: float(v[mask].mean()) if mask.any() else float("nan") for m, v in metrics.items()}})
+    return rows
+
+
+def figure6(rows: Sequence[dict], out_dir: str) -> tuple[str, list[str]]:
+    if not rows:
+        return "", []
+    metrics = [k for k in rows[0] if "@" in k]
+    text = _markdown(["dataset", "model", "method", "group", "users", *metrics],
+                     [[r["dataset"], r["model"], r["method"], r["group"], r["users"], *[_fmt(r[m]) for m in metrics]]
+                      for r in rows])
+    paths = []
+    for (dataset, model), group in _groups(rows, lambda r: (r["dataset"], r["model"])).items():
+        methods = list(dict.fromkeys(r["method"] for r in group))
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.0), squeeze=False)
+        width = 0.8 / len(methods)
+        for ax, m in zip(axes[0], metrics):
+            for i, method in enumerate(methods):
+                values = [np.mean([r[m] for r in group if r["method"] == method and r["group"] == g]) for g in GROUPS]
+                ax.bar(np.arange(len(GROUPS)) + i * width, values, width, label=method)
+            ax.set_xticks(np.arange(len(GROUPS)) + width * (len(methods) - 1) / 2, GROUPS)
+            ax.set_ylabel(m)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"Users by difficulty (loss of the Random model): {model} on {dataset}")
+        paths.append(_save(fig, os.path.join(out_dir, f"figure6_groups_{dataset}_{model}.png")))
+    return text, paths
+
+
+def write_report(records: Sequence[dict], out_dir: str, results_dir: str = ".") -> dict:
     """Write ``report.md`` and the figures under ``out_dir``; return ``{"report": path, "figures": [...],
-    "table2_facts": [...]}``."""
+    "table2_facts": [...]}``. ``results_dir``: the results file's folder (per-user results are relative to it)."""
     os.makedirs(out_dir, exist_ok=True)
     ok = ok_records(records)
     failed = [r for r in records if r.get("status") == "failed" and r["cell"] not in {o["cell"] for o in ok}]
@@ -287,6 +351,8 @@ def write_report(records: Sequence[dict], out_dir: str) -> dict:
     figures = figure4(ok, out_dir)
     figures += _sweep(ok, "figure5", lambda r: r.get("selected_users"), "selected users", "figure5_ratio",
                       "Selection budget", out_dir, with_time=True)
+    f6_text, f6_paths = figure6(difficulty_groups(ok, results_dir), out_dir)
+    figures += f6_paths
     figures += _sweep(ok, "figure7", lambda r: r["settings"].get("dealrec_lambda"), "lambda", "figure7_lambda",
                       "Lambda", out_dir)
     grids = sorted({str(r.get("grid")) for r in records})
@@ -296,6 +362,10 @@ def write_report(records: Sequence[dict], out_dir: str) -> dict:
                         ("Table 4: surrogates", table4(ok))):
         if body:
             parts += ["", f"## {title}", "", body]
+    if f6_text:
+        parts += ["", "## Figure 6: users by difficulty", "",
+                  "Test users split into three equal groups by the test loss of the Random cell's model (easy = "
+                  "lowest); each method's mean per-user metrics in each group.", "", f6_text]
     if figures:
         parts += ["", "## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figures]
     if failed:

@@ -7,6 +7,7 @@ and the grid goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import json
@@ -17,7 +18,7 @@ import sys
 import time
 import traceback
 from logging import getLogger
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from tqdm import tqdm
 
@@ -88,11 +89,19 @@ def _number(value: Any) -> Any:
         return value
 
 
-def run_cell(cell: Cell, run: Optional[Callable[..., dict]] = None) -> dict:
-    """Run one cell; return its record (``status`` ``ok`` or ``failed`` with the error)."""
+def user_results_path(results_path: str, cell: Cell) -> str:
+    """Where a Figure-6 cell's per-user test results go: ``<results stem>-users/<cell key>.npz``."""
+    return os.path.join(os.path.splitext(os.path.abspath(results_path))[0] + "-users", f"{cell.key}.npz")
+
+
+def run_cell(cell: Cell, user_results: Optional[str] = None) -> dict:
+    """Run one cell; return its record (``status`` ``ok`` or ``failed`` with the error). ``user_results``: also
+    write each test user's hits and loss there (the run's ``test_user_results_file``)."""
     from recbole_dealrec.quick_start import run_recbole
 
-    run = run or run_recbole
+    settings = dict(cell.settings)
+    if user_results:
+        settings.update(test_user_results_file=user_results, test_user_loss=True)
     record: dict[str, Any] = {
         "version": RECORD_VERSION, "grid": cell.grid, "cell": cell.key, "block": cell.block, "tags": list(cell.tags),
         "method": cell.method, "model": cell.model, "dataset": cell.dataset, "settings": cell.settings,
@@ -101,7 +110,7 @@ def run_cell(cell: Cell, run: Optional[Callable[..., dict]] = None) -> dict:
     }
     start = time.perf_counter()
     try:
-        result = run(cell.model, cell.dataset, list(cell.config_files), dict(cell.settings))
+        result = run_recbole(cell.model, cell.dataset, list(cell.config_files), settings)
     except Exception as error:  # a failing cell is a result, not the grid's end
         record.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
     else:
@@ -125,6 +134,8 @@ def run_cell(cell: Cell, run: Optional[Callable[..., dict]] = None) -> dict:
             selected_users=selection.get("selected_users"),
             kept_train_samples=selection.get("kept_train_samples"),
             checkpoint=selection.get("checkpoint"),
+            # relative to the results file, so a results folder can move (the report resolves it)
+            user_results=user_results and os.path.join(*user_results.split(os.sep)[-2:]),
         )
     record["wall_seconds"] = round(time.perf_counter() - start, 2)
     record["peak_rss_mb"] = _peak_rss_mb()
@@ -133,11 +144,13 @@ def run_cell(cell: Cell, run: Optional[Callable[..., dict]] = None) -> dict:
 
 
 def run_grid(grid: Grid, results_path: str, retry_failed: bool = True, check: bool = True,
-             run: Optional[Callable[..., dict]] = None, only_blocks: Optional[list[str]] = None) -> list[dict]:
+             only_blocks: Optional[list[str]] = None) -> list[dict]:
     """Run every cell of ``grid`` not yet ``ok`` in ``results_path``; return the records this call appended.
 
     Before the first cell: the results file must belong to this grid (by name), and (``check``) every cell's
     keys pass the run's own pre-data checks. ``only_blocks`` runs those blocks only (a long grid in parts).
+    Several processes may run one grid on one results file (one per core): each claims a cell with a lock file
+    (``<results>.locks/<cell>``) and skips cells another has finished or holds.
     """
     existing = read_results(results_path)
     others = sorted({r.get("grid") for r in existing if r.get("grid") != grid.name}, key=str)
@@ -153,16 +166,62 @@ def run_grid(grid: Grid, results_path: str, retry_failed: bool = True, check: bo
         cells = [c for c in cells if c.block in only_blocks]
     if check:
         check_cells(cells)
-    done = {r["cell"] for r in existing if r.get("status") == "ok" or (not retry_failed and r.get("status"))}
-    todo = [c for c in cells if c.key not in done]
     logger = getLogger()
-    logger.info(f"grid {grid.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
+    logger.info(f"grid {grid.name!r}: {len(cells)} cells, "
+                f"{len(cells) - len(_todo(cells, existing, retry_failed))} already done")
     appended = []
-    for cell in tqdm(todo, desc=f"grid {grid.name}", unit="cell", file=sys.stderr):
-        tqdm.write(f"cell {cell.key}: {cell.describe()}", file=sys.stderr)
-        record = run_cell(cell, run)
-        append_record(results_path, record)
+    progress = tqdm(total=len(cells), desc=f"grid {grid.name}", unit="cell", file=sys.stderr)
+    for cell in cells:
+        # re-read before every cell: other workers on the same results file may have finished it meanwhile
+        if cell not in _todo([cell], read_results(results_path), retry_failed):
+            progress.update()
+            continue
+        lock = _lock(results_path, cell)
+        if lock is None:  # another live worker is running it
+            progress.update()
+            continue
+        try:
+            tqdm.write(f"cell {cell.key}: {cell.describe()}", file=sys.stderr)
+            users = user_results_path(results_path, cell) if "figure6" in cell.tags else None
+            record = run_cell(cell, users)
+            append_record(results_path, record)
+        finally:
+            os.unlink(lock)
         appended.append(record)
         status = record["status"] if record["status"] == "ok" else f"FAILED ({record['error']})"
         tqdm.write(f"cell {cell.key}: {status} in {record['wall_seconds']:.0f} s", file=sys.stderr)
+        progress.update()
+    progress.close()
     return appended
+
+
+def _todo(cells: list[Cell], records: list[dict], retry_failed: bool) -> list[Cell]:
+    done = {r["cell"] for r in records if r.get("status") == "ok" or (not retry_failed and r.get("status"))}
+    return [c for c in cells if c.key not in done]
+
+
+def _lock(results_path: str, cell: Cell) -> Optional[str]:
+    """Claim ``cell`` for this process (a file created exclusively beside the results); ``None`` when a live
+    process holds it. A lock left by a dead process is taken over. Lets several workers share one grid."""
+    folder = os.path.abspath(results_path) + ".locks"
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, cell.key)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as handle:
+                    pid = int(handle.read().strip() or 0)
+                os.kill(pid, 0)
+                return None  # alive
+            except (ProcessLookupError, ValueError):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # stale: its process is gone
+            except (PermissionError, FileNotFoundError):
+                return None
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        return path
+    return None

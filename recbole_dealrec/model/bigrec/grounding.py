@@ -12,7 +12,7 @@ distances weighted by the beams' probabilities.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -217,6 +217,56 @@ def ground_beams(
             if items and w[r, k] > 0:
                 index = torch.as_tensor(list(items), dtype=torch.long, device=scores.device)
                 scores[r, index] = torch.maximum(scores[r, index], 1.0 + w[r, k])
+    return scores
+
+
+def title_index(item_titles: Sequence[str]) -> dict[str, list[int]]:
+    """Stripped title -> the item ids carrying it (``item_titles[0]`` is RecBole's padding item, left out;
+    several items may share a title)."""
+    index: dict[str, list[int]] = {}
+    for item, title in enumerate(item_titles[1:], start=1):
+        index.setdefault(str(title).strip(), []).append(item)
+    return index
+
+
+def ground_answers(
+    answers: Sequence[Sequence[str]],
+    beam_scores: Optional[torch.Tensor],
+    embed: Callable[[list[str]], torch.Tensor],
+    item_emb: torch.Tensor,
+    titles: dict[str, list[int]],
+    beams: str = "all",
+    popularity: Optional[torch.Tensor] = None,
+    gamma: float = 0.0,
+) -> torch.Tensor:
+    """Scores [b, n_items + 1] (float64; column 0, the padding item, -inf) of each row's generated answers.
+
+    ``answers[r]``: row r's beams, best first; ``beam_scores`` [b, B] their sequence scores; ``embed`` maps texts to
+    base-LLM embeddings [len, h]; ``item_emb`` [n_items + 1, h] (row 0 = padding); ``titles`` from :func:`title_index`.
+    ``beams="top"`` (the paper): the top answer only, by L2 distance. ``"all"``: :func:`ground_beams` over every
+    answer (an exact title wins, then the weighted distances). Empty answers do not count; a row without any
+    answer scores every item 0 (all tied). ``gamma`` > 0: BIGRec's popularity weighting (``popularity`` [n_items + 1]).
+    """
+    b = len(answers)
+    rows = [list(row[:1]) if beams == "top" else list(row) for row in answers]
+    width = max((len(row) for row in rows), default=0)
+    valid = torch.tensor([[k < len(row) and bool(row[k]) for k in range(width)] for row in rows], dtype=torch.bool)
+    scores = torch.zeros(b, item_emb.shape[0], dtype=torch.float64)
+    if width and valid.any():
+        raw = torch.zeros(b, width) if beam_scores is None or beams == "top" else beam_scores[:, :width]
+        weights = beam_weights(raw, valid)
+        flat = [row[k] if valid[r, k] else "" for r, row in enumerate(rows) for k in range(width)]
+        nonempty = [i for i, t in enumerate(flat) if t]
+        emb = torch.zeros(len(flat), item_emb.shape[1], dtype=item_emb.dtype)
+        emb[nonempty] = embed([flat[i] for i in nonempty]).to(item_emb.dtype)
+        # exact titles as 0-based columns of item_emb[1:] (the padding item must not shape the normalisation)
+        exact = [[[i - 1 for i in titles.get(t.strip(), [])] if t else [] for t in row] for row in rows] \
+            if beams == "all" else ()
+        grounded = ground_beams(emb.reshape(b, width, -1), weights, item_emb[1:], exact,
+                                popularity=None if popularity is None else popularity[1:], gamma=gamma)
+        has_answer = valid.any(1)
+        scores[has_answer, 1:] = grounded[has_answer]
+    scores[:, 0] = -torch.inf
     return scores
 
 

@@ -18,16 +18,15 @@ import os
 from logging import getLogger
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from recbole_dealrec.data.items import read_item_titles
 from recbole_dealrec.model.bigrec.grounding import (
     GROUNDING_BEAMS,
     POOLINGS,
-    beam_weights,
-    ground_beams,
+    ground_answers,
     last_token_embeddings,
+    title_index,
     with_adapter_disabled,
 )
 from recbole_dealrec.model.bigrec.llm import add_lora, check_llm_path, load_causal_lm, resolve_llm_path
@@ -262,13 +261,16 @@ class BIGRec(GenerativeBackend):
         digest.update(f"pooling={self.grounding_pooling}".encode())
         return os.path.join(os.path.expanduser(str(folder)), f"item_emb-{digest.hexdigest()[:20]}.pt")
 
+    @property
+    def title_items(self) -> dict[str, list[int]]:
+        """Stripped title -> items carrying it (built once)."""
+        if self._title_items is None:
+            self._title_items = title_index(self.item_titles)
+        return self._title_items
+
     def items_titled(self, text: str) -> list[int]:
         """Items whose title is exactly ``text`` (several items may share a title)."""
-        if self._title_items is None:
-            self._title_items = {}
-            for item, title in enumerate(self.item_titles[1:], start=1):
-                self._title_items.setdefault(title.strip(), []).append(item)
-        return self._title_items.get(text.strip(), []) if text else []
+        return self.title_items.get(text.strip(), []) if text else []
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Base-LLM embeddings [len(texts), h] of texts (``bigrec_grounding_pooling``)."""
@@ -279,42 +281,11 @@ class BIGRec(GenerativeBackend):
 
     @torch.no_grad()
     def ground_texts(self, texts: Sequence[Sequence[str]], beam_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Scores [b, n_items] of each row's generated answers (column 0 = -inf).
-
-        ``bigrec_grounding_beams: top`` (the paper): -L2 distance of the top answer's base-LLM embedding to each
-        item title's. ``all``: :func:`~recbole_dealrec.model.bigrec.grounding.ground_beams` over every answer,
-        weighted by ``beam_scores`` [b, B]: an exact title wins, then the weighted distances. Empty answers
-        do not count; a row without any answer scores every item 0 (all tied).
-        """
-        item_emb = self.item_embeddings()
-        b = len(texts)
-        beams = [list(row[:1]) if self.grounding_beams == "top" else list(row) for row in texts]
-        width = max((len(row) for row in beams), default=0)
-        valid = torch.tensor([[k < len(row) and bool(row[k]) for k in range(width)] for row in beams], dtype=torch.bool)
-        scores = torch.zeros(b, item_emb.shape[0], dtype=torch.float64)
-        if valid.any():
-            if beam_scores is None or self.grounding_beams == "top":
-                raw = torch.zeros(b, width)
-            else:
-                raw = beam_scores[:, :width]
-            weights = beam_weights(raw, valid)
-            flat = [row[k] if valid[r, k] else "" for r, row in enumerate(beams) for k in range(width)]
-            nonempty = [i for i, t in enumerate(flat) if t]
-            emb = torch.zeros(len(flat), item_emb.shape[1], dtype=item_emb.dtype)
-            emb[nonempty] = self.embed_texts([flat[i] for i in nonempty]).to(item_emb.dtype)
-            exact = [[self.items_titled(t) for t in row] for row in beams] if self.grounding_beams == "all" else ()
-            grounded = self._ground(emb.reshape(b, width, -1), weights, item_emb, exact)
-            has_answer = valid.any(1)
-            scores[has_answer] = grounded[has_answer]
-        scores[:, 0] = -np.inf
-        return scores.float()
-
-    def _ground(self, emb, weights, item_emb, exact) -> torch.Tensor:
-        # Column 0 (padding) is set to -inf by the caller; it must not shape the popularity normalisation.
-        scores = torch.full((emb.shape[0], item_emb.shape[0]), -np.inf, dtype=torch.float64)
-        scores[:, 1:] = ground_beams(emb, weights, item_emb[1:], [[[i - 1 for i in items] for items in row] for row in exact],
-                                     popularity=self.popularity[1:], gamma=self.popularity_gamma)
-        return scores
+        """Scores [b, n_items] of each row's generated answers (column 0 = -inf): ``bigrec_grounding_beams``
+        ``top`` (the paper) or ``all``, ``bigrec_grounding_pooling``, ``bigrec_popularity_gamma``
+        (:func:`~recbole_dealrec.model.bigrec.grounding.ground_answers`)."""
+        return ground_answers(texts, beam_scores, self.embed_texts, self.item_embeddings(), self.title_items,
+                              self.grounding_beams, self.popularity, self.popularity_gamma).float()
 
     def _count_answers(self, texts: Sequence[Sequence[str]], beam_scores: torch.Tensor, user_ids) -> None:
         for r, row in enumerate(texts):
