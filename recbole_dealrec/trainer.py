@@ -312,23 +312,30 @@ class GenerativeTrainer(Trainer):
     # ------------------------------------------------------------------ evaluation
 
     def eval_subset(self, eval_data):
-        """``eval_data`` restricted to ``eval_user_subset`` rows drawn with ``seed`` (the same rows every call)."""
-        n = self.config["eval_user_subset"]
-        if n is None or n <= 0 or n >= len(eval_data.dataset):
-            return eval_data
+        """``eval_data`` restricted to ``eval_user_subset`` rows drawn with ``seed`` (the same rows every call), in
+        the model's evaluation order (``GenerativeBackend.eval_order``; e.g. BIGRec's prompts by length)."""
         key = id(eval_data)
         if key not in self._subset_cache:
             dataset = eval_data.dataset
-            rng = np.random.default_rng(int(self.config["seed"]))
-            rows = np.sort(rng.choice(len(dataset), size=int(n), replace=False))
+            n = self.config["eval_user_subset"]
+            subset = n is not None and 0 < n < len(dataset)
+            if subset:
+                rng = np.random.default_rng(int(self.config["seed"]))
+                rows = np.sort(rng.choice(len(dataset), size=int(n), replace=False))
+            else:
+                rows = np.arange(len(dataset))
+            ordered = self.model.eval_order(dataset, rows)
+            if not subset and ordered is None:
+                return eval_data
+            rows = rows if ordered is None else ordered
             sub = dataset.copy(dataset.inter_feat[torch.from_numpy(rows)])
             targets = getattr(dataset, "multi_targets", None)
             if targets is not None:
                 sub.multi_targets = targets[torch.from_numpy(rows)]
             loader = type(eval_data)(self.config, sub, eval_data._sampler, shuffle=False)
-            self.logger.info(
-                set_color(f"[{self.config['model']}]", "pink") + f" eval_user_subset: evaluating {n} of {len(dataset)} rows"
-            )
+            if subset:
+                self.logger.info(set_color(f"[{self.config['model']}]", "pink")
+                                 + f" eval_user_subset: evaluating {n} of {len(dataset)} rows")
             self._subset_cache[key] = (eval_data, loader)  # keep eval_data alive so its id stays unique
         return self._subset_cache[key][1]
 

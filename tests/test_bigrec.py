@@ -374,6 +374,24 @@ def test_fit_early_stops_on_valid_loss_and_resumes(ml100k, tiny_llm_path, tmp_pa
     assert len(sub_a.dataset) == 5
     assert torch.equal(sub_a.dataset.inter_feat["user_id"], sub_b.dataset.inter_feat["user_id"])
 
+    # generation batched by prompt length: the subset's rows (the seeded draw) come sorted by prompt tokens, and
+    # the metrics equal those of the dataset's own order
+    config["eval_user_subset"] = 12
+    ordered = BIGRecTrainer(config, resumed.model)
+    sub = ordered.eval_subset(test)
+    model = resumed.model
+    lengths = [len(ids) for ids in model.tokenizer(model.prompts(model.histories(sub.dataset.inter_feat)))["input_ids"]]
+    assert lengths == sorted(lengths) and len(set(lengths)) > 1
+    plain = BIGRecTrainer(config, resumed.model)
+    plain.model.eval_order = lambda dataset, rows: None  # the dataset's own order, same seeded rows
+    plain_sub = plain.eval_subset(test)
+    assert sorted(plain_sub.dataset.inter_feat["user_id"].tolist()) == sorted(sub.dataset.inter_feat["user_id"].tolist())
+    assert plain_sub.dataset.inter_feat["user_id"].tolist() != sub.dataset.inter_feat["user_id"].tolist()
+    by_length = ordered.evaluate(test, load_best_model=False)
+    as_given = plain.evaluate(test, load_best_model=False)
+    del plain.model.eval_order
+    assert by_length == pytest.approx(as_given, abs=1e-9)
+
 
 # --------------------------------------------------------------------------- end to end
 

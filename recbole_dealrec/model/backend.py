@@ -38,6 +38,12 @@ class GenerativeBackend(SequentialRecommender, abc.ABC):
         """Validate the backend's keys before any data is read (run by ``run_recbole``; override where needed)."""
 
     # ---- samples
+    def eval_order(self, dataset, rows: np.ndarray) -> Optional[np.ndarray]:
+        """The order in which to evaluate ``rows`` of an evaluation ``dataset`` (a permutation of ``rows``), or
+        ``None`` for the dataset's own. Metrics are per row, so the order changes only the batching (BIGRec puts
+        prompts of similar length together: less padding in each generation batch)."""
+        return None
+
     def training_rows(self, dataset) -> Optional[np.ndarray]:
         """Rows of the train ``dataset`` the trainer feeds; ``None`` = all of them."""
         return last_rows(dataset) if self.train_rows == "last" else None

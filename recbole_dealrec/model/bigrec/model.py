@@ -18,6 +18,7 @@ import os
 from logging import getLogger
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from recbole_dealrec.data.items import read_item_titles
@@ -115,6 +116,14 @@ class BIGRec(GenerativeBackend):
         seqs = interaction[self.ITEM_SEQ].cpu().numpy()
         lengths = interaction[self.ITEM_SEQ_LEN].cpu().numpy()
         return [self.titles_of(seq[: int(n)]) for seq, n in zip(seqs, lengths)]
+
+    def eval_order(self, dataset, rows: np.ndarray) -> np.ndarray:
+        """``rows`` by prompt length in tokens (stable): each generation batch pads to the longest prompt in it."""
+        histories = self.histories(dataset.inter_feat[torch.from_numpy(rows)])
+        n_prompts, n_truncated = self.n_prompts, self.n_truncated
+        lengths = [len(ids) for ids in self.tokenizer(self.prompts(histories))["input_ids"]]
+        self.n_prompts, self.n_truncated = n_prompts, n_truncated  # these prompts are counted when generated
+        return rows[np.argsort(np.asarray(lengths), kind="stable")]
 
     def prompts(self, histories: Sequence[Sequence[str]], targets: Optional[Sequence[str]] = None) -> list[str]:
         """Prompt texts (with responses when ``targets`` is given), cut to ``llm_max_length`` tokens."""
