@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
+from recbole_dealrec import distributed
 from recbole_dealrec.config import DealrecConfig, check_known_keys, user_keys
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
 from recbole_dealrec.evaluation import capture_user_results, save_user_results
@@ -50,6 +51,8 @@ def run_recbole(
     config = DealrecConfig(model, dataset, config_file_list, config_dict, argv=argv)
     method, model_class = check_run_config(config)
     needed = method.required_signals()
+    # under torchrun: join the process group (gloo on CPU, NCCL on GPU); signals are then scored in shards
+    distributed.init_from_env(config["distributed_timeout"], str(config["device"]))
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
@@ -81,16 +84,22 @@ def run_recbole(
         f"{len(train_data.dataset)} of {n_before} training samples"
     )
     folder = selection_dir(config, budget, method.keys, signal_meta)
-    summary = save_selection(
-        folder,
-        selection,
-        train_data.dataset,
-        {"sampler": method.name, "dataset": config["dataset"], "model": config["model"], "budget": budget,
-         "candidate_users": int(len(candidates)), "train_samples_before": int(n_before), "signals": signal_meta},
-    )
+    facts = {"sampler": method.name, "dataset": config["dataset"], "model": config["model"], "budget": budget,
+             "candidate_users": int(len(candidates)), "train_samples_before": int(n_before), "signals": signal_meta,
+             "world_size": distributed.world_size()}
+    if not distributed.is_main():
+        # Every rank made the same selection (same seed, same gathered scores); rank 0 alone writes it, then
+        # fine-tunes and tests on its own (DDP fine-tuning is not built yet).
+        logger.info(set_color("[Distributed]", "pink") + f" rank {distributed.rank()}: selection done; rank 0 "
+                    "saves it and fine-tunes")
+        distributed.barrier()
+        return {"selection": {**facts, "selected_users": int(len(selection.user_ids)), "folder": folder,
+                              "user_ids": selection.user_ids}, "rank": distributed.rank()}
+    summary = save_selection(folder, selection, train_data.dataset, facts)
     summary["report"] = write_report(folder, selection, full_train_dataset, plots=bool(config["report_plots"]))
     summary["folder"] = folder
     logger.info(set_color("[Selection]", "pink") + f" saved to {folder}")
+    distributed.barrier()
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model_obj = model_class(config, train_data.dataset).to(config["device"])
@@ -186,6 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:
         # Bad input (a key, a value, a file): one clear line, no traceback; real bugs keep theirs.
         parser.exit(2, f"run_recbole: error: {error}\n")
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -19,12 +19,14 @@ the users.
 from __future__ import annotations
 
 import os
+from logging import getLogger
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from recbole.utils import init_seed
 
+from recbole_dealrec import distributed
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.scoring.cache import ScoredUsers
 from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
@@ -71,8 +73,10 @@ def _backend(config, train_dataset):
 
 
 def effort_scores_for_users(config, train_dataset, user_ids: Sequence[int], show_progress: bool = False) -> ScoredUsers:
-    """Effort score of each user in ``user_ids`` (internal ids of ``train_dataset``), one sample per user."""
-    model = _backend(config, train_dataset)
+    """Effort score of each user in ``user_ids`` (internal ids of ``train_dataset``), one sample per user. Under
+    torch.distributed each rank scores a contiguous share of the users and the norms are gathered."""
+    with distributed.main_first():  # rank 0 builds what the backend caches (converted LLM, semantic IDs) first
+        model = _backend(config, train_dataset)
     rows = model.effort_rows(train_dataset)
     uid = train_dataset.inter_feat[train_dataset.uid_field].numpy()[rows]
     wanted = np.isin(uid, np.asarray(user_ids))
@@ -80,12 +84,19 @@ def effort_scores_for_users(config, train_dataset, user_ids: Sequence[int], show
         raise ValueError("effort scores asked for users without training samples")
     rows, uid = rows[wanted], uid[wanted]
     size = config["effort_batch_size"]
-    batches = [train_dataset.inter_feat[torch.from_numpy(rows[i:i + size])] for i in range(0, len(rows), size)]
-    norms = model.effort_norms(batches, config["effort_params"], show_progress=show_progress)
+    local_rows = distributed.shard(rows)
+    batches = [train_dataset.inter_feat[torch.from_numpy(local_rows[i:i + size])]
+               for i in range(0, len(local_rows), size)]
+    local_norms = model.effort_norms(batches, config["effort_params"], show_progress=show_progress) if batches \
+        else torch.zeros(0)
+    norms = torch.cat([torch.as_tensor(n) for n in distributed.gather_objects(local_norms.detach().cpu())])
+    if distributed.active():
+        getLogger().info(f"[Effort] rank {distributed.rank()} scored {len(local_rows)} of {len(rows)} users")
     tokens = np.asarray(train_dataset.id2token(train_dataset.uid_field, uid)).astype(str)
     meta = {"n_users": int(len(uid)), "backend": type(model).__name__, **model.effort_facts(),
             "zero_scores": int((norms == 0).sum()),
-            "weights": config["effort_adapter_path"] or f"seeded initial state, seed {config['seed']}"}
+            "weights": config["effort_adapter_path"] or f"seeded initial state, seed {config['seed']}",
+            "world_size": distributed.world_size()}
     return ScoredUsers(tokens, norms.detach().cpu().numpy(), meta)
 
 
@@ -94,6 +105,7 @@ class Effort(Signal):
     name = "effort"
     description = "DEALRec Eq. 12: norm of each user's gradient of the backend LLM's loss w.r.t. its LoRA weights"
     keys = EFFORT_KEYS
+    sharded = True
 
     def check_config(self, config) -> None:
         check_effort_config(config)

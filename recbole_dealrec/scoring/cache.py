@@ -1,6 +1,7 @@
 """Per-user signal values and their cache: one ``.npz`` per signal, named by a key of everything it depends on."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,6 +12,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from recbole.utils import set_color
 
+from recbole_dealrec import distributed
 from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, stable_key
 
 
@@ -56,24 +58,35 @@ def load_scores(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cached_user_scores(
-    config: Mapping[str, Any], stage: str, key_payload: Mapping[str, Any], compute: Callable[[], ScoredUsers]
+    config: Mapping[str, Any], stage: str, key_payload: Mapping[str, Any], compute: Callable[[], ScoredUsers],
+    collective: bool = False,
 ) -> ScoredUsers:
     """``<cache_dir>/<stage>-<key>.npz`` if present, else ``compute()``, saved there; ``meta['cached']`` says which.
 
     ``key_payload`` holds everything the values depend on, so a changed input is a different file, never
-    a silently reused one; it is saved in the metadata beside the values.
+    a silently reused one; it is saved in the metadata beside the values. Under torch.distributed rank 0 decides
+    whether the entry exists and alone writes it; ``collective`` computes run on every rank (they shard the work
+    inside), the others on rank 0 while the rest wait and then read the entry.
     """
     path = os.path.join(cache_dir(config), f"{stage}-{stable_key(key_payload)}.npz")
     meta_path = path[: -len(".npz")] + ".json"
-    if cache_entry_ok(path) & cache_entry_ok(meta_path):  # both checked (and a bad one removed) every time
-        tokens, scores = load_scores(path)
-        with open(meta_path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-        getLogger().info(set_color(f"[{stage}]", "pink") + f" reused {path}")
-        return ScoredUsers(tokens, scores, {**meta, "cached": True, "path": path})
-    start = time.perf_counter()
-    result = compute()
-    # Kept with the values, so a run that reuses them can still report what they cost (experiment tables).
-    meta = {**result.meta, **key_payload, "compute_seconds": round(time.perf_counter() - start, 2)}
-    save_scores(path, result.tokens, result.scores, meta)
-    return ScoredUsers(result.tokens, result.scores, {**meta, "cached": False, "path": path})
+    # both files checked (and a bad one removed) every time, by rank 0 only
+    cached = distributed.broadcast_object(cache_entry_ok(path) & cache_entry_ok(meta_path)
+                                          if distributed.is_main() else None)
+    if not cached and (collective or distributed.is_main()):
+        start = time.perf_counter()
+        with contextlib.nullcontext() if collective else distributed.solo():
+            result = compute()
+        # Kept with the values, so a run that reuses them can still report what they cost (experiment tables).
+        meta = {**result.meta, **key_payload, "compute_seconds": round(time.perf_counter() - start, 2)}
+        if distributed.is_main():
+            save_scores(path, result.tokens, result.scores, meta)
+        distributed.barrier()
+        return ScoredUsers(result.tokens, result.scores, {**meta, "cached": False, "path": path})
+    if not cached:
+        distributed.barrier()  # rank 0 computes and writes the entry meanwhile
+    tokens, scores = load_scores(path)
+    with open(meta_path, encoding="utf-8") as handle:
+        meta = json.load(handle)
+    getLogger().info(set_color(f"[{stage}]", "pink") + f" reused {path}")
+    return ScoredUsers(tokens, scores, {**meta, "cached": bool(cached), "path": path})

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from recbole.utils import set_color
 
+from recbole_dealrec import distributed
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.scoring.cache import ScoredUsers
 from recbole_dealrec.scoring.hessian import SOLVERS, ensure_finite, largest_eigenvalue, lissa_damping_for, solve
@@ -89,7 +90,8 @@ def _user_sampler(singles: list[UserBatch], users_per_step: int):
 
 def hessian_vector_product(config, loss: SurrogateLoss, params, train_dataset, batches: list[UserBatch]):
     """The HVP the solver uses: ``influence_hessian`` over all users, or over ``influence_hessian_users``
-    users drawn with ``seed`` (an unbiased estimate of H that makes every HVP that much cheaper)."""
+    users drawn with ``seed`` (an unbiased estimate of H that makes every HVP that much cheaper). Under
+    torch.distributed each rank passes over its share of those users and the products are summed."""
     n_users = sum(len(b) for b in batches)
     subset = config["influence_hessian_users"]
     if subset == "auto":
@@ -100,9 +102,12 @@ def hessian_vector_product(config, loss: SurrogateLoss, params, train_dataset, b
         batches = user_batches(train_dataset, config["influence_batch_rows"], user_ids=chosen,
                                sequence=batches[0].targets is not None)
         n_users = subset
+    local = distributed.shard(batches)  # each rank's share of the users; the sum over ranks is all-reduced
     if config["influence_hessian"] == "gauss_newton":
-        return loss.gauss_newton_hvp(params, batches, n_users)
-    return make_hvp(loss, params, batches, n_users)
+        hvp = loss.gauss_newton_hvp(params, local, n_users)
+    else:
+        hvp = make_hvp(loss, params, local, n_users)
+    return (lambda x: distributed.all_reduce_sum(hvp(x))) if distributed.active() else hvp
 
 
 def stochastic_hvp(config, loss: SurrogateLoss, params, sample):
@@ -133,7 +138,15 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     logger.info(set_color("[Influence]", "pink") + f" {n_users} users, {m} scored parameters in {len(params)} tensors, "
                 f"{n_rows} model rows per pass ({'sequence' if sequence else 'prefix'} mode)")
 
-    v = flatten(mean_gradient(loss, params, batches, n_users))
+    # Under torch.distributed every pass over the users is sharded: each rank sums its share, the sums are
+    # all-reduced (v, every HVP) or gathered (the scores); the solver's steps then run identically on every rank.
+    local = distributed.shard(batches)
+    n_local = sum(len(b) for b in local)
+    if n_local:
+        v_local = flatten(mean_gradient(loss, params, local, n_local)) * (n_local / n_users)
+    else:
+        v_local = torch.zeros(m, dtype=flatten(params).dtype)
+    v = distributed.all_reduce_sum(v_local)
     ensure_finite(v, "mean gradient")
     hvp = hessian_vector_product(config, loss, params, surrogate.train_dataset, batches)
     solver = str(config["ihvp_solver"]).lower()
@@ -164,13 +177,16 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     logger.info(set_color("[Influence]", "pink") + f" {solver}: relative residual {result.residual}, "
                 f"{result.iterations} iterations, damping {result.effective_damping}")
 
-    scores = directional_derivatives(loss, params, unflatten(result.x, params), batches).double().cpu().numpy()
+    local_scores = directional_derivatives(loss, params, unflatten(result.x, params), local).double().cpu().numpy()
+    scores = np.concatenate(distributed.gather_objects(local_scores))  # rank order = batch order
     user_ids = np.concatenate([b.user_ids for b in batches])
+    if distributed.active():
+        logger.info(set_color("[Influence]", "pink") + f" rank {distributed.rank()} scored {n_local} of {n_users} users")
     tokens = surrogate.train_dataset.id2token(surrogate.train_dataset.uid_field, user_ids)
     meta = {"solver": solver, "residual": result.residual, "iterations": result.iterations,
             "effective_damping": result.effective_damping, "damping": damping, "converged": result.converged,
             "scored_parameters": m, "parameter_names": list(params), "n_users": n_users,
-            "mode": "sequence" if sequence else "prefix"}
+            "mode": "sequence" if sequence else "prefix", "world_size": distributed.world_size()}
     return ScoredUsers(np.asarray(tokens).astype(str), scores, meta)
 
 
@@ -179,6 +195,7 @@ class Influence(Signal):
     name = "influence"
     description = "DEALRec Eq. 11: <grad L_u, H^-1 mean gradient> on the trained surrogate"
     keys = INFLUENCE_KEYS
+    sharded = True
     uses_surrogate = True
 
     def check_config(self, config) -> None:

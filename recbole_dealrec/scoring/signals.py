@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
 
+from recbole_dealrec import distributed
 from recbole_dealrec.registry import ConfigError, Registry
 from recbole_dealrec.scoring.cache import ScoredUsers, UserScores, cached_user_scores
 from recbole_dealrec.utils import StageTimer, dataset_fingerprint, stable_key
@@ -59,7 +60,8 @@ class SignalContext:
         if self._surrogate is None:
             from recbole_dealrec.surrogate import train_surrogate
 
-            with self.timer("surrogate"):
+            # rank 0 trains and caches it; other ranks of a torch.distributed run then load it from the cache
+            with self.timer("surrogate"), distributed.main_first():
                 self._surrogate = train_surrogate(self.config, snapshot_epochs=self.snapshot_epochs)
         return self._surrogate
 
@@ -85,6 +87,8 @@ class Signal(abc.ABC):
     description: ClassVar[str]
     keys: ClassVar[tuple[str, ...]] = ()
     uses_surrogate: ClassVar[bool] = False
+    #: computed by every rank of a torch.distributed run, each on its share of the users (else rank 0 alone)
+    sharded: ClassVar[bool] = False
 
     def check_config(self, config: Mapping[str, Any]) -> None:
         """Validate this signal's keys before any data is read (override where needed)."""
@@ -153,11 +157,14 @@ def compute_signals(
     ctx = SignalContext(config, train_dataset, candidates, snapshot_epochs=epochs, timer=timer)
     for signal in signals.values():
         signal.check_data(ctx)
+    if distributed.active() and any(s.uses_surrogate for s in signals.values()):
+        ctx.surrogate()  # every rank at once: rank 0 trains (or loads) it, the others then load it from the cache
     out: dict[str, UserScores] = {}
     meta: dict[str, Any] = {}
     for name, signal in signals.items():
         with timer(f"{name} signal"):
-            result = cached_user_scores(config, name, signal.cache_payload(ctx), lambda s=signal: s.compute(ctx))
+            result = cached_user_scores(config, name, signal.cache_payload(ctx), lambda s=signal: s.compute(ctx),
+                                        collective=signal.sharded)
         _check_values(name, np.asarray(result.scores, dtype=np.float64))
         ids = np.asarray(train_dataset.token2id(train_dataset.uid_field, list(result.tokens)), dtype=np.int64)
         values = np.asarray(result.scores, dtype=np.float64 if np.ndim(result.scores) == 1 else np.float32)

@@ -1,0 +1,128 @@
+"""Many processes with ``torch.distributed`` (``torchrun``): gloo on CPU, NCCL on GPU.
+
+``torchrun --nproc_per_node=N -m recbole_dealrec ...`` sets ``WORLD_SIZE``/``RANK``/``MASTER_ADDR``; the plugin
+then joins the process group itself (RecBole's own multi-process path is NCCL-only). What is sharded: the
+influence scores (mean gradient and every HVP all-reduced, the per-user scores computed on each rank's share of
+the users and gathered) and the effort scores (users split across ranks). Everything cached (surrogate, other
+signals, semantic IDs) is computed by rank 0 while the others wait, then read from the cache; rank 0 alone writes
+caches, selections and reports. Every collective has the group's timeout (``distributed_timeout``), so a rank
+that dies makes the others fail instead of hang (and torchrun stops the group when a worker exits with an error).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from logging import getLogger
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as torchrun sets it (1 when absent)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def init_from_env(timeout_s: float = 1800.0, device: str = "cpu") -> bool:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); ``False`` when single-process."""
+    if env_world_size() <= 1:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if str(device).startswith("cuda") and torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=float(timeout_s)))
+        getLogger().info(f"[Distributed] rank {dist.get_rank()} of {dist.get_world_size()} ({backend})")
+    return True
+
+
+_solo = False  # inside solo(): this rank works alone, every helper acts as in a single process
+
+
+def shutdown() -> None:
+    """Leave the process group (end of a torchrun process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    """Whether this process is one of several (and not inside :func:`solo`)."""
+    return not _solo and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def solo() -> Iterator[None]:
+    """Work rank 0 does alone while the others wait at a barrier (a cached computation): no collectives in it."""
+    global _solo
+    before, _solo = _solo, True
+    try:
+        yield
+    finally:
+        _solo = before
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (it computes and caches), then the others run it (they read the cache)."""
+    if is_main():
+        yield
+        barrier()
+    else:
+        barrier()
+        yield
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of ``tensor`` (a new tensor; the same on every rank)."""
+    if not active():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def gather_objects(value: Any) -> list:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if not active():
+        return [value]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def shard(items: Sequence) -> Sequence:
+    """This rank's contiguous share of ``items`` (shares differ by at most one; concatenated in rank order they
+    are ``items``)."""
+    if not active():
+        return items
+    bounds = np.linspace(0, len(items), world_size() + 1).round().astype(int)
+    return items[bounds[rank()]: bounds[rank() + 1]]
