@@ -233,7 +233,9 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch):
     # the surrogate's seed is fixed in the grid: the first DEALRec cell trains it, the second seed's cell reuses
     # it from the cache (its influence scores differ: the Hessian's user subset is drawn with the run's seed)
     assert dealrec[0]["settings"]["seed"] != dealrec[1]["settings"]["seed"]
-    assert dealrec[1]["seconds"]["surrogate"] < dealrec[0]["seconds"]["surrogate"] / 5
+    surrogates = [json.load(open(os.path.join(r["selection_folder"], "selection.json")))["signals"]["influence"]
+                  ["surrogate"] for r in dealrec]
+    assert surrogates[0] == surrogates[1]  # one surrogate for both seeds (and the Figure-6 cell's extra keys)
     # the cells' signals were timed where they were computed and reported again where they were reused
     ablation = [r for r in records if r["method"] == "w/o effort"][0]
     assert ablation["signal_seconds"]["influence"] == dealrec[0]["signal_seconds"]["influence"]

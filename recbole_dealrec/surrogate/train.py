@@ -31,7 +31,8 @@ from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, datas
 # Keys that never change the trained weights (paths, logging, devices) or belong to later stages.
 _NOT_IN_KEY = {"checkpoint_dir", "output_dir", "show_progress", "device", "gpu_id", "state", "local_rank",
                "single_spec", "log_wandb", "wandb_project", "worker", "save_dataset", "save_dataloaders",
-               "dataset_save_path", "dataloaders_save_path", "data_path", "surrogate_config"}
+               "dataset_save_path", "dataloaders_save_path", "data_path", "surrogate_config",
+               "test_user_results_file", "test_user_loss", "distributed_timeout"}
 _LATER_STAGE_PREFIXES = ("selection_", "sampler", "influence_", "ihvp_", "lissa_", "cg_", "effort_", "llm_",
                          "lora_", "dealrec_", "report_")
 
