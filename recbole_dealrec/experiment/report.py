@@ -26,10 +26,13 @@ SIGNIFICANCE_LEVEL = 0.01
 
 
 def ok_records(records: Iterable[dict]) -> list[dict]:
-    """The finished cells, the latest record of each cell key (a re-run replaces an earlier one)."""
+    """The finished cells, the latest record of each cell key (a re-run replaces an earlier one). A cell run on
+    the default dataset (``dataset`` not set) is named after its selection folder ``<output_dir>/<dataset>/...``."""
     latest: dict[str, dict] = {}
     for record in records:
         if record.get("status") == "ok":
+            if not record.get("dataset") and record.get("selection_folder"):
+                record = {**record, "dataset": os.path.basename(os.path.dirname(record["selection_folder"]))}
             latest[record["cell"]] = record
     return list(latest.values())
 
