@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from logging import getLogger
 from typing import Any, Iterator, Sequence
 
@@ -40,6 +41,22 @@ def init_from_env(timeout_s: float = 1800.0, device: str = "cpu") -> bool:
 
 
 _solo = False  # inside solo(): this rank works alone, every helper acts as in a single process
+_collective_seconds = 0.0  # wall time this process spent in the helpers' collectives (waiting included)
+
+
+def collective_seconds() -> float:
+    """Seconds this process has spent in collectives so far (sending, receiving and waiting for slower ranks)."""
+    return _collective_seconds
+
+
+@contextlib.contextmanager
+def _timed() -> Iterator[None]:
+    global _collective_seconds
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _collective_seconds += time.perf_counter() - start
 
 
 def shutdown() -> None:
@@ -78,7 +95,8 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        with _timed():
+            dist.barrier()
 
 
 @contextlib.contextmanager
@@ -97,7 +115,8 @@ def broadcast_object(value: Any) -> Any:
     if not active():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    with _timed():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -106,7 +125,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if not active():
         return tensor
     out = tensor.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    with _timed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
 
 
@@ -115,7 +135,8 @@ def gather_objects(value: Any) -> list:
     if not active():
         return [value]
     out: list = [None] * world_size()
-    dist.all_gather_object(out, value)
+    with _timed():
+        dist.all_gather_object(out, value)
     return out
 
 
@@ -126,3 +147,25 @@ def shard(items: Sequence) -> Sequence:
         return items
     bounds = np.linspace(0, len(items), world_size() + 1).round().astype(int)
     return items[bounds[rank()]: bounds[rank() + 1]]
+
+
+def shard_strided(rows: np.ndarray) -> np.ndarray:
+    """This rank's rows ``rows[rank::world_size]``: an ordered ``rows`` (BIGRec's prompts by length) gives every
+    rank a like share of short and long ones. :func:`unshard_strided` puts the ranks' results back in order."""
+    return rows[rank()::world_size()] if active() else rows
+
+
+def unshard_strided(parts: Sequence):
+    """The inverse of :func:`shard_strided`: every rank's per-row results (tensors or arrays, rows first, in rank
+    order) interleaved back into the order of the unsharded rows."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    total = sum(len(p) for p in parts)
+    if isinstance(first, torch.Tensor):
+        out = first.new_empty((total, *first.shape[1:]))
+    else:
+        out = np.empty((total, *np.shape(first)[1:]), dtype=np.asarray(first).dtype)
+    for r, part in enumerate(parts):
+        out[r::len(parts)] = part
+    return out

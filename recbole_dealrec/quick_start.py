@@ -87,27 +87,35 @@ def run_recbole(
     facts = {"sampler": method.name, "dataset": config["dataset"], "model": config["model"], "budget": budget,
              "candidate_users": int(len(candidates)), "train_samples_before": int(n_before), "signals": signal_meta,
              "world_size": distributed.world_size()}
-    if not distributed.is_main():
-        # Every rank made the same selection (same seed, same gathered scores); rank 0 alone writes it, then
-        # fine-tunes and tests on its own (DDP fine-tuning is not built yet).
+    generative = issubclass(model_class, GenerativeBackend)
+    if not distributed.is_main() and not generative:
+        # Every rank made the same selection (same seed, same gathered scores); rank 0 alone writes it, then trains
+        # RecBole's own model and tests it on its own (many-process training is built for the generative backends).
         logger.info(set_color("[Distributed]", "pink") + f" rank {distributed.rank()}: selection done; rank 0 "
-                    "saves it and fine-tunes")
+                    "saves it and trains the model")
         distributed.barrier()
         return {"selection": {**facts, "selected_users": int(len(selection.user_ids)), "folder": folder,
                               "user_ids": selection.user_ids}, "rank": distributed.rank()}
-    summary = save_selection(folder, selection, train_data.dataset, facts)
-    summary["report"] = write_report(folder, selection, full_train_dataset, plots=bool(config["report_plots"]))
+    if distributed.is_main():
+        summary = save_selection(folder, selection, train_data.dataset, facts)
+        summary["report"] = write_report(folder, selection, full_train_dataset, plots=bool(config["report_plots"]))
+        logger.info(set_color("[Selection]", "pink") + f" saved to {folder}")
+    else:
+        summary = {**facts, "selected_users": int(len(selection.user_ids))}
     summary["folder"] = folder
-    logger.info(set_color("[Selection]", "pink") + f" saved to {folder}")
     distributed.barrier()
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model_obj = model_class(config, train_data.dataset).to(config["device"])
+    with distributed.main_first(), distributed.solo():  # rank 0 builds what the model caches (semantic IDs) first
+        model_obj = model_class(config, train_data.dataset).to(config["device"])
+    if distributed.active():  # every rank starts from rank 0's weights (the others' RNG went another way)
+        model_obj.load_trainable_state_dict(distributed.broadcast_object(model_obj.trainable_state_dict()))
     logger.info(model_obj)
-    if isinstance(model_obj, GenerativeBackend):
+    if generative and distributed.is_main():
         model_obj.export(folder)  # e.g. TIGER's item semantic IDs, beside the selection
-    config["checkpoint_dir"] = run_checkpoint_dir(config)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
+    config["checkpoint_dir"] = distributed.broadcast_object(run_checkpoint_dir(config) if distributed.is_main() else None)
+    with distributed.main_first():  # rank 0 first: RecBole creates its folders without exist_ok
+        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
     with timer("training"):
         best_valid_score, best_valid_result = trainer.fit(
             train_data, valid_data, saved=saved, show_progress=config["show_progress"]
@@ -120,12 +128,17 @@ def run_recbole(
                                    with_loss=bool(config["test_user_loss"])) if user_results_file else nullcontext({})
     with timer("test evaluation"), capture as per_user:
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
-    if user_results_file:
+    if distributed.active():  # every rank tested its share of the users: all of them, in the one-process order
+        per_user = {key: distributed.unshard_strided(distributed.gather_objects(value)) for key, value in per_user.items()}
+    if user_results_file and distributed.is_main():
         save_user_results(user_results_file, per_user, dataset_obj)
     summary["seconds"] = timer.seconds
     summary["checkpoint"] = trainer.saved_model_file if saved and os.path.isfile(trainer.saved_model_file) else None
 
     logger.info(set_color("[Time]", "pink") + f" all stages (s): {timer.seconds}")
+    if distributed.active():
+        logger.info(set_color("[Distributed]", "pink") + f" rank {distributed.rank()}: "
+                    f"{distributed.collective_seconds():.1f} s in collectives")
 
     environment_tb = get_environment(config)
     logger.info("The running environment of this training is as follows:\n" + environment_tb.draw())
@@ -138,6 +151,7 @@ def run_recbole(
         "test_result": test_result,
         "evaluation_facts": model_obj.evaluation_facts() if isinstance(model_obj, GenerativeBackend) else {},
         "selection": summary,
+        **({"rank": distributed.rank()} if distributed.active() else {}),
     }
 
 

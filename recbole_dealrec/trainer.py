@@ -17,10 +17,17 @@ It names no concrete model. Differences from RecBole's ``Trainer``:
   samples were trained on (the selected ones);
 - ``warmup_steps`` / ``lr_schedule``: linear warm-up over the first optimizer steps, then a constant or linearly
   decaying (to 0 at the last planned step, as the HF Trainer BIGRec used) learning rate;
-- ``epochs: 0`` trains nothing: the test evaluates the initial weights (zero-shot).
+- ``epochs: 0`` trains nothing: the test evaluates the initial weights (zero-shot);
+- under ``torchrun`` (``recbole_dealrec.distributed``) every rank walks the same seeded global batches and
+  trains on its share of each; the loss of a share is weighted by its number of loss terms over the global
+  batch's, and the gradients are all-reduced before every optimizer step, so the step is the one-process step
+  on the same global batch (up to float order; dropout masks differ). Validation and test evaluation are
+  sharded by users and merged exactly (RecBole's collected top-k of every rank, put back in order, evaluated
+  once). Rank 0 alone writes checkpoints; every rank keeps the best weights in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 from time import time
@@ -34,6 +41,7 @@ from recbole.utils import early_stopping, set_color
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
+from recbole_dealrec import distributed
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.utils import atomic_write
 
@@ -133,10 +141,11 @@ class GenerativeTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         for interaction in iter_data:
             interaction = interaction.to(self.device)
-            loss = loss_func(interaction)
-            self._check_nan(loss)
-            (loss / self.grad_accum).backward()
-            total_loss += loss.item()
+            loss = self._share_loss(interaction) if distributed.active() else loss_func(interaction)
+            if loss is not None:  # None: this rank's share of a batch smaller than the group is empty
+                self._check_nan(loss)
+                (loss / self.grad_accum).backward()
+                total_loss += loss.item()
             n_batches += 1
             pending += 1
             if pending == self.grad_accum:
@@ -150,9 +159,30 @@ class GenerativeTrainer(Trainer):
                     p.grad.mul_(self.grad_accum / pending)
             self._optimizer_step(params)
         self.model.log_pass(f"train epoch {epoch_idx}")
+        if distributed.active():  # each rank summed its weighted shares: the sum over ranks is the batches' loss
+            total_loss = float(distributed.all_reduce_sum(torch.tensor(total_loss, dtype=torch.float64)))
         return total_loss / max(n_batches, 1)
 
+    def _share_loss(self, interaction) -> Optional[torch.Tensor]:
+        """This rank's part of the global batch ``interaction``: its loss times its share of the batch's loss terms,
+        so that the sum over ranks is the global batch's loss (``None`` when the share is empty)."""
+        local = interaction[torch.from_numpy(np.asarray(distributed.shard(np.arange(len(interaction)))))]
+        loss, count = self.model.loss_and_count(local) if len(local) else (None, 0)
+        total = float(distributed.all_reduce_sum(torch.tensor(float(count), dtype=torch.float64)))
+        return None if loss is None else loss * (count / total)
+
+    def _all_reduce_gradients(self, params) -> None:
+        """Sum every trained parameter's gradient over the ranks (one flat all-reduce, as DDP's buckets do)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = distributed.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+        offset = 0
+        for p in params:
+            p.grad = flat[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
+
     def _optimizer_step(self, params) -> None:
+        if distributed.active():
+            self._all_reduce_gradients(params)
         if self.clip_grad_norm:
             clip_grad_norm_(params, **self.clip_grad_norm)
         factor = lr_factor(self.optimizer_steps, self.warmup_steps, self.total_steps, self.lr_schedule)
@@ -164,7 +194,9 @@ class GenerativeTrainer(Trainer):
 
     @torch.no_grad()
     def validation_loss(self, valid_data, show_progress: bool = False) -> float:
-        """Mean LM loss over one valid row per user (the first: history = train items, target = first valid item)."""
+        """LM loss over one valid row per user (the first: history = train items, target = first valid item): the
+        mean over every loss term (row, or BIGRec's target token) of those rows, whatever the batching (so also
+        when the rows are sharded over ranks)."""
         dataset = valid_data.dataset if hasattr(valid_data, "dataset") else valid_data
         rows = first_rows(dataset)
         if self.valid_users is not None:
@@ -174,6 +206,7 @@ class GenerativeTrainer(Trainer):
         if n is not None and 0 < n < len(rows):  # a fixed seeded subset of users (the same every epoch)
             rng = np.random.default_rng(int(self.config["seed"]))
             rows = np.sort(rng.choice(rows, size=int(n), replace=False))
+        rows = distributed.shard_strided(rows)
         was_training = self.model.training
         self.model.eval()
         batch_size = int(self.config["eval_batch_size"])
@@ -185,12 +218,14 @@ class GenerativeTrainer(Trainer):
             for s in starts:
                 index = torch.from_numpy(rows[s : s + batch_size])
                 interaction = dataset[index].to(self.device)
-                loss = self.model.calculate_loss(interaction)
-                total += loss.item() * len(index)
-                count += len(index)
+                loss, terms = self.model.loss_and_count(interaction)
+                total += loss.item() * terms
+                count += terms
         finally:
             self.model.train(was_training)
         self.model.log_pass("validation")
+        if distributed.active():
+            total, count = distributed.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
         return total / count if count else float("nan")
 
     def _valid_epoch(self, valid_data, show_progress=False):
@@ -257,6 +292,8 @@ class GenerativeTrainer(Trainer):
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         """Atomically save the trained weights (+ optimizer/epoch state) to ``saved_model_file`` (the best checkpoint)
         or, with ``last=True``, to the ``-last.pth`` checkpoint used for resuming."""
+        if not distributed.is_main():
+            return  # rank 0 alone writes (every rank holds the same weights)
         path = kwargs.pop("saved_model_file", self.saved_model_file)
         last = kwargs.pop("last", False)
         state = {
@@ -325,9 +362,9 @@ class GenerativeTrainer(Trainer):
             else:
                 rows = np.arange(len(dataset))
             ordered = self.model.eval_order(dataset, rows)
-            if not subset and ordered is None:
+            if not subset and ordered is None and not distributed.active():
                 return eval_data
-            rows = rows if ordered is None else ordered
+            rows = distributed.shard_strided(rows if ordered is None else ordered)
             sub = dataset.copy(dataset.inter_feat[torch.from_numpy(rows)])
             targets = getattr(dataset, "multi_targets", None)
             if targets is not None:
@@ -336,6 +373,9 @@ class GenerativeTrainer(Trainer):
             if subset:
                 self.logger.info(set_color(f"[{self.config['model']}]", "pink")
                                  + f" eval_user_subset: evaluating {n} of {len(dataset)} rows")
+            if distributed.active():
+                self.logger.info(set_color("[Distributed]", "pink") + f" rank {distributed.rank()} evaluates "
+                                 f"{len(rows)} of the rows")
             self._subset_cache[key] = (eval_data, loader)  # keep eval_data alive so its id stays unique
         return self._subset_cache[key][1]
 
@@ -345,7 +385,9 @@ class GenerativeTrainer(Trainer):
             return
         if load_best_model:
             checkpoint_file = model_file or self.saved_model_file
-            if model_file or os.path.isfile(checkpoint_file):
+            if distributed.active() and not model_file and self._best_weights is not None:
+                self.model.load_trainable_state_dict(self._best_weights)  # rank 0's checkpoint, held by every rank
+            elif model_file or os.path.isfile(checkpoint_file):
                 self.model.load_trainable_state_dict(self.load_checkpoint(checkpoint_file)["weights"])
                 self.logger.info(f"Loading trained weights from {checkpoint_file}")
             elif self._best_weights is not None:
@@ -354,6 +396,28 @@ class GenerativeTrainer(Trainer):
                 self.logger.info("epochs=0: nothing trained, evaluating the initial weights (zero-shot)")
             else:
                 raise FileNotFoundError(f"no checkpoint {checkpoint_file} to load the best model from")
-        result = super().evaluate(self.eval_subset(eval_data), load_best_model=False, show_progress=show_progress)
+        with self._merged_over_ranks():
+            result = super().evaluate(self.eval_subset(eval_data), load_best_model=False, show_progress=show_progress)
         self.model.log_pass("evaluation")
         return result
+
+    @contextlib.contextmanager
+    def _merged_over_ranks(self):
+        """Under torch.distributed each rank evaluates its share of the rows; RecBole's evaluator then sees every
+        rank's collected rows (``rec.*``: top-k hits, ranks, scores), put back in the unsharded order, so the
+        metrics are the one-process metrics exactly."""
+        if not distributed.active():
+            yield
+            return
+        original = self.evaluator.evaluate
+
+        def evaluate(struct):
+            for key in [k for k in struct._data_dict if k.startswith("rec.")]:
+                struct[key] = distributed.unshard_strided(distributed.gather_objects(struct[key].cpu()))
+            return original(struct)
+
+        self.evaluator.evaluate = evaluate
+        try:
+            yield
+        finally:
+            del self.evaluator.evaluate  # the class's method again

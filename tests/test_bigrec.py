@@ -365,8 +365,8 @@ def test_fit_early_stops_on_valid_loss_and_resumes(ml100k, tiny_llm_path, tmp_pa
 
     config["valid_user_subset"] = 7
     rows = []
-    monkey = trainer.model.calculate_loss
-    trainer.model.calculate_loss = lambda inter: rows.append(len(inter)) or monkey(inter)
+    monkey = trainer.model.loss_and_count
+    trainer.model.loss_and_count = lambda inter: rows.append(len(inter)) or monkey(inter)
     assert np.isfinite(trainer.validation_loss(valid)) and sum(rows) == 7
     config["eval_user_subset"] = 5
     sub_a = resumed.eval_subset(test)

@@ -1,5 +1,7 @@
 """torch.distributed (gloo, 2 processes via torchrun): sharded influence and effort scores equal the
-single-process scores, and every rank makes the same selection."""
+single-process scores, every rank makes the same selection, many-process fine-tuning takes the one-process steps
+on the same global batches, sharded evaluation merges to the one-process metrics, and a failing rank fails the
+run instead of hanging it."""
 from __future__ import annotations
 
 import json
@@ -7,11 +9,15 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import TINY_SASREC, TINY_SURROGATE, cli_argv, tiny_bigrec_config
+from conftest import TINY_SASREC, TINY_SURROGATE, TINY_TIGER, cli_argv, tiny_bigrec_config
+from recbole_dealrec.evaluation import load_user_results
 from recbole_dealrec.scoring.cache import load_scores
 
 
@@ -21,12 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args: list[str], cwd, nproc: int = 1) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd, nproc: int = 1, module: str = "recbole_dealrec", timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    target = ["-m", module] if not module.endswith(".py") else [module]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}", "-m", "recbole_dealrec"] if nproc > 1 else \
-        [sys.executable, "-m", "recbole_dealrec"]
-    return subprocess.run(launcher + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+                f"--master_port={free_port()}", *target] if nproc > 1 else [sys.executable, *target]
+    return subprocess.run(launcher + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def scores_by_user(folder: str, stage: str) -> dict[str, float]:
@@ -65,3 +71,58 @@ def test_two_gloo_processes_score_and_select_like_one(tiny_llm_path, tmp_path):
     users_two = open(two / sel_two / "selection.tsv").read().splitlines()
     assert [r.split("\t")[0] for r in users_one] == [r.split("\t")[0] for r in users_two]
     assert json.load(open(two / sel_two / "selection.json"))["world_size"] == 2
+
+
+def fine_tune(model: str, config: dict, tmp_path, nproc: int):
+    """Run ``model`` under ``nproc`` processes; return (trained weights, user results, log)."""
+    tmp = tmp_path / f"{model}-n{nproc}"
+    config = {**config, "checkpoint_dir": str(tmp / "ckpt"), "output_dir": str(tmp / "out"),
+              "test_user_results_file": str(tmp / "users.npz")}
+    done = run(cli_argv(config) + [f"--model={model}"], tmp_path, nproc)
+    assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "Error" in line)[-3000:]
+    (best,) = [f for f in (tmp / "ckpt").glob(f"{model}-*.pth") if not f.name.endswith("-last.pth")]
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    return state, load_user_results(str(tmp / "users.npz")), done.stderr + done.stdout
+
+
+def test_many_process_fine_tuning_and_evaluation_equal_one_process(tiny_llm_path, tmp_path):
+    # No dropout (each rank draws its own masks); batch sizes that split unevenly over 2 ranks (the shares are
+    # weighted by their loss terms: BIGRec's target tokens differ per row).
+    runs = {
+        "TIGER": {**TINY_TIGER, "tiger_dropout": 0.0, "sampler": "random", "selection_num": 60, "epochs": 2,
+                  "train_batch_size": 33, "eval_batch_size": 7, "eval_user_subset": 30, "valid_user_subset": 25},
+        "BIGRec": {**tiny_bigrec_config(tiny_llm_path, tmp_path), "lora_dropout": 0.0, "sampler": "random",
+                   "selection_num": 9, "train_batch_size": 5, "gradient_accumulation_steps": 2, "epochs": 1,
+                   "eval_user_subset": 9, "valid_user_subset": 7},
+    }
+    for model, config in runs.items():
+        (s1, users1, _), (s2, users2, log2) = (fine_tune(model, config, tmp_path, n) for n in (1, 2))
+        # the same optimizer steps were taken (on the same global batches), and they moved the weights alike
+        assert s1["optimizer_steps"] == s2["optimizer_steps"] > 0 and s1["epoch"] == s2["epoch"]
+        assert s2["best_valid_score"] == pytest.approx(s1["best_valid_score"], rel=1e-6)
+        w1, w2 = s1["weights"], s2["weights"]
+        assert w1.keys() == w2.keys()
+        for key in w1:
+            torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{model} {key}: {m}")
+        # every user tested, with the same hits, in the same order
+        assert "rank 1 evaluates" in log2 and "in collectives" in log2
+        np.testing.assert_array_equal(users2["user_id"], users1["user_id"])
+        np.testing.assert_array_equal(users2["hits"], users1["hits"])
+        assert len(users1["user_id"]) == config["eval_user_subset"]
+
+
+def test_a_failing_rank_fails_the_run_with_its_error(tmp_path):
+    script = tmp_path / "fail_one_rank.py"
+    script.write_text(textwrap.dedent("""
+        from recbole_dealrec import distributed
+        distributed.init_from_env(timeout_s=20)
+        if distributed.rank() == 1:
+            raise ValueError("rank 1 broke on purpose")
+        distributed.barrier()   # rank 0 waits for a rank that is gone
+        distributed.barrier()
+    """))
+    start = time.perf_counter()
+    done = run([], tmp_path, nproc=2, module=str(script), timeout=300)
+    assert done.returncode != 0
+    assert "rank 1 broke on purpose" in done.stderr
+    assert time.perf_counter() - start < 200

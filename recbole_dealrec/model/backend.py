@@ -75,6 +75,11 @@ class GenerativeBackend(SequentialRecommender, abc.ABC):
         """Inverse of :meth:`trainable_state_dict`."""
 
     # ---- hooks with a default
+    def loss_and_count(self, interaction) -> tuple[torch.Tensor, int]:
+        """``calculate_loss`` on ``interaction`` and how many terms it averages (rows here; BIGRec: target tokens).
+        Many-process fine-tuning weights each rank's loss by its count, so the gradient is the global batch's."""
+        return self.calculate_loss(interaction), len(interaction)
+
     def log_pass(self, what: str) -> None:
         """Called after each training/validation/evaluation pass (BIGRec logs prompt truncation)."""
 

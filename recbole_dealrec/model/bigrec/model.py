@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from recbole_dealrec import distributed
 from recbole_dealrec.data.items import read_item_titles
 from recbole_dealrec.model.bigrec.grounding import (
     GROUNDING_BEAMS,
@@ -151,7 +152,7 @@ class BIGRec(GenerativeBackend):
                 f"[BIGRec] {what}: {cut} of {total} prompts cut to llm_max_length={self.max_length} tokens "
                 f"(oldest history items dropped)"
             )
-        if what == "evaluation" and self.n_answers:
+        if what == "evaluation" and (self.n_answers or distributed.active()):  # every rank joins the collectives
             self.last_answer_stats = stats = self.answer_stats()
             self.logger.info(
                 f"[BIGRec] answers of {stats['answers']} rows: top beam exactly an item title "
@@ -159,9 +160,11 @@ class BIGRec(GenerativeBackend):
                 f"{stats['distinct_top_answers']} distinct top answers"
             )
             if self.generations_file:
-                with atomic_write(os.path.expanduser(self.generations_file), "w") as handle:
-                    json.dump({"item_titles": self.item_titles, "rows": self.generations}, handle)
-                self.logger.info(f"[BIGRec] answers written to {self.generations_file}")
+                rows = [row for part in distributed.gather_objects(self.generations) for row in part]
+                if distributed.is_main():  # every rank's answers (under torch.distributed), written once
+                    with atomic_write(os.path.expanduser(self.generations_file), "w") as handle:
+                        json.dump({"item_titles": self.item_titles, "rows": rows}, handle)
+                    self.logger.info(f"[BIGRec] answers written to {self.generations_file}")
                 self.generations = []
             self.n_answers = self.n_exact_top = self.n_exact_any = 0
             self.top_answers = set()
@@ -187,6 +190,11 @@ class BIGRec(GenerativeBackend):
     def calculate_loss(self, interaction):
         """Causal-LM loss of the batch rows' prompts (history = ``item_id_list[:item_length]``, response = target)."""
         return self.forward(**self.batch_tensors(interaction)).loss
+
+    def loss_and_count(self, interaction) -> tuple[torch.Tensor, int]:
+        """The loss and its number of terms: the target tokens after the causal shift (the LM loss is their mean)."""
+        batch = self.batch_tensors(interaction)
+        return self.forward(**batch).loss, int((batch["labels"][:, 1:] != -100).sum())
 
     @torch.no_grad()
     def generate(self, histories: Sequence[Sequence[str]]) -> tuple[list[list[str]], torch.Tensor]:
@@ -309,13 +317,16 @@ class BIGRec(GenerativeBackend):
                 )
 
     def answer_stats(self) -> dict:
-        """Share of answered rows whose top beam / any beam is exactly an item title, since the last reset."""
-        n = max(self.n_answers, 1)
+        """Share of answered rows whose top beam / any beam is exactly an item title, since the last reset (over
+        every rank's rows under torch.distributed)."""
+        counts = torch.tensor([self.n_answers, self.n_exact_top, self.n_exact_any], dtype=torch.float64)
+        answers, exact_top, exact_any = (int(c) for c in distributed.all_reduce_sum(counts).tolist())
+        n = max(answers, 1)
         return {
-            "answers": self.n_answers,
-            "exact_title_top_beam": self.n_exact_top / n,
-            "exact_title_any_beam": self.n_exact_any / n,
-            "distinct_top_answers": len(self.top_answers),
+            "answers": answers,
+            "exact_title_top_beam": exact_top / n,
+            "exact_title_any_beam": exact_any / n,
+            "distinct_top_answers": len(set().union(*distributed.gather_objects(self.top_answers))),
         }
 
     def full_sort_predict(self, interaction):
