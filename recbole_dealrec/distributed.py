@@ -1,12 +1,16 @@
 """Many processes with ``torch.distributed`` (``torchrun``): gloo on CPU, NCCL on GPU.
 
 ``torchrun --nproc_per_node=N -m recbole_dealrec ...`` sets ``WORLD_SIZE``/``RANK``/``MASTER_ADDR``; the plugin
-then joins the process group itself (RecBole's own multi-process path is NCCL-only). What is sharded: the
-influence scores (mean gradient and every HVP all-reduced, the per-user scores computed on each rank's share of
-the users and gathered) and the effort scores (users split across ranks). Everything cached (surrogate, other
-signals, semantic IDs) is computed by rank 0 while the others wait, then read from the cache; rank 0 alone writes
-caches, selections and reports. Every collective has the group's timeout (``distributed_timeout``), so a rank
-that dies makes the others fail instead of hang (and torchrun stops the group when a worker exits with an error).
+then joins the process group itself (RecBole's own multi-process path is NCCL-only). Sharded: the influence
+scores (mean gradient and every HVP all-reduced, per-user scores computed on each rank's share of the users and
+gathered), the effort, GraNd and EL2N scores (users split across ranks); data-parallel: the surrogate's training
+and the generative backends' fine-tuning (every rank walks the same seeded global batches, trains on its share
+of each with its loss weighted by its share of the loss terms, gradients all-reduced before each step); sharded
+and merged exactly: the backends' validation loss and test evaluation. What else is cached (other signals,
+semantic IDs) is computed by rank 0 while the others wait, then read from the cache; rank 0 alone writes caches,
+selections, checkpoints and reports. Every collective has the group's timeout (``distributed_timeout``), so a
+rank that dies makes the others fail instead of hang (and torchrun stops the group when a worker exits with an
+error).
 """
 from __future__ import annotations
 
@@ -169,3 +173,33 @@ def unshard_strided(parts: Sequence):
     for r, part in enumerate(parts):
         out[r::len(parts)] = part
     return out
+
+
+# ---- data-parallel training: every rank walks the same seeded global batches and trains on its share of each
+
+
+def batch_share(batch):
+    """This rank's contiguous share of the rows of ``batch`` (a RecBole ``Interaction``; itself when alone)."""
+    if not active():
+        return batch
+    return batch[torch.from_numpy(np.asarray(shard(np.arange(len(batch)))))]
+
+
+def share_of_total(count: int) -> float:
+    """``count / (sum of count over ranks)``: the weight of a rank's loss, a mean over its ``count`` loss terms, in
+    the mean over the global batch's terms (so the sum over ranks of weighted losses is the global batch's loss)."""
+    total = float(all_reduce_sum(torch.tensor(float(count), dtype=torch.float64)))
+    return count / total if total else 0.0
+
+
+def all_reduce_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Sum each parameter's ``.grad`` over the ranks in one flat all-reduce (as DDP's buckets do); a missing
+    gradient counts as zeros."""
+    if not active():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    offset = 0
+    for p in params:
+        p.grad = flat[offset: offset + p.numel()].view_as(p)
+        offset += p.numel()

@@ -9,11 +9,11 @@ This is the only module that wires the stages together; ``recbole.quick_start`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from logging import getLogger
 from typing import Any, Optional, Sequence
 
@@ -104,55 +104,59 @@ def run_recbole(
         summary = {**facts, "selected_users": int(len(selection.user_ids))}
     summary["folder"] = folder
     distributed.barrier()
+    # A RecBole model (SASRec ...) as the run's model: rank 0 trains and tests it alone (the others returned).
+    with contextlib.nullcontext() if generative else distributed.solo():
+        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+        with distributed.main_first(), distributed.solo():  # rank 0 first builds what the model caches (semantic IDs)
+            model_obj = model_class(config, train_data.dataset).to(config["device"])
+        if distributed.active():  # every rank starts from rank 0's weights (the others' RNG went another way)
+            model_obj.load_trainable_state_dict(distributed.broadcast_object(model_obj.trainable_state_dict()))
+        logger.info(model_obj)
+        if generative and distributed.is_main():
+            model_obj.export(folder)  # e.g. TIGER's item semantic IDs, beside the selection
+        config["checkpoint_dir"] = distributed.broadcast_object(
+            run_checkpoint_dir(config) if distributed.is_main() else None)
+        with distributed.main_first():  # rank 0 first: RecBole creates its folders without exist_ok
+            trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
+        with timer("training"):
+            best_valid_score, best_valid_result = trainer.fit(
+                train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+            )
+        last = getattr(trainer, "last_model_file", None)
+        if last and os.path.isfile(last):  # only a resume needs it, and this training finished
+            os.unlink(last)
+        user_results_file = config["test_user_results_file"]
+        capture = capture_user_results(trainer, dataset_obj.uid_field, max(config["topk"]),
+                                       with_loss=bool(config["test_user_loss"])) \
+            if user_results_file else contextlib.nullcontext({})
+        with timer("test evaluation"), capture as per_user:
+            test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+        if distributed.active():  # every rank tested its share of the users: all of them, in the one-process order
+            per_user = {key: distributed.unshard_strided(distributed.gather_objects(value))
+                        for key, value in per_user.items()}
+        if user_results_file and distributed.is_main():
+            save_user_results(user_results_file, per_user, dataset_obj)
+        summary["seconds"] = timer.seconds
+        summary["checkpoint"] = trainer.saved_model_file if saved and os.path.isfile(trainer.saved_model_file) else None
 
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    with distributed.main_first(), distributed.solo():  # rank 0 builds what the model caches (semantic IDs) first
-        model_obj = model_class(config, train_data.dataset).to(config["device"])
-    if distributed.active():  # every rank starts from rank 0's weights (the others' RNG went another way)
-        model_obj.load_trainable_state_dict(distributed.broadcast_object(model_obj.trainable_state_dict()))
-    logger.info(model_obj)
-    if generative and distributed.is_main():
-        model_obj.export(folder)  # e.g. TIGER's item semantic IDs, beside the selection
-    config["checkpoint_dir"] = distributed.broadcast_object(run_checkpoint_dir(config) if distributed.is_main() else None)
-    with distributed.main_first():  # rank 0 first: RecBole creates its folders without exist_ok
-        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
-    with timer("training"):
-        best_valid_score, best_valid_result = trainer.fit(
-            train_data, valid_data, saved=saved, show_progress=config["show_progress"]
-        )
-    last = getattr(trainer, "last_model_file", None)
-    if last and os.path.isfile(last):  # only a resume needs it, and this training finished
-        os.unlink(last)
-    user_results_file = config["test_user_results_file"]
-    capture = capture_user_results(trainer, dataset_obj.uid_field, max(config["topk"]),
-                                   with_loss=bool(config["test_user_loss"])) if user_results_file else nullcontext({})
-    with timer("test evaluation"), capture as per_user:
-        test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
-    if distributed.active():  # every rank tested its share of the users: all of them, in the one-process order
-        per_user = {key: distributed.unshard_strided(distributed.gather_objects(value)) for key, value in per_user.items()}
-    if user_results_file and distributed.is_main():
-        save_user_results(user_results_file, per_user, dataset_obj)
-    summary["seconds"] = timer.seconds
-    summary["checkpoint"] = trainer.saved_model_file if saved and os.path.isfile(trainer.saved_model_file) else None
+        logger.info(set_color("[Time]", "pink") + f" all stages (s): {timer.seconds}")
+        if distributed.active():
+            logger.info(set_color("[Distributed]", "pink") + f" rank {distributed.rank()}: "
+                        f"{distributed.collective_seconds():.1f} s in collectives")
 
-    logger.info(set_color("[Time]", "pink") + f" all stages (s): {timer.seconds}")
-    if distributed.active():
-        logger.info(set_color("[Distributed]", "pink") + f" rank {distributed.rank()}: "
-                    f"{distributed.collective_seconds():.1f} s in collectives")
-
-    environment_tb = get_environment(config)
-    logger.info("The running environment of this training is as follows:\n" + environment_tb.draw())
-    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
-    logger.info(set_color("test result", "yellow") + f": {test_result}")
-    return {
-        "best_valid_score": best_valid_score,
-        "valid_score_bigger": config["valid_metric_bigger"],
-        "best_valid_result": best_valid_result,
-        "test_result": test_result,
-        "evaluation_facts": model_obj.evaluation_facts() if isinstance(model_obj, GenerativeBackend) else {},
-        "selection": summary,
-        **({"rank": distributed.rank()} if distributed.active() else {}),
-    }
+        environment_tb = get_environment(config)
+        logger.info("The running environment of this training is as follows:\n" + environment_tb.draw())
+        logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+        logger.info(set_color("test result", "yellow") + f": {test_result}")
+        return {
+            "best_valid_score": best_valid_score,
+            "valid_score_bigger": config["valid_metric_bigger"],
+            "best_valid_result": best_valid_result,
+            "test_result": test_result,
+            "evaluation_facts": model_obj.evaluation_facts() if isinstance(model_obj, GenerativeBackend) else {},
+            "selection": summary,
+            **({"rank": distributed.rank()} if distributed.active() else {}),
+        }
 
 
 def check_run_config(config: DealrecConfig):

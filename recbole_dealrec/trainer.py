@@ -166,23 +166,13 @@ class GenerativeTrainer(Trainer):
     def _share_loss(self, interaction) -> Optional[torch.Tensor]:
         """This rank's part of the global batch ``interaction``: its loss times its share of the batch's loss terms,
         so that the sum over ranks is the global batch's loss (``None`` when the share is empty)."""
-        local = interaction[torch.from_numpy(np.asarray(distributed.shard(np.arange(len(interaction)))))]
+        local = distributed.batch_share(interaction)
         loss, count = self.model.loss_and_count(local) if len(local) else (None, 0)
-        total = float(distributed.all_reduce_sum(torch.tensor(float(count), dtype=torch.float64)))
-        return None if loss is None else loss * (count / total)
-
-    def _all_reduce_gradients(self, params) -> None:
-        """Sum every trained parameter's gradient over the ranks (one flat all-reduce, as DDP's buckets do)."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = distributed.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
-        offset = 0
-        for p in params:
-            p.grad = flat[offset: offset + p.numel()].view_as(p)
-            offset += p.numel()
+        weight = distributed.share_of_total(count)
+        return None if loss is None else loss * weight
 
     def _optimizer_step(self, params) -> None:
-        if distributed.active():
-            self._all_reduce_gradients(params)
+        distributed.all_reduce_gradients(params)  # under torch.distributed: the global batch's gradient
         if self.clip_grad_norm:
             clip_grad_norm_(params, **self.clip_grad_norm)
         factor = lr_factor(self.optimizer_steps, self.warmup_steps, self.total_steps, self.lr_schedule)

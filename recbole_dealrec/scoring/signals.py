@@ -60,8 +60,8 @@ class SignalContext:
         if self._surrogate is None:
             from recbole_dealrec.surrogate import train_surrogate
 
-            # rank 0 trains and caches it; other ranks of a torch.distributed run then load it from the cache
-            with self.timer("surrogate"), distributed.main_first():
+            # under torch.distributed the ranks train it together (data-parallel) or load it; rank 0 caches it
+            with self.timer("surrogate"):
                 self._surrogate = train_surrogate(self.config, snapshot_epochs=self.snapshot_epochs)
         return self._surrogate
 

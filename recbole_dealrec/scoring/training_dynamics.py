@@ -22,6 +22,7 @@ import torch
 from recbole.data.interaction import Interaction
 from tqdm import tqdm
 
+from recbole_dealrec import distributed
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.scoring.cache import ScoredUsers
 from recbole_dealrec.scoring.influence_core import select_parameters
@@ -136,6 +137,7 @@ def _check_epoch_and_seeds(config: Mapping, prefix: str) -> None:
 class _EarlyTrainingSignal(Signal):
     prefix: str
     uses_surrogate = True
+    sharded = True  # each rank scores a contiguous share of the users (the snapshots are trained data-parallel)
 
     def check_config(self, config) -> None:
         _check_epoch_and_seeds(config, self.prefix)
@@ -152,9 +154,12 @@ class _EarlyTrainingSignal(Signal):
         total = None
         for run in range(runs):
             surrogate = ctx.snapshot(run, epoch)
-            scores = self.score_run(ctx, surrogate, ctx.surrogate_ids(surrogate))
+            local = distributed.shard(ctx.surrogate_ids(surrogate))
+            scores = self.score_run(ctx, surrogate, local) if len(local) else torch.zeros(0, dtype=torch.float64)
+            scores = torch.cat(distributed.gather_objects(scores))  # rank order = user order
             total = scores if total is None else total + scores
-        meta = {"epoch": epoch, "runs": runs, "n_users": int(len(ctx.candidates))}
+        meta = {"epoch": epoch, "runs": runs, "n_users": int(len(ctx.candidates)),
+                "world_size": distributed.world_size()}
         return ScoredUsers(ctx.candidate_tokens, (total / runs).numpy(), meta)
 
 
