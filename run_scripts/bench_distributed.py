@@ -31,7 +31,7 @@ def worker(args) -> None:
     from recbole_dealrec import distributed
     from recbole_dealrec.config import DealrecConfig
     from recbole_dealrec.data import create_dataset, data_preparation, training_user_ids
-    from recbole_dealrec.scoring.backend_effort import effort_scores_for_users
+    from recbole_dealrec.scoring.backend_effort import effort_model, effort_scores_for_users
     from recbole_dealrec.scoring.influence import influence_scores
     from recbole_dealrec.scoring.signals import SignalContext
 
@@ -42,9 +42,13 @@ def worker(args) -> None:
     candidates = training_user_ids(train_data.dataset)
     ctx = SignalContext(config, train_data.dataset, candidates)
     surrogate = ctx.surrogate()  # cached by the preparing run: loaded, not timed
+    # effort's model build (the LLM loaded by each rank, rank 0 first) is timed apart from the scoring
+    models = {}
     stages = {
         "influence": lambda: influence_scores(config, surrogate),
-        "effort": lambda: effort_scores_for_users(config, train_data.dataset, candidates[: args.effort_users]),
+        "effort-build": lambda: models.setdefault("effort", effort_model(config, train_data.dataset)),
+        "effort": lambda: effort_scores_for_users(config, train_data.dataset, candidates[: args.effort_users],
+                                                  model=models.get("effort")),
     }
     out = {}
     for name in args.stages.split(","):
@@ -54,17 +58,18 @@ def worker(args) -> None:
         seconds = time.perf_counter() - start
         comm = distributed.collective_seconds() - comm
         timings = distributed.gather_objects((seconds, comm))
+        scores = np.asarray(getattr(result, "scores", []), dtype=np.float64).tolist()
         out[name] = {"seconds": max(t[0] for t in timings), "collective_seconds": max(t[1] for t in timings),
-                     "scores": np.asarray(result.scores, dtype=np.float64).tolist(), "threads": torch.get_num_threads()}
+                     "scores": scores, "threads": torch.get_num_threads()}
     if distributed.is_main():
         print("BENCH " + json.dumps(out), flush=True)
     distributed.shutdown()
 
 
-def launch(args, nproc: int, stages: str) -> dict:
+def launch(args, nproc: int, stages: str, effort_users: int | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     own = [os.path.abspath(__file__), "--worker", "--dataset", args.dataset, "--output-dir", args.output_dir,
-           "--effort-users", str(args.effort_users), "--stages", stages] + (["--config", args.config] if args.config else [])
+           "--effort-users", str(effort_users or args.effort_users), "--stages", stages] + (["--config", args.config] if args.config else [])
     if nproc > 1:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -88,7 +93,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     parser.add_argument("--effort-users", type=int, default=96, help="users whose effort scores are timed")
-    parser.add_argument("--stages", default="effort,influence")
+    parser.add_argument("--stages", default="effort-build,effort,influence")
     parser.add_argument("--output-dir", default=None, help="cache folder (default: a fresh temporary one)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -96,14 +101,14 @@ def main() -> None:
         return worker(args)
     args.output_dir = args.output_dir or tempfile.mkdtemp(prefix="bench_distributed-")
     print(f"preparing (surrogate, caches) in {args.output_dir} ...", flush=True)
-    launch(args, 1, "effort")  # trains and caches the surrogate; builds what the LLM backend caches
+    launch(args, 1, "effort-build,effort", effort_users=2)  # trains and caches the surrogate; builds what the LLM backend caches
     one, many = launch(args, 1, args.stages), launch(args, args.nproc, args.stages)
     print(f"{args.dataset}, {args.effort_users} effort users, {args.threads} thread(s) per process, {os.cpu_count()} cores")
     print(f"{'stage':<10} {'1 proc s':>9} {f'{args.nproc} procs s':>10} {'speed-up':>9} {'collectives':>12} {'rel. diff':>10}")
     for stage in args.stages.split(","):
         a, b = one[stage], many[stage]
         x, y = np.array(a["scores"]), np.array(b["scores"])
-        diff = float(np.max(np.abs(x - y)) / max(np.max(np.abs(x)), 1e-300))
+        diff = float(np.max(np.abs(x - y)) / max(np.max(np.abs(x)), 1e-300)) if len(x) else float("nan")
         print(f"{stage:<10} {a['seconds']:9.1f} {b['seconds']:10.1f} {a['seconds'] / b['seconds']:8.2f}x "
               f"{b['collective_seconds'] / b['seconds']:11.1%} {diff:10.1e}")
 

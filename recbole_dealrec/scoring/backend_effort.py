@@ -63,6 +63,13 @@ def check_effort_config(config: Mapping[str, Any]) -> None:
     effort_backend(config).check_config(config)  # the backend's own keys (BIGRec: titles, llm_path), before any training
 
 
+def effort_model(config, train_dataset):
+    """The effort backend at the weights the scores are taken with (rank 0 builds it first under torch.distributed:
+    it writes what the backend caches, e.g. the converted LLM or TIGER's semantic IDs; the others then read it)."""
+    with distributed.main_first():
+        return _backend(config, train_dataset)
+
+
 def _backend(config, train_dataset):
     init_seed(config["seed"], config["reproducibility"])  # the seeded initial state (BIGRec: the lora_A draw)
     model = effort_backend(config)(config, train_dataset)
@@ -72,11 +79,13 @@ def _backend(config, train_dataset):
     return model
 
 
-def effort_scores_for_users(config, train_dataset, user_ids: Sequence[int], show_progress: bool = False) -> ScoredUsers:
-    """Effort score of each user in ``user_ids`` (internal ids of ``train_dataset``), one sample per user. Under
-    torch.distributed each rank scores a contiguous share of the users and the norms are gathered."""
-    with distributed.main_first():  # rank 0 builds what the backend caches (converted LLM, semantic IDs) first
-        model = _backend(config, train_dataset)
+def effort_scores_for_users(config, train_dataset, user_ids: Sequence[int], show_progress: bool = False,
+                            model=None) -> ScoredUsers:
+    """Effort score of each user in ``user_ids`` (internal ids of ``train_dataset``), one sample per user, with the
+    effort backend ``model`` (default: built here). Under torch.distributed each rank scores a contiguous share of
+    the users and the norms are gathered."""
+    if model is None:
+        model = effort_model(config, train_dataset)
     rows = model.effort_rows(train_dataset)
     uid = train_dataset.inter_feat[train_dataset.uid_field].numpy()[rows]
     wanted = np.isin(uid, np.asarray(user_ids))
