@@ -132,8 +132,9 @@ def run_recbole(
         with timer("test evaluation"), capture as per_user:
             test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
         if distributed.active():  # every rank tested its share of the users: all of them, in the one-process order
-            per_user = {key: distributed.unshard_strided(distributed.gather_objects(value))
-                        for key, value in per_user.items()}
+            gathered = {key: [part for part in distributed.gather_objects(per_user.get(key)) if part is not None]
+                        for key in ("user_ids", "hits", "n_targets", "loss")}  # the same keys on every rank
+            per_user = {key: distributed.unshard_strided(parts) for key, parts in gathered.items() if parts}
         if user_results_file and distributed.is_main():
             save_user_results(user_results_file, per_user, dataset_obj)
         summary["seconds"] = timer.seconds
