@@ -43,7 +43,8 @@ def scores_by_user(folder: str, stage: str) -> dict[str, float]:
 
 def test_two_gloo_processes_score_and_select_like_one(tiny_llm_path, tmp_path):
     # The surrogate is trained data-parallel by the 2 ranks (no dropout: each rank would draw its own masks), the
-    # signals are scored in shards; every one equals the one-process run's.
+    # signals are scored in shards (DEALRec's, GraNd's, EL2N's, TF-DCon's embeddings); each equals the one-process
+    # run's and so does every selection.
     surrogate = {**TINY_SURROGATE, "epochs": 2, "train_batch_size": 333, "hidden_dropout_prob": 0.0,
                  "attn_dropout_prob": 0.0}
     outputs = {}
@@ -61,20 +62,20 @@ def test_two_gloo_processes_score_and_select_like_one(tiny_llm_path, tmp_path):
                   "grand_epoch": 1, "grand_seeds": 2, "el2n_epoch": 1}
         config["llm_max_length"] = 128  # a SASRec run: the BIGRec keys are the effort backend's
         logs = ""
-        for sampler in ("dealrec", "grand", "el2n"):
+        for sampler in ("dealrec", "grand", "el2n", "tfdcon"):
             done = run(cli_argv({**config, "sampler": sampler}) + ["--model=SASRec"], tmp_path, nproc)
             assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "Error" in line)[-3000:]
             logs += done.stderr + done.stdout
         outputs[nproc] = (tmp / "out" / "ml-100k", logs)
     one, two = outputs[1][0], outputs[2][0]
-    for stage in ("influence", "effort", "grand", "el2n"):
+    for stage in ("influence", "effort", "grand", "el2n", "surrogate_embedding", "text_embedding"):
         a, b = scores_by_user(str(one / "cache"), stage), scores_by_user(str(two / "cache"), stage)
         assert a.keys() == b.keys() and len(a) == 943
         x, y = np.array([a[u] for u in a]), np.array([b[u] for u in a])
         assert np.allclose(x, y, rtol=1e-5, atol=1e-5 * np.abs(x).max()), (stage, np.abs(x - y).max())
     log = outputs[2][1]
     assert "rank 0 scored" in log and "rank 1 scored" in log and "(2 processes)" in log
-    for sampler in ("dealrec", "grand", "el2n"):
+    for sampler in ("dealrec", "grand", "el2n", "tfdcon"):
         (sel_one,) = [d for d in os.listdir(one) if d.startswith(sampler + "-")]
         (sel_two,) = [d for d in os.listdir(two) if d.startswith(sampler + "-")]
         users_one = open(one / sel_one / "selection.tsv").read().splitlines()

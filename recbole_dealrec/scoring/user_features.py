@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from recbole_dealrec import distributed
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.scoring.cache import ScoredUsers
 from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
@@ -31,10 +32,14 @@ class SurrogateEmbedding(Signal):
     name = "surrogate_embedding"
     description = "the trained surrogate's representation of the user's training history (collaborative)"
     uses_surrogate = True
+    sharded = True  # each rank embeds a contiguous share of the users
 
     def compute(self, ctx: SignalContext) -> ScoredUsers:
         surrogate = ctx.surrogate()
-        vectors = user_representations(surrogate.model, surrogate.train_dataset, ctx.surrogate_ids(surrogate))
+        local = distributed.shard(ctx.surrogate_ids(surrogate))
+        parts = distributed.gather_objects(user_representations(surrogate.model, surrogate.train_dataset, local)
+                                           if len(local) else None)
+        vectors = torch.cat([p for p in parts if p is not None])  # rank order = user order
         return ScoredUsers(ctx.candidate_tokens, vectors.float().numpy(), {"dim": int(vectors.shape[1])})
 
 
@@ -43,6 +48,7 @@ class TextEmbedding(Signal):
     name = "text_embedding"
     description = "mean sentence embedding of the titles of the user's training items (content)"
     keys = ("text_encoder_path", "title_field", "text_encoder_max_length")
+    sharded = True  # each rank encodes a contiguous share of the item titles
 
     def check_config(self, config) -> None:
         if not config["title_field"]:
@@ -62,9 +68,11 @@ class TextEmbedding(Signal):
 
         config, dataset = ctx.config, ctx.train_dataset
         titles = read_item_titles(config, dataset)
-        items = encode_texts(resolve_text_encoder(config["text_encoder_path"]), titles[1:],
-                             max_length=int(config["text_encoder_max_length"]),
-                             show_progress=bool(config["show_progress"]))
+        local = distributed.shard(list(titles[1:]))
+        parts = distributed.gather_objects(encode_texts(
+            resolve_text_encoder(config["text_encoder_path"]), local, max_length=int(config["text_encoder_max_length"]),
+            show_progress=bool(config["show_progress"])) if len(local) else None)
+        items = torch.cat([p for p in parts if p is not None])  # rank order = item order
         items = torch.cat([torch.zeros(1, items.shape[1]), items])  # row 0: the padding item
         uid = dataset.inter_feat[dataset.uid_field]
         position = torch.full((dataset.user_num,), -1, dtype=torch.long)
