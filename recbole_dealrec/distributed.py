@@ -19,7 +19,7 @@ import datetime
 import os
 import time
 from logging import getLogger
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -151,6 +151,14 @@ def shard(items: Sequence) -> Sequence:
         return items
     bounds = np.linspace(0, len(items), world_size() + 1).round().astype(int)
     return items[bounds[rank()]: bounds[rank() + 1]]
+
+
+def map_sharded(items: Sequence, compute: Callable[[Sequence], torch.Tensor]) -> torch.Tensor:
+    """``compute(items)`` with the work split by :func:`shard`: each rank computes its non-empty share, the
+    results (tensors with one leading row per item) are gathered and concatenated in rank order, i.e. item order."""
+    local = shard(items)
+    parts = gather_objects(compute(local) if len(local) else None)
+    return torch.cat([p for p in parts if p is not None])
 
 
 def shard_strided(rows: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 import recbole_dealrec  # noqa: F401
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
-from recbole_dealrec.scoring.hessian import solve
+from recbole_dealrec.scoring.hessian import largest_eigenvalue, solve
 from recbole_dealrec.scoring.influence_core import (
     directional_derivatives,
     flatten,
@@ -39,21 +39,25 @@ def main() -> None:
     parser.add_argument("--model", default="SASRec")
     parser.add_argument("--params", nargs="+", default=[".*"], help="influence_params patterns")
     parser.add_argument("--loop-users", type=int, default=2000)
-    parser.add_argument("--cg-iters", type=int, default=30)
-    parser.add_argument("--damping", type=float, default=0.01)
+    parser.add_argument("--cg-iters", type=int, default=200, help="cg_max_iter (default key: 200; CG stops at ihvp_tol 1e-3)")
+    parser.add_argument("--damping", default="auto", help="influence_damping: auto (default key) or a number")
     parser.add_argument("--batch-rows", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=64, help="surrogate hidden size (paper: 64)")
     parser.add_argument("--layers", type=int, default=2, help="surrogate layers (paper: 2)")
     parser.add_argument("--max-len", type=int, default=50, help="MAX_ITEM_LIST_LENGTH (paper: 50)")
-    parser.add_argument("--hessian-users", type=int, default=None, help="users the Hessian is estimated on (default all)")
+    parser.add_argument("--hessian-users", default="auto",
+                        help="influence_hessian_users: auto (default key, 2000 users), all, or a number")
     parser.add_argument("--user-loss", default="mean", choices=["mean", "sum"], help="influence_user_loss")
     parser.add_argument("--epochs-only", action="store_true", help="only the prefix-row vs sequence-mode epoch")
+    parser.add_argument("--skip-prefix", action="store_true", help="influence stage in sequence mode only")
     args = parser.parse_args()
+    hessian_users = args.hessian_users if args.hessian_users == "auto" else \
+        None if args.hessian_users == "all" else int(args.hessian_users)
 
     overrides = {"show_progress": False, "hidden_size": args.hidden, "inner_size": 4 * args.hidden,
                  "n_layers": args.layers, "n_heads": 2, "MAX_ITEM_LIST_LENGTH": args.max_len,
                  "train_batch_size": 500, "learning_rate": 0.001, "influence_hessian": "gauss_newton",
-                 "influence_hessian_users": args.hessian_users, "influence_batch_rows": args.batch_rows}
+                 "influence_hessian_users": hessian_users, "influence_batch_rows": args.batch_rows}
     if args.data_path:
         overrides["data_path"] = args.data_path
     config = DealrecConfig(args.model, args.dataset, config_dict=overrides)
@@ -84,7 +88,7 @@ def main() -> None:
     params = select_parameters(model.named_parameters(), args.params)
     m = sum(p.numel() for p in params.values())
     stage = {}
-    for mode in ("prefix", "sequence"):
+    for mode in ("sequence",) if args.skip_prefix else ("prefix", "sequence"):
         batches = user_batches(train_data.dataset, args.batch_rows, sequence=mode == "sequence")
         n_users = sum(len(b) for b in batches)
         start = time.perf_counter()
@@ -92,8 +96,13 @@ def main() -> None:
         timings[f"{mode}: mean gradient"] = time.perf_counter() - start
         hvp = hessian_vector_product(config, loss, params, train_data.dataset, batches)
         start = time.perf_counter()
-        result = solve("cg", v, hvp=hvp, damping=args.damping, tol=1e-4, max_iter=args.cg_iters)
-        timings[f"{mode}: iHVP (CG, Gauss-Newton, {result.iterations} it., residual {result.residual:.1e})"] = \
+        if args.damping == "auto":  # as influence_damping: auto (the power-iteration HVPs count in the iHVP time)
+            top = largest_eigenvalue(hvp, m, iters=config["influence_power_iters"], seed=config["seed"], dtype=v.dtype)
+            damping = float(config["influence_damping_ratio"]) * top
+        else:
+            damping = float(args.damping)
+        result = solve("cg", v, hvp=hvp, damping=damping, tol=config["ihvp_tol"], max_iter=args.cg_iters)
+        timings[f"{mode}: iHVP (CG, GN, damping {damping:.1e}, {result.iterations} it., residual {result.residual:.1e})"] = \
             time.perf_counter() - start
         direction = unflatten(result.x, params)
         start = time.perf_counter()
@@ -115,14 +124,18 @@ def main() -> None:
     max_diff = (scores[:n_loop].double() - loop_scores.double()).abs().max().item()
 
     print(f"surrogate {args.model}: hidden {args.hidden}, {args.layers} layers, max length {args.max_len}; "
-          f"Hessian on {args.hessian_users or 'all'} users; per-user loss: {args.user_loss}")
+          f"Hessian on {args.hessian_users} users; per-user loss: {args.user_loss}")
     print(f"dataset={args.dataset} users={n_users} rows={len(train_data.dataset)} scored parameters={m} "
           f"threads={torch.get_num_threads()}")
     for name, seconds in timings.items():
         print(f"  {name:62s} {seconds:9.2f} s")
     epoch = timings["surrogate epoch (prefix rows)"]
-    print(f"  ratio  influence stage, sequence / prefix mode          {stage['sequence'] / stage['prefix']:.2f}")
-    print(f"  ratio  influence stage (sequence) / prefix-row epoch    {stage['sequence'] / epoch:.2f}")
+    sequence_epoch = timings["surrogate epoch (sequence rows)"]
+    print(f"  ratio  surrogate epoch, sequence / prefix rows          {sequence_epoch / epoch:.2f}")
+    if "prefix" in stage:
+        print(f"  ratio  influence stage, sequence / prefix mode          {stage['sequence'] / stage['prefix']:.2f}")
+        print(f"  ratio  influence stage (prefix) / prefix-row epoch      {stage['prefix'] / epoch:.2f}")
+    print(f"  ratio  influence stage (sequence) / sequence-mode epoch {stage['sequence'] / sequence_epoch:.2f}")
     print(f"  ratio  per-user loop (all users, extrapolated) / jvp    "
           f"{loop_all / timings['sequence: score all users (jvp)']:.2f}x")
     print(f"  max |batched - loop| on the looped users               {max_diff:.2e} (scores up to {scores.abs().max().item():.2e})")

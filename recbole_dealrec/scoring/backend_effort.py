@@ -93,14 +93,15 @@ def effort_scores_for_users(config, train_dataset, user_ids: Sequence[int], show
         raise ValueError("effort scores asked for users without training samples")
     rows, uid = rows[wanted], uid[wanted]
     size = config["effort_batch_size"]
-    local_rows = distributed.shard(rows)
-    batches = [train_dataset.inter_feat[torch.from_numpy(local_rows[i:i + size])]
-               for i in range(0, len(local_rows), size)]
-    local_norms = model.effort_norms(batches, config["effort_params"], show_progress=show_progress) if batches \
-        else torch.zeros(0)
-    norms = torch.cat([torch.as_tensor(n) for n in distributed.gather_objects(local_norms.detach().cpu())])
-    if distributed.active():
-        getLogger().info(f"[Effort] rank {distributed.rank()} scored {len(local_rows)} of {len(rows)} users")
+
+    def norms_of(local_rows: np.ndarray) -> torch.Tensor:
+        batches = [train_dataset.inter_feat[torch.from_numpy(local_rows[i:i + size])]
+                   for i in range(0, len(local_rows), size)]
+        if distributed.active():
+            getLogger().info(f"[Effort] rank {distributed.rank()} scores {len(local_rows)} of {len(rows)} users")
+        return torch.as_tensor(model.effort_norms(batches, config["effort_params"], show_progress=show_progress)).detach().cpu()
+
+    norms = distributed.map_sharded(rows, norms_of)
     tokens = np.asarray(train_dataset.id2token(train_dataset.uid_field, uid)).astype(str)
     meta = {"n_users": int(len(uid)), "backend": type(model).__name__, **model.effort_facts(),
             "zero_scores": int((norms == 0).sum()),

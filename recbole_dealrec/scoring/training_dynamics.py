@@ -154,9 +154,8 @@ class _EarlyTrainingSignal(Signal):
         total = None
         for run in range(runs):
             surrogate = ctx.snapshot(run, epoch)
-            local = distributed.shard(ctx.surrogate_ids(surrogate))
-            scores = self.score_run(ctx, surrogate, local) if len(local) else torch.zeros(0, dtype=torch.float64)
-            scores = torch.cat(distributed.gather_objects(scores))  # rank order = user order
+            scores = distributed.map_sharded(ctx.surrogate_ids(surrogate),
+                                             lambda local: self.score_run(ctx, surrogate, local))
             total = scores if total is None else total + scores
         meta = {"epoch": epoch, "runs": runs, "n_users": int(len(ctx.candidates)),
                 "world_size": distributed.world_size()}

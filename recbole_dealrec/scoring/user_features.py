@@ -36,10 +36,8 @@ class SurrogateEmbedding(Signal):
 
     def compute(self, ctx: SignalContext) -> ScoredUsers:
         surrogate = ctx.surrogate()
-        local = distributed.shard(ctx.surrogate_ids(surrogate))
-        parts = distributed.gather_objects(user_representations(surrogate.model, surrogate.train_dataset, local)
-                                           if len(local) else None)
-        vectors = torch.cat([p for p in parts if p is not None])  # rank order = user order
+        vectors = distributed.map_sharded(ctx.surrogate_ids(surrogate), lambda local: user_representations(
+            surrogate.model, surrogate.train_dataset, local))
         return ScoredUsers(ctx.candidate_tokens, vectors.float().numpy(), {"dim": int(vectors.shape[1])})
 
 
@@ -68,11 +66,9 @@ class TextEmbedding(Signal):
 
         config, dataset = ctx.config, ctx.train_dataset
         titles = read_item_titles(config, dataset)
-        local = distributed.shard(list(titles[1:]))
-        parts = distributed.gather_objects(encode_texts(
+        items = distributed.map_sharded(list(titles[1:]), lambda local: encode_texts(
             resolve_text_encoder(config["text_encoder_path"]), local, max_length=int(config["text_encoder_max_length"]),
-            show_progress=bool(config["show_progress"])) if len(local) else None)
-        items = torch.cat([p for p in parts if p is not None])  # rank order = item order
+            show_progress=bool(config["show_progress"])))
         items = torch.cat([torch.zeros(1, items.shape[1]), items])  # row 0: the padding item
         uid = dataset.inter_feat[dataset.uid_field]
         position = torch.full((dataset.user_num,), -1, dtype=torch.long)
