@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -141,6 +142,33 @@ def test_batched_effort_matches_loop(lora_model, padding_side, patterns):
     assert lora_model.training
     assert flags == {n: p.requires_grad for n, p in lora_model.named_parameters()}
     assert all(p.grad is None for p in lora_model.parameters())
+
+
+def test_truncated_backward_equals_the_full_backward(lora_model):
+    """Scoring the last layer's lora_B runs the backward through one layer only; its per-sample norms must equal
+    those of a full backward (every LoRA tensor requiring grad, one sample at a time) restricted to that tensor."""
+    tok = make_tokenizer("right")
+    pattern = last_layer_lora_pattern(lora_model)
+    batches = make_batches(tok, TEXTS, batch_size=3, mask_prompt=2)
+    truncated = effort_scores(lora_model, batches, param_patterns=[pattern])
+    lora_model.eval()
+    lora = {n: p for n, p in lora_model.named_parameters() if "lora_" in n}
+    for p in lora.values():
+        p.requires_grad_(True)
+    scored = [n for n in lora if re.search(pattern, n)]
+    assert len(scored) == 1 and len(lora) > 1
+    full = []
+    for batch in batches:
+        for i in range(batch["input_ids"].shape[0]):
+            keep = batch["attention_mask"][i].bool()
+            ids, labels = batch["input_ids"][i][keep][None], batch["labels"][i][keep][None]
+            loss = per_sample_loss(lora_model(input_ids=ids).logits, labels)[0]
+            if not loss.requires_grad or not (labels[0, 1:] != -100).any():
+                full.append(0.0)
+                continue
+            grads = dict(zip(lora, torch.autograd.grad(loss, list(lora.values()), allow_unused=True)))
+            full.append(float(sum(grads[n].double().pow(2).sum() for n in scored).sqrt()))
+    torch.testing.assert_close(truncated, torch.tensor(full, dtype=torch.float64), rtol=1e-6, atol=1e-9)
 
 
 def test_batch_composition_does_not_matter(lora_model):
