@@ -18,7 +18,7 @@ import torch
 import recbole_dealrec  # noqa: F401
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
-from recbole_dealrec.scoring.hessian import largest_eigenvalue, solve
+from recbole_dealrec.scoring.hessian import solve
 from recbole_dealrec.scoring.influence_core import (
     directional_derivatives,
     flatten,
@@ -27,7 +27,7 @@ from recbole_dealrec.scoring.influence_core import (
     select_parameters,
     unflatten,
 )
-from recbole_dealrec.scoring.influence import hessian_vector_product
+from recbole_dealrec.scoring.influence import auto_damping, hessian_vector_product
 from recbole_dealrec.surrogate import SurrogateLoss, user_batches
 from recbole_dealrec.model import get_model, get_trainer
 
@@ -97,8 +97,7 @@ def main() -> None:
         hvp = hessian_vector_product(config, loss, params, train_data.dataset, batches)
         start = time.perf_counter()
         if args.damping == "auto":  # as influence_damping: auto (the power-iteration HVPs count in the iHVP time)
-            top = largest_eigenvalue(hvp, m, iters=config["influence_power_iters"], seed=config["seed"], dtype=v.dtype)
-            damping = float(config["influence_damping_ratio"]) * top
+            damping, _ = auto_damping(config, hvp, m, v.dtype)
         else:
             damping = float(args.damping)
         result = solve("cg", v, hvp=hvp, damping=damping, tol=config["ihvp_tol"], max_iter=args.cg_iters)

@@ -124,6 +124,15 @@ def stochastic_hvp(config, loss: SurrogateLoss, params, sample):
     return sampler
 
 
+def auto_damping(config: Mapping[str, Any], hvp, m: int, dtype: torch.dtype) -> tuple[float, float]:
+    """``influence_damping: auto``: (damping, largest eigenvalue of H), damping = ``influence_damping_ratio`` x
+    the largest eigenvalue by ``influence_power_iters`` power-iteration HVPs. Relative to the spectrum: a damping
+    fixed in absolute terms is far too small for one surrogate (CG stalls) and far too large for another (the
+    scores turn into plain gradient dot products)."""
+    top = largest_eigenvalue(hvp, m, iters=config["influence_power_iters"], seed=config["seed"], dtype=dtype)
+    return float(config["influence_damping_ratio"]) * top, top
+
+
 def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_progress: bool = False) -> ScoredUsers:
     """Influence score of every user with training samples in the surrogate's train data."""
     logger = getLogger()
@@ -152,10 +161,7 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     solver = str(config["ihvp_solver"]).lower()
     damping = config["influence_damping"]
     if damping == "auto":
-        # Relative to the spectrum: a damping fixed in absolute terms is far too small for one surrogate (CG
-        # stalls) and far too large for another (the scores turn into plain gradient dot products).
-        top = largest_eigenvalue(hvp, m, iters=config["influence_power_iters"], seed=config["seed"], dtype=v.dtype)
-        damping = float(config["influence_damping_ratio"]) * top
+        damping, top = auto_damping(config, hvp, m, v.dtype)
         logger.info(set_color("[Influence]", "pink") + f" damping {damping:.3e} = influence_damping_ratio "
                     f"{config['influence_damping_ratio']} x largest Hessian eigenvalue {top:.3e} "
                     f"({config['influence_power_iters']} power-iteration HVPs)")
