@@ -203,6 +203,31 @@ def test_full_sort_predict_and_grounding(ml100k, model):
         model.predict(interaction)
 
 
+def test_beam_search_with_the_prompt_cache_equals_plain_generate():
+    """Prompts run once and their cache repeated per beam: the beams, tokens and scores of plain generate."""
+    from recbole_dealrec.model.bigrec.llm import add_lora, beam_prompt_cache
+
+    tok = make_byte_tokenizer()
+    tok.padding_side = "left"
+    llm = add_lora(make_tiny_llama(len(tok), seed=3))
+    with torch.no_grad():  # a trained-looking adapter, so the cache must come through the LoRA layers
+        for name, param in llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    llm.eval()
+    enc = tok(["user one likes", "a longer prompt for the second user, who likes many things", "x"],
+              padding=True, return_tensors="pt")
+    kw = dict(num_beams=3, num_return_sequences=3, max_new_tokens=6, do_sample=False, pad_token_id=0,
+              eos_token_id=2, output_scores=True, return_dict_in_generate=True)
+    plain = llm.generate(**enc, **kw)
+    cache = beam_prompt_cache(llm, enc["input_ids"], enc["attention_mask"], 3)
+    assert len(cache) == 1
+    cached = llm.generate(**enc, **cache, **kw)
+    assert torch.equal(plain.sequences, cached.sequences)
+    torch.testing.assert_close(plain.sequences_scores, cached.sequences_scores, rtol=1e-6, atol=1e-6)
+    assert beam_prompt_cache(llm, enc["input_ids"], enc["attention_mask"], 1) == {}
+
+
 def test_grounding_with_several_beams_pure():
     """ground_beams: the weighted distance sum by hand; an exact title wins over any distance; shared titles tie."""
     from recbole_dealrec.model.bigrec.grounding import beam_weights, ground, ground_beams

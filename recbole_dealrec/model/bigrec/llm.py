@@ -298,8 +298,56 @@ def add_lora(
         return get_peft_model(model, cfg)
 
 
+def _cache_key() -> str:
+    """The name transformers gives the KV cache (model output field and ``generate`` argument).
+
+    ``cache`` from transformers 5.x on (``past_key_values`` still works there but warns), ``past_key_values``
+    before.
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@torch.no_grad()
+def beam_prompt_cache(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int
+) -> dict:
+    """KV cache of every prompt token but the last, computed once per prompt and repeated for each beam.
+
+    ``generate(num_beams=k)`` copies each prompt k times before its first forward, so the prompt's
+    tokens go through the model k times; with this cache they go once and generation starts at the last
+    prompt token. Same position ids as ``generate`` derives from a left-padded mask, so the beams, their
+    tokens and scores are the ones of a plain ``generate`` (tested).
+
+    Args:
+        input_ids, attention_mask: [b, T] left-padded prompts (as passed to ``generate``).
+        num_beams: beams per prompt (k).
+    Returns:
+        ``{name: cache}`` to pass to ``generate`` with the same ``input_ids`` and ``attention_mask``: a cache of
+        batch b * k over the first T - 1 positions; ``{}`` (plain generate) when T < 2 or k == 1.
+    """
+    if input_ids.shape[1] < 2 or num_beams < 2:
+        return {}
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    position_ids.masked_fill_(attention_mask == 0, 1)
+    key = _cache_key()
+    # The decoder alone (LoRA layers sit inside it): the cache needs no logits.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = base.get_decoder()(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, :-1],
+        use_cache=True,
+    )
+    cache = getattr(out, key)
+    cache.batch_repeat_interleave(num_beams)
+    return {key: cache}
+
+
 __all__ = [
     "CACHE_ENV_VAR",
+    "beam_prompt_cache",
     "default_cache_dir",
     "default_gguf_path",
     "default_llm_path",

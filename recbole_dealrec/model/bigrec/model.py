@@ -31,7 +31,7 @@ from recbole_dealrec.model.bigrec.grounding import (
     title_index,
     with_adapter_disabled,
 )
-from recbole_dealrec.model.bigrec.llm import add_lora, check_llm_path, load_causal_lm, resolve_llm_path
+from recbole_dealrec.model.bigrec.llm import add_lora, beam_prompt_cache, check_llm_path, load_causal_lm, resolve_llm_path
 from recbole_dealrec.model.bigrec.prompts import DEFAULT_INSTRUCTION, LOSS_ON, build_prompt, format_response, tokenize_samples
 from recbole_dealrec.model.backend import GenerativeBackend, check_title_field
 from recbole_dealrec.model.registry import MODELS
@@ -217,9 +217,11 @@ class BIGRec(GenerativeBackend):
         was_training = self.llm.training
         self.llm.eval()
         try:
+            prompt_cache = beam_prompt_cache(self.llm, enc["input_ids"], enc["attention_mask"], self.num_beams)
             out = self.llm.generate(
                 input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"],
+                **prompt_cache,
                 num_beams=self.num_beams,
                 num_return_sequences=self.num_beams,
                 max_new_tokens=self.max_new_tokens,
