@@ -96,7 +96,12 @@ def last_token_embeddings(
         tokenizer.pad_token = tokenizer.eos_token
     texts = list(texts)
     unique = list(dict.fromkeys(texts))  # order-preserving dedupe
+    # Batches of similar token length: padding costs a forward like a real token.
+    lengths = [len(ids) for ids in tokenizer(unique, truncation=max_length is not None, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(unique)), key=lengths.__getitem__)
     device = next(model.parameters()).device
+    # The decoder alone: its last hidden state (after the final norm) is all we read, the LM head is not needed.
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     was_training = model.training
     model.eval()
     chunks: list[torch.Tensor] = []
@@ -111,7 +116,7 @@ def last_token_embeddings(
     try:
         for s in starts:
             enc = tokenizer(
-                unique[s : s + batch_size],
+                [unique[i] for i in order[s : s + batch_size]],
                 padding=True,
                 truncation=max_length is not None,
                 max_length=max_length,
@@ -120,10 +125,13 @@ def last_token_embeddings(
             ids = enc["input_ids"].to(device)
             mask = enc["attention_mask"].to(device)
             pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
-            out = model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, use_cache=False
-            )
-            hidden = out.hidden_states[-1]  # [b, T, h], after the final norm in HF decoders
+            if decoder is not None:
+                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+            else:
+                out = model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, use_cache=False
+                )
+                hidden = out.hidden_states[-1]  # [b, T, h], after the final norm in HF decoders
             if pooling == "last":
                 emb = hidden[torch.arange(hidden.shape[0], device=device), last_token_index(mask)]
             else:
@@ -137,7 +145,8 @@ def last_token_embeddings(
     if not chunks:
         hidden_size = getattr(getattr(model, "config", None), "hidden_size", 0)
         return torch.zeros(0, hidden_size)
-    table = torch.cat(chunks)
+    table = torch.empty_like(torch.cat(chunks))
+    table[torch.tensor(order)] = torch.cat(chunks)
     if len(unique) == len(texts):
         return table
     row = {t: i for i, t in enumerate(unique)}
