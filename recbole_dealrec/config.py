@@ -192,6 +192,18 @@ def plugin_keys() -> tuple[frozenset, frozenset, frozenset]:
     return frozenset(keys | recbole_keys()), frozenset(selection_keys), frozenset(prefixes)
 
 
+@lru_cache(maxsize=None)
+def model_only_keys(model: str, other_model: str) -> frozenset:
+    """Keys of ``properties/model/<model>.yaml`` that neither RecBole nor ``other_model``'s file defines: keys only
+    ``model`` reads (e.g. BIGRec's ``gradient_accumulation_steps``, ``num_beams``), which ``other_model`` never sees.
+    """
+    def file_keys(name: str) -> set:
+        path = os.path.join(PROPERTIES_DIR, "model", f"{name}.yaml")
+        return set(read_property_file(path)) if os.path.isfile(path) else set()
+
+    return frozenset(file_keys(model) - recbole_keys() - file_keys(other_model))
+
+
 def user_keys(config: Config) -> dict:
     """The keys the user gave (property files, config dict, command line; later ones win), not the defaults."""
     return {**config.file_config_dict, **config.variable_config_dict, **config.cmd_config_dict}

@@ -115,3 +115,18 @@ def test_bad_dealrec_input_fails_before_any_scoring(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         run_recbole("SASRec", config_dict=config)
     assert not (tmp_path / "out" / "ml-100k" / "cache").exists()
+
+
+def test_backend_only_keys_leave_the_surrogate_key_alone(tmp_path):
+    """BIGRec's own keys (micro-batching, beams) never reach the surrogate: its cache and the influence scores
+    keyed by it stay valid; a key RecBole's SASRec reads does change the key."""
+    from recbole_dealrec.config import DealrecConfig
+    from recbole_dealrec.surrogate.train import surrogate_key
+
+    def key(**extra):
+        cfg = dealrec_config("unused-llm-path", tmp_path, **extra)
+        return surrogate_key(DealrecConfig("BIGRec", "ml-100k", config_dict=cfg))
+
+    base = key()
+    assert key(gradient_accumulation_steps=4, num_beams=3, warmup_steps=7) == base
+    assert key(surrogate_config={**TINY_SURROGATE, "hidden_size": 16}) != base

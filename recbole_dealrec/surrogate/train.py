@@ -2,7 +2,8 @@
 
 The surrogate's config is the run's own external config (config files, config dict, command line) with
 ``model`` = ``surrogate_model`` and the ``surrogate_config`` block on top, so dataset keys are shared and
-the surrogate's hyper-parameters stay apart from the backend's. Its checkpoint holds tensors only (loadable
+the surrogate's hyper-parameters stay apart from the backend's; keys only the backend model reads (those of its
+property file that RecBole does not define) are left out. Its checkpoint holds tensors only (loadable
 with ``torch.load(weights_only=True)``) and is reused while nothing it depends on changed: the surrogate's
 final config (minus keys that cannot change the weights) and the dataset files' contents.
 """
@@ -22,7 +23,7 @@ from recbole.utils import ModelType, init_seed, set_color
 from recbole.data.utils import get_dataloader
 
 from recbole_dealrec import distributed
-from recbole_dealrec.config import DealrecConfig, plugin_keys, user_keys
+from recbole_dealrec.config import DealrecConfig, model_only_keys, plugin_keys, user_keys
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.model import get_model, get_trainer
@@ -56,6 +57,10 @@ def surrogate_config(config: DealrecConfig) -> DealrecConfig:
         raise ConfigError(f"surrogate_config must be a dict of RecBole keys, got {block!r}")
     external = user_keys(config)
     external.pop("model", None)
+    # The backend's own keys (BIGRec's gradient_accumulation_steps, ...) never reach the surrogate, so changing
+    # them keeps its cache (and the influence scores keyed by it).
+    for key in model_only_keys(config["model"], config["surrogate_model"]):
+        external.pop(key, None)
     scfg = DealrecConfig(config["surrogate_model"], config["dataset"], config_dict={**external, **block})
     if scfg["MODEL_TYPE"] != ModelType.SEQUENTIAL:
         raise ConfigError(
