@@ -102,6 +102,8 @@ def last_token_embeddings(
     device = next(model.parameters()).device
     # The decoder alone: its last hidden state (after the final norm) is all we read, the LM head is not needed.
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is model:  # a bare decoder (no LM head) is called as it is
+        decoder = None
     was_training = model.training
     model.eval()
     chunks: list[torch.Tensor] = []
