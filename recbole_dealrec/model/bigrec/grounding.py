@@ -147,8 +147,9 @@ def last_token_embeddings(
     if not chunks:
         hidden_size = getattr(getattr(model, "config", None), "hidden_size", 0)
         return torch.zeros(0, hidden_size)
-    table = torch.empty_like(torch.cat(chunks))
-    table[torch.tensor(order)] = torch.cat(chunks)
+    in_length_order = torch.cat(chunks)
+    table = torch.empty_like(in_length_order)
+    table[torch.tensor(order)] = in_length_order
     if len(unique) == len(texts):
         return table
     row = {t: i for i, t in enumerate(unique)}

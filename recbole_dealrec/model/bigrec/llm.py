@@ -332,9 +332,8 @@ def beam_prompt_cache(
     position_ids = attention_mask.long().cumsum(-1) - 1
     position_ids.masked_fill_(attention_mask == 0, 1)
     key = _cache_key()
-    # The decoder alone (LoRA layers sit inside it): the cache needs no logits.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = base.get_decoder()(
+    # The decoder alone (a PeftModel forwards get_decoder to its base; LoRA layers sit inside): the cache needs no logits.
+    out = model.get_decoder()(
         input_ids=input_ids[:, :-1],
         attention_mask=attention_mask[:, :-1],
         position_ids=position_ids[:, :-1],
