@@ -19,11 +19,12 @@ import datetime
 import os
 import time
 from logging import getLogger
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 def env_world_size() -> int:
@@ -153,12 +154,64 @@ def shard(items: Sequence) -> Sequence:
     return items[bounds[rank()]: bounds[rank() + 1]]
 
 
-def map_sharded(items: Sequence, compute: Callable[[Sequence], torch.Tensor]) -> torch.Tensor:
-    """``compute(items)`` with the work split by :func:`shard`: each rank computes its non-empty share, the
-    results (tensors with one leading row per item) are gathered and concatenated in rank order, i.e. item order."""
-    local = shard(items)
-    parts = gather_objects(compute(local) if len(local) else None)
-    return torch.cat([p for p in parts if p is not None])
+# ---- reductions that do not depend on the number of processes
+#
+# A float sum depends on its order, and Algorithm 2's bin edges turn 1e-7 differences of the scores into other
+# users. So every reduction over users or rows that feeds a selection is cut into *fixed blocks* (a function of
+# the data alone, never of the number of processes): each rank computes whole blocks, and the block results are
+# combined in block order. One process computes every block itself and combines them the same way, so the result
+# is bit for bit the same for 1, 2, 3, ... processes (ranks beyond the number of blocks have nothing to do).
+
+REDUCTION_BLOCKS = 16  # blocks a summed pass (mean gradient, HVP) is cut into: memory is this x the parameters
+
+
+def fixed_blocks(n_items: int, n_blocks: int) -> list[range]:
+    """``n_items`` consecutive items cut into at most ``n_blocks`` non-empty runs of near-equal length."""
+    bounds = np.linspace(0, n_items, min(n_blocks, n_items) + 1).round().astype(int)
+    return [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def owned_blocks(n_blocks: int) -> range:
+    """The block indices this rank computes: a contiguous run (all of them in one process)."""
+    bounds = np.linspace(0, n_blocks, world_size() + 1).round().astype(int)
+    return range(int(bounds[rank()]), int(bounds[rank() + 1]))
+
+
+def ordered_sum(n_items: int, partial_sum: Callable[[range], torch.Tensor], like: torch.Tensor,
+                n_blocks: int = REDUCTION_BLOCKS) -> torch.Tensor:
+    """The sum over ``n_items`` items, as ``partial_sum(block)`` (a tensor shaped like ``like``) of each fixed
+    block of item indices (:func:`fixed_blocks`), added from zero in block order. The same bits whatever the
+    number of processes: each rank fills its blocks' rows of a ``[blocks, *like.shape]`` tensor, zeros elsewhere,
+    and the all-reduced rows are exact (``x + 0 = x``)."""
+    blocks = fixed_blocks(n_items, n_blocks)
+    if active():
+        stacked = torch.zeros((len(blocks), *like.shape), dtype=like.dtype)
+        for b in owned_blocks(len(blocks)):
+            stacked[b] = partial_sum(blocks[b])
+        parts = iter(all_reduce_sum(stacked))
+    else:
+        parts = (partial_sum(block) for block in blocks)
+    total = torch.zeros_like(like)
+    for value in parts:
+        total = total + value
+    return total
+
+
+def map_blocks(items: Sequence, compute: Callable[[Sequence], torch.Tensor], block_size: int,
+               progress: Optional[str] = None) -> torch.Tensor:
+    """``compute`` of each fixed block of ``block_size`` consecutive items, concatenated in item order. Each rank
+    computes a contiguous run of whole blocks and the results (tensors with one leading row per item) are
+    gathered; one process computes every block itself. A block's batch is the same whatever the number of
+    processes, so the rows are too, bit for bit (a batch of other rows, or padded to another length, could round
+    otherwise). ``progress``: a progress bar over this rank's blocks, with that description."""
+    if block_size < 1:
+        raise ValueError(f"map_blocks: block_size must be >= 1, got {block_size}")
+    starts = range(0, len(items), block_size)
+    mine = owned_blocks(len(starts))
+    local = [compute(items[starts[b]: starts[b] + block_size])
+             for b in tqdm(mine, desc=progress, ncols=100, disable=progress is None)]
+    parts = [part for rank_parts in gather_objects(local) for part in rank_parts]
+    return torch.cat(parts)
 
 
 def shard_strided(rows: np.ndarray) -> np.ndarray:

@@ -17,17 +17,19 @@ import time
 from logging import getLogger
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_dealrec import distributed
 from recbole_dealrec.config import DealrecConfig, check_known_keys, user_keys
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
-from recbole_dealrec.evaluation import capture_user_results, save_user_results
-from recbole_dealrec.export import save_selection, selection_dir
+from recbole_dealrec.evaluation import capture_user_results, check_reference_config, reference_results, save_user_results
+from recbole_dealrec.export import check_export_config, export_path, export_selection, save_selection, selection_dir
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.report import write_report
 from recbole_dealrec.scoring.signals import check_signal_config, compute_signals
-from recbole_dealrec.selection import SAMPLERS, check_selection_config, resolve_budget, selection_rng
+from recbole_dealrec.selection import SAMPLERS, check_selection_config, selection_rng
 from recbole_dealrec.model import get_model, get_trainer
 from recbole_dealrec.model.backend import GenerativeBackend
 from recbole_dealrec.trainer import check_trainer_config
@@ -69,21 +71,22 @@ def run_recbole(
         raise ConfigError(f"topk={config['topk']}: a cut-off above the dataset's {n_items} items; set topk "
                           f"(properties/dataset/<dataset>.yaml, {config['dataset']}'s recbole_dealrec.yaml or --topk=[...])")
     candidates = training_user_ids(train_data.dataset)
-    budget = resolve_budget(config, len(candidates))
+    method.bind_data(train_data.dataset)
+    budget = method.budget(len(candidates))
     method.check_budget(budget, len(candidates))
     signals, signal_meta = compute_signals(needed, config, train_data.dataset, candidates, timer)
     with timer("selection"):
         selection = method.select(candidates, signals, budget, selection_rng(config))
     full_train_dataset = train_data.dataset
     n_before = len(full_train_dataset)
-    if method.name != "full":
+    if method.prunes:
         train_data = prune_train_data(config, train_data, selection.user_ids)
     logger.info(
         set_color("[Selection]", "pink")
         + f" sampler={method.name}: kept {len(selection.user_ids)} of {len(candidates)} users, "
         f"{len(train_data.dataset)} of {n_before} training samples"
     )
-    folder = selection_dir(config, budget, method.keys, signal_meta)
+    folder = selection_dir(config, budget, method.folder_settings(), signal_meta)
     facts = {"sampler": method.name, "dataset": config["dataset"], "model": config["model"], "budget": budget,
              "candidate_users": int(len(candidates)), "train_samples_before": int(n_before), "signals": signal_meta,
              "world_size": distributed.world_size()}
@@ -97,7 +100,8 @@ def run_recbole(
         return {"selection": {**facts, "selected_users": int(len(selection.user_ids)), "folder": folder,
                               "user_ids": selection.user_ids}, "rank": distributed.rank()}
     if distributed.is_main():
-        summary = save_selection(folder, selection, train_data.dataset, facts)
+        summary = save_selection(folder, selection, train_data.dataset, facts,
+                                 run_config={"model": config["model"], **user_keys(config)})
         summary["report"] = write_report(folder, selection, full_train_dataset, plots=bool(config["report_plots"]))
         logger.info(set_color("[Selection]", "pink") + f" saved to {folder}")
     else:
@@ -126,17 +130,28 @@ def run_recbole(
         if last and os.path.isfile(last):  # only a resume needs it, and this training finished
             os.unlink(last)
         user_results_file = config["test_user_results_file"]
+        # per-user results always (the reference rows are reported on the same users); losses only when asked
         capture = capture_user_results(trainer, dataset_obj.uid_field, max(config["topk"]),
-                                       with_loss=bool(config["test_user_loss"])) \
-            if user_results_file else contextlib.nullcontext({})
+                                       with_loss=bool(user_results_file and config["test_user_loss"]))
         with timer("test evaluation"), capture as per_user:
             test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
         if distributed.active():  # every rank tested its share of the users: all of them, in the one-process order
             gathered = {key: [part for part in distributed.gather_objects(per_user.get(key)) if part is not None]
-                        for key in ("user_ids", "hits", "n_targets", "loss")}  # the same keys on every rank
+                        for key in ("user_ids", "hits", "n_targets", "target_item", "loss")}  # the same keys on every rank
             per_user = {key: distributed.unshard_strided(parts) for key, parts in gathered.items() if parts}
         if user_results_file and distributed.is_main():
             save_user_results(user_results_file, per_user, dataset_obj)
+        references = {}
+        if distributed.is_main() and test_result is not None:
+            with timer("reference rows"):
+                references = reference_results(config, full_train_dataset, valid_data.dataset, test_data,
+                                               user_ids=per_user.get("user_ids"))
+        if distributed.is_main():
+            for fmt in config["selection_export"]:
+                with timer(f"export {fmt}"):
+                    exported = export_selection(folder, fmt, export_path(folder, fmt))
+                logger.info(set_color("[Selection]", "pink") + f" exported as {fmt}: {exported['counts']} records, "
+                            f"{exported['paths']['train']}")
         summary["seconds"] = timer.seconds
         summary["checkpoint"] = trainer.saved_model_file if saved and os.path.isfile(trainer.saved_model_file) else None
 
@@ -145,19 +160,53 @@ def run_recbole(
             logger.info(set_color("[Distributed]", "pink") + f" rank {distributed.rank()}: "
                         f"{distributed.collective_seconds():.1f} s in collectives")
 
+        # RecBole's metrics are numpy scalars (printed as np.float64(...)): plain floats for logs and JSON
+        test_result, best_valid_result = plain_numbers(test_result), plain_numbers(best_valid_result)
         environment_tb = get_environment(config)
         logger.info("The running environment of this training is as follows:\n" + environment_tb.draw())
         logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
         logger.info(set_color("test result", "yellow") + f": {test_result}")
+        if distributed.is_main():
+            logger.info(summary_block(config, test_result, references, summary, per_user))
         return {
             "best_valid_score": best_valid_score,
             "valid_score_bigger": config["valid_metric_bigger"],
             "best_valid_result": best_valid_result,
             "test_result": test_result,
+            "reference_results": references,
             "evaluation_facts": model_obj.evaluation_facts() if isinstance(model_obj, GenerativeBackend) else {},
             "selection": summary,
             **({"rank": distributed.rank()} if distributed.active() else {}),
         }
+
+
+def summary_block(config, test_result: Optional[dict], references: dict, summary: dict, per_user: dict) -> str:
+    """The end of a run, readable: the model's metrics beside the reference rows on the same test users, what
+    was kept, and where the outputs are."""
+    metrics = list((test_result or {}).keys())
+    width = max([len("model") + 2] + [len(name) for name in references])
+    lines = [f"{'':<{width}}  " + "  ".join(f"{m:>10}" for m in metrics)]
+    for name, values in [(f"{config['model']}", test_result or {}), *references.items()]:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{values.get(m, float('nan')):>10.4f}" for m in metrics))
+    n_users = len(per_user.get("user_ids", ()))
+    head = (f"Result on {n_users} test users (references ranked on the same users: popularity over all training "
+            f"rows, over the recent window ({config['reference_recent_window']}), random):")
+    kept = (f"kept {summary.get('selected_users')} of {summary.get('candidate_users')} users, "
+            f"{summary.get('kept_train_samples', '?')} of {summary.get('train_samples_before')} training samples "
+            f"(sampler {summary.get('sampler')})")
+    folder = summary.get("folder")
+    where = [f"selection: {folder}", f"report: {os.path.join(folder, 'report.json') if folder else '-'}",
+             f"checkpoint: {summary.get('checkpoint') or '-'}"]
+    return "\n".join([head, *lines, kept, *where])
+
+
+def plain_numbers(value: Any) -> Any:
+    """``value`` with every numpy scalar inside (dict values, list items) turned into a plain Python number."""
+    if isinstance(value, dict):
+        return {k: plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_numbers(v) for v in value)
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def check_run_config(config: DealrecConfig):
@@ -175,6 +224,8 @@ def check_run_config(config: DealrecConfig):
         if "@" in valid_metric and int(valid_metric.split("@")[1]) not in config["topk"]:
             raise ConfigError(f"valid_metric={valid_metric} needs its cut-off in topk={config['topk']}; set both")
     check_signal_config(method.required_signals(), config)
+    check_export_config(config)
+    check_reference_config(config)
     return method, model_class
 
 

@@ -297,6 +297,7 @@ class GenerativeTrainer(Trainer):
             "weights": self.model.trainable_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "optimizer_steps": self.optimizer_steps,
+            "train_loss": {int(k): float(v) for k, v in self.train_loss_dict.items()},  # per epoch, for the record
             "last": bool(last),
         }
         with atomic_write(path, "wb") as handle:

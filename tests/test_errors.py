@@ -24,7 +24,7 @@ def run(tmp_path, **config):
         ({"sampler": "random", "selection_num": 944}, r"selection_num=944 is above the number of users .*\(943\)"),
         ({"sampler": "random", "selection_num": 10, "selection_ratio": 0.1}, r"either selection_ratio or selection_num"),
         ({"sampler": "random"}, r"needs a budget: set selection_num"),
-        ({"sampler": "full", "selection_num": 10}, r"sampler 'full' keeps every user"),
+        ({"sampler": "full", "selection_num": 10}, r"sampler 'full' sets its own budget"),
     ],
 )
 def test_bad_config_values(tmp_path, config, message):

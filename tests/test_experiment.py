@@ -149,10 +149,10 @@ def test_per_user_test_results_reproduce_recbole_metrics(tmp_path):
     result = run_recbole("SASRec", config_dict=config)
     users = load_user_results(path)
     assert len(users["user_id"]) == len(set(users["user_id"])) == 943 and users["hits"].shape == (943, 20)
-    for k in (10, 20):
+    for k in (10, 20):  # metrics unrounded (metric_decimal_place 12)
         metrics = per_user_metrics(users["hits"], users["n_targets"], k)
-        assert metrics[f"recall@{k}"].mean() == pytest.approx(result["test_result"][f"recall@{k}"], abs=1e-4)
-        assert metrics[f"ndcg@{k}"].mean() == pytest.approx(result["test_result"][f"ndcg@{k}"], abs=1e-4)
+        assert metrics[f"recall@{k}"].mean() == pytest.approx(result["test_result"][f"recall@{k}"], abs=1e-10)
+        assert metrics[f"ndcg@{k}"].mean() == pytest.approx(result["test_result"][f"ndcg@{k}"], abs=1e-10)
     # SASRec's CE loss of a user's test row = -log softmax(logits)[target]: positive, and lower where the target
     # made the top 20 than where it did not
     assert np.all(users["loss"] > 0)
@@ -243,12 +243,21 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch):
     for heading in ("## Table 2", "## Table 3", "## Table 4", "figure4_ablation", "figure5_ratio", "figure7_lambda"):
         assert heading in text
     assert "| GRU4Rec |" in text and "## Figure 6" in text and "figure6_groups" in text
+    # the statistics against the reference method and the reference rows (every cell ranked its own test users)
+    assert "### Against the reference method" in text and "sign-flip p" in text and "MDE (80% power)" in text
+    for name in ("popularity", "recent_popularity", "random"):
+        assert f"| *{name}* (reference) |" in text
+        assert all(set(r["references"][name]) == set(r["test"]) for r in records)
     from recbole_dealrec.evaluation import load_user_results, per_user_metrics
+
+    for record in records:  # every cell keeps its per-user results, with the target item a bootstrap clusters by
+        users = load_user_results(os.path.join(str(tmp_path), record["user_results"]))
+        assert len(users["target_item"]) == len(users["user_id"]) > 0
 
     for record in [r for r in records if "figure6" in r["tags"]]:
         users = load_user_results(os.path.join(str(tmp_path), record["user_results"]))
         recall = per_user_metrics(users["hits"], users["n_targets"], 10)["recall@10"]
-        assert len(recall) == 64 and recall.mean() == pytest.approx(record["test"]["recall@10"], abs=1e-4)
+        assert len(recall) == 64 and recall.mean() == pytest.approx(record["test"]["recall@10"], abs=1e-10)
         assert np.isfinite(users["loss"]).all()
     # resume: nothing left to run
     experiment_main(["run", SMOKE_GRID, "--results", results, "--set", f"output_dir={tmp_path / 'out'}"])
@@ -268,3 +277,106 @@ def test_shipped_grids_pass_every_pre_data_check(name):
     if name.startswith("gpu"):
         assert tags == {"table2", "table3", "table4", "figure4", "figure5", "figure6", "figure7"}
         assert {c.settings.get("seed") for c in grid.cells if "table2" in c.tags} == {2020, 2021, 2022}
+
+
+def _report_text(records, tmp_path, results_dir=None):
+    out = write_report(records, str(tmp_path / "rep"), results_dir or str(tmp_path))
+    return open(out["report"]).read(), out["table2_facts"]
+
+
+def _row(text, *cells):
+    """The table lines that begin with these cells."""
+    return [line for line in text.splitlines() if line.startswith("| " + " | ".join(cells) + " |")]
+
+
+def test_report_compares_every_method_with_the_reference(tmp_path):
+    records = (synthetic("DEALRec", [0.30, 0.31, 0.35]) + synthetic("Random", [0.20, 0.25, 0.22])
+               + synthetic("Noisy", [0.60, 0.10, 0.40]))
+    text, facts = _report_text(records, tmp_path)
+    for column in ("| n |", "mean (method)", "mean (reference)", "mean difference", "95% t-interval", "sign-flip p",
+                   "Holm-adjusted p", "MDE (80% power)", "hierarchical bootstrap 95%", "verdict",
+                   "paper's one-sample t-test (p)"):
+        assert column in text, column
+    assert "Against **Random**" in text
+    [row] = _row(text, "recall@10", "DEALRec")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    d = np.array([0.10, 0.06, 0.13])
+    ci = stats.ttest_1samp(d, 0).confidence_interval()
+    assert cells[2] == "3" and cells[5] == f"{d.mean():+.4f}" and cells[6] == f"[{ci.low:+.4f}, {ci.high:+.4f}]"
+    assert cells[7] == "0.25" and cells[10] == "n/a (no per-user results)"
+    assert cells[11] == f"**better than Random by {d.mean():.4f} [{ci.low:.4f}, {ci.high:.4f}] (95%)**"
+    [noisy] = _row(text, "recall@10", "Noisy")
+    assert "no difference detected; no effect outside [" in noisy
+    # Noisy has the highest mean but its intervals with DEALRec and Random include zero: nothing bold, all tied
+    [main] = _row(text, "d", "M", "8-shot", "Noisy")
+    assert "**" not in main and "0.3667 ± 0.2517 (tie)" in main
+    assert "(tie)" in _row(text, "d", "M", "8-shot", "DEALRec")[0]
+    fact = [f for f in facts if f["metric"] == "recall@10"][0]
+    assert fact["best"] == "Noisy" and not fact["best_separated"]
+    assert set(fact["tied_for_best"]) == {"Noisy", "DEALRec", "Random"}
+    assert [r["method"] for r in fact["comparison"]] == ["DEALRec", "Noisy"]
+
+
+def test_table2_equal_means_are_ties_whatever_the_order():
+    for order in (("A", "B"), ("B", "A")):
+        records = [r for m in order for r in synthetic(m, [0.3, 0.32, 0.31])] + synthetic("Random", [0.1, 0.11, 0.1])
+        text, facts = table2(records)
+        for method in ("A", "B"):
+            [row] = _row(text, "d", "M", "8-shot", method)
+            assert "**" not in row and "<u>" not in row and "0.3100 ± 0.0100 (tie)" in row
+        assert "<u>" not in _row(text, "d", "M", "8-shot", "Random")[0]
+
+
+def test_report_warns_instead_of_numbers(tmp_path):
+    # no reference: one labelled warning line, no comparison numbers
+    text, _ = _report_text(synthetic("A", [0.3, 0.31]) + synthetic("B", [0.2, 0.21]), tmp_path)
+    assert "**warning** (d / M / 8-shot; recall@10, ndcg@10): reference method 'random' absent (methods: A, B)" in text
+    assert "Against **" not in text
+    # report_reference names another reference; one seed only: a warning row without numbers
+    records = (synthetic("A", [0.3, 0.31], report_reference="B") + synthetic("B", [0.2, 0.21], report_reference="B")
+               + synthetic("C", [0.5], report_reference="B"))
+    text, _ = _report_text(records, tmp_path)
+    assert "Against **B**" in text and "better than B by 0.1000" in text
+    [row] = _row(text, "recall@10", "C")
+    assert "**warning:** C vs B: 1 replicate(s) paired by seed" in row and "0.5" not in row.split("warning")[0]
+
+
+def test_report_hierarchical_bootstrap_from_per_user_results(tmp_path):
+    from recbole_dealrec.evaluation import per_user_metrics
+    from recbole_dealrec.experiment.statistics import hierarchical_bootstrap_interval
+
+    rng = np.random.default_rng(0)
+    users = np.array([f"u{i}" for i in range(300)])
+    targets = rng.integers(0, 30, len(users)).astype(str)
+    os.makedirs(tmp_path / "r-users")
+    records, per_user = [], {}
+    for method, rate in (("Random", 0.2), ("DEALRec", 0.35)):
+        for seed in range(3):
+            hits = np.zeros((len(users), 20), dtype=bool)
+            hits[np.arange(len(users)), rng.integers(0, 20, len(users))] = rng.random(len(users)) < rate + 0.02 * seed
+            order = rng.permutation(len(users))  # each file in its own user order: the report aligns them
+            keys = {"user_id": users[order], "hits": hits[order], "n_targets": np.ones(len(users), dtype=np.int64),
+                    "target_item": targets[order]}
+            np.savez(tmp_path / "r-users" / f"{method}{seed}.npz", **keys)
+            metrics = per_user_metrics(hits, keys["n_targets"], 10)
+            per_user[method, seed] = metrics["recall@10"]
+            [record] = synthetic(method, [float(metrics["recall@10"].mean())])
+            record["settings"]["seed"] = seed
+            record["cell"] += str(seed)
+            record["test"]["ndcg@10"] = float(metrics["ndcg@10"].mean())
+            record["user_results"] = os.path.join("r-users", f"{method}{seed}.npz")
+            records.append(record)
+    text, _ = _report_text(records, tmp_path)
+    [row] = _row(text, "recall@10", "DEALRec")
+    _, low, high = hierarchical_bootstrap_interval([per_user["DEALRec", s] for s in range(3)],
+                                                   [per_user["Random", s] for s in range(3)],
+                                                   [targets] * 3, n_boot=2000, seed=0)
+    assert f"| [{low:+.4f}, {high:+.4f}] |" in row
+    # per-user results without target items: no clusters, so no interval
+    for seed in range(3):
+        path = tmp_path / "r-users" / f"Random{seed}.npz"
+        data = dict(np.load(path))
+        del data["target_item"]
+        np.savez(path, **data)
+    text, _ = _report_text(records, tmp_path)
+    assert "n/a (per-user results hold no target items to cluster users by)" in _row(text, "recall@10", "DEALRec")[0]

@@ -43,8 +43,18 @@ BLOCK_KEYS = frozenset({"name", "report", "config_files", "settings", *AXES})
 REPORT_FORMS = ("table2", "table3", "table4", "figure4", "figure5", "figure6", "figure7")
 DEFAULT_AXES: dict[str, list] = {"datasets": [None], "budgets": [None], "lambdas": [None], "surrogates": [None],
                                  "seeds": [None]}
-#: Samplers that read no signal, hence no surrogate and no lambda.
-SIGNAL_FREE_SAMPLERS = frozenset({"random", "full"})
+
+
+def _sampler_traits(sampler: str) -> tuple[bool, bool, bool]:
+    """What the grid needs to know of a sampler, from what the method declares: (takes a budget, has the
+    ``dealrec_lambda`` key, reads a signal of the surrogate)."""
+    from recbole_dealrec.scoring.signals import registered_signals
+    from recbole_dealrec.selection import SAMPLERS
+
+    method = SAMPLERS.get(sampler)
+    signals = registered_signals()
+    return (method.takes_budget, "dealrec_lambda" in method.keys,
+            any(signals.get(name).uses_surrogate for name in method.signals))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,13 +198,13 @@ def expand_grid(spec: Mapping[str, Any], path: str = "<grid>", overrides: Option
             _as_list(block_name, "seeds", axes["seeds"]),
         )
         for dataset, model, (label, sampler_keys), budget, lam, surrogate, seed in product:
-            sampler = sampler_keys["sampler"]
+            takes_budget, takes_lambda, uses_surrogate = _sampler_traits(sampler_keys["sampler"])
             axis_keys: dict[str, Any] = {}
-            if sampler != "full" and not {"selection_num", "selection_ratio"} & set(sampler_keys):
+            if takes_budget and not {"selection_num", "selection_ratio"} & set(sampler_keys):
                 axis_keys.update(_budget_keys(block_name, budget))
-            if lam is not None and sampler == "dealrec":
+            if lam is not None and takes_lambda:
                 axis_keys["dealrec_lambda"] = lam
-            if surrogate is not None and sampler not in SIGNAL_FREE_SAMPLERS:
+            if surrogate is not None and uses_surrogate:
                 axis_keys["surrogate_model"] = surrogate
             if seed is not None:
                 axis_keys["seed"] = seed

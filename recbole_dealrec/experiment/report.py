@@ -1,8 +1,12 @@
 """Tables and figures in the paper's forms from a grid's results file (JSON lines, one record per cell).
 
-- Table 2 (``table2``): methods x test metrics per (dataset, model, budget): mean and std over seeds, best in
-  bold, second underlined, and a one-sample t-test of the best method's per-seed values against the second
-  best's mean (scipy; ``*`` when p < 0.01, as the paper).
+- Table 2 (``table2``): methods x test metrics per (dataset, model, budget): mean and std over seeds; the best
+  in bold and the second underlined only where the paired (by seed) 95% t-interval of their difference with the
+  methods below excludes zero, ties marked as ties; the paper's one-sample t-test of the best method's per-seed
+  values against the second best's mean (scipy), in its own labelled column; and a comparison of every method
+  with the reference method (``report_reference`` in the records' settings, else ``random``):
+  ``statistics.compare_to_reference`` (n, means, mean difference, t-interval, sign-flip p, Holm-adjusted p,
+  MDE, a hierarchical bootstrap interval where per-user results with target items exist, a verdict).
 - Table 3 (``table3``): each method against full fine-tuning (``sampler: full``): metrics, fine-tuning and
   selection seconds, % change.
 - Table 4 (``table4``): DEALRec with each surrogate: metrics, surrogate and influence seconds.
@@ -20,9 +24,14 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from recbole_dealrec.experiment import statistics as stats_
 from recbole_dealrec.utils import atomic_write
 
 SIGNIFICANCE_LEVEL = 0.01
+#: The method every Table-2 method is compared with, unless the records' settings carry ``report_reference``.
+DEFAULT_REFERENCE = "random"
+#: Keys of a per-user results file that hold each user's target item (the bootstrap's clusters).
+TARGET_KEYS = ("target_item", "target_items", "cluster")
 
 
 def ok_records(records: Iterable[dict]) -> list[dict]:
@@ -96,32 +105,176 @@ def _fmt(value: Optional[float], digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
-def table2(records: Sequence[dict]) -> tuple[str, list[dict]]:
-    """Markdown and the facts behind it (per group and metric: best, second, p-value)."""
-    rows_out, facts = [], []
+def _seed_maps(records: Sequence[dict], metric: str) -> tuple[dict, Optional[str]]:
+    """``{seed: value}`` of one method's records for ``metric``, and an error when two records share a seed (two
+    settings under one method label: the seeds cannot pair)."""
+    out: dict = {}
+    for r in records:
+        if metric in r["test"]:
+            seed = r["settings"].get("seed")
+            if seed in out:
+                return out, f"{r['method']}: two records of seed {seed} (two settings under one label), cannot pair"
+            out[seed] = float(r["test"][metric])
+    return out, None
+
+
+def _separated(above: dict, below: dict, level: float = 0.95) -> bool:
+    """Whether the paired (by seed) t-interval of ``above`` - ``below`` lies above zero."""
+    try:
+        _, low, _ = stats_.t_interval(stats_.paired_differences(above, below).diffs, level)
+    except ValueError:
+        return False
+    return low > 0
+
+
+def _user_values(records: Sequence[dict], metric: str, results_dir: str, cache: dict) -> tuple[dict, Optional[str]]:
+    """``{seed: (per-user metric [users], target item per user [users], user ids [users])}`` of one method's
+    records that carry per-user results (users sorted by ``user_id``), and why some could not be used."""
+    from recbole_dealrec.evaluation import per_user_metrics
+
+    base, _, cut = metric.partition("@")
+    out, note = {}, None
+    for r in records:
+        if not r.get("user_results"):
+            continue
+        path = os.path.join(results_dir, r["user_results"])
+        if path not in cache:
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    cache[path] = {key: data[key] for key in data.files}
+            except OSError as error:
+                cache[path] = f"cannot read {r['user_results']}: {type(error).__name__}"
+        users = cache[path]
+        if isinstance(users, str):
+            note = users
+            continue
+        clusters = next((users[key] for key in TARGET_KEYS if key in users), None)
+        if clusters is None:
+            note = "per-user results hold no target items to cluster users by"
+            continue
+        if base not in ("recall", "ndcg") or not cut.isdigit() or int(cut) > users["hits"].shape[1]:
+            note = f"{metric} not computable from the per-user hits"
+            continue
+        order = np.argsort(users["user_id"], kind="stable")
+        values = per_user_metrics(users["hits"], users["n_targets"], int(cut))[metric]
+        out[r["settings"].get("seed")] = (values[order], np.asarray(clusters)[order], users["user_id"][order])
+    return out, note
+
+
+def _comparison_block(group: Sequence[dict], metrics: Sequence[str], results_dir: str, cache: dict,
+                      title: str) -> tuple[str, dict]:
+    """Markdown of every method against the group's reference, per metric, and the rows behind it."""
+    by_method = _groups(group, lambda r: r["method"])
+    asked = {r["settings"].get("report_reference") for r in group} - {None}
+    if len(asked) > 1:
+        return f"**warning** ({title}): records disagree on `report_reference` ({sorted(map(str, asked))})", {}
+    reference = asked.pop() if asked else DEFAULT_REFERENCE
+    samplers = {m: sorted({str(r["settings"].get("sampler")) for r in rs}) for m, rs in by_method.items()}
+    rows_md, out, warnings = [], {}, {}
+    for k in metrics:
+        values, errors = {}, {}
+        for m, rs in by_method.items():
+            values[m], errors[m] = _seed_maps(rs, k)
+        values = {m: v for m, v in values.items() if v}
+        try:
+            ref = stats_.find_reference(list(values), reference, samplers)
+        except ValueError as error:
+            warnings.setdefault(str(error), []).append(k)
+            continue
+        if errors[ref]:
+            warnings.setdefault(f"reference {errors[ref]}", []).append(k)
+            continue
+        read, notes = {}, {}
+        for m in values:
+            read[m], notes[m] = _user_values(by_method[m], k, results_dir, cache)
+        # the bootstrap pairs users: a method's seed counts where its users are the reference's, in the same order
+        user_values = {m: {s: (v, c) for s, (v, c, ids) in read[m].items()
+                           if s in read[ref] and np.array_equal(ids, read[ref][s][2])} for m in read}
+        compared = {m: v for m, v in values.items() if not errors[m] or m == ref}
+        rows = stats_.compare_to_reference(compared, ref,
+                                           user_values=user_values if any(user_values.values()) else None)
+        rows += [{"method": m, "reference": ref, "n": "-", "error": errors[m]} for m in values if errors[m]]
+        out[k] = rows
+        for row in rows:
+            if "error" in row:
+                rows_md.append([k, row["method"], row["n"], *["-"] * 8, f"**warning:** {row['error']}"])
+                continue
+            if row["bootstrap"] is not None:
+                boot = f"[{row['bootstrap'][0]:+.4f}, {row['bootstrap'][1]:+.4f}]"
+            else:
+                note = notes.get(row["method"]) or notes.get(ref)
+                boot = f"n/a ({note})" if note else row["bootstrap_note"]
+            verdict = row["verdict"] if row["verdict"].startswith("no ") else f"**{row['verdict']}**"
+            rows_md.append([k, row["method"], row["n"], _fmt(row["mean_method"]), _fmt(row["mean_reference"]),
+                            f"{row['mean_difference']:+.4f}", f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]",
+                            f"{row['sign_flip_p']:.3g}", f"{row['holm_p']:.3g}", _fmt(row["mde"]), boot, verdict])
+    header = ["metric", "method", "n", "mean (method)", "mean (reference)", "mean difference", "95% t-interval",
+              "sign-flip p", "Holm-adjusted p", "MDE (80% power)", "hierarchical bootstrap 95%", "verdict"]
+    parts = [f"Against **{ref}** ({title}):\n\n" + _markdown(header, rows_md)] if rows_md else []
+    parts += [f"**warning** ({title}; {', '.join(ks)}): {message}" for message, ks in warnings.items()]
+    return "\n\n".join(parts), out
+
+
+def reference_rows(group: Sequence[dict], metrics: Sequence[str]) -> dict[str, list]:
+    """The reference rows (popularity, recent popularity, random: ``references`` of each record, ranked on the
+    cell's own test users) of a group of cells: name -> [number of cells, then "mean ± std" per metric]."""
+    out: dict[str, list] = {}
+    names = [n for r in group for n in (r.get("references") or {})]
+    for name in dict.fromkeys(names):
+        cells = [r["references"][name] for r in group if name in (r.get("references") or {})]
+        texts = []
+        for k in metrics:
+            values = [c[k] for c in cells if k in c]
+            m, sd = mean_std(values) if values else (None, None)
+            texts.append("-" if m is None else f"{m:.4f} ± {sd:.4f}" if len(values) > 1 else f"{m:.4f}")
+        out[name] = [len(cells), *texts]
+    return out
+
+
+def table2(records: Sequence[dict], results_dir: str = ".") -> tuple[str, list[dict]]:
+    """Markdown and the facts behind it (per group and metric: best, second, the paper's p-value, whether the
+    best is separated from every other method, the methods tied for best, the comparison with the reference).
+    ``results_dir``: the folder the records' per-user results are relative to."""
+    rows_out, facts, blocks = [], [], []
     chosen = [r for r in records if "table2" in r.get("tags", [])]
     metrics = metric_names(chosen)
+    cache: dict = {}
     for (dataset, model, budget), group in sorted(_groups(chosen, lambda r: (r["dataset"], r["model"], budget_of(r))).items(),
                                                    key=lambda kv: tuple(map(str, kv[0]))):
         by_method = _groups(group, lambda r: r["method"])
         values = {m: {k: [r["test"][k] for r in rs if k in r["test"]] for k in metrics} for m, rs in by_method.items()}
+        seeds = {m: {k: _seed_maps(rs, k)[0] for k in metrics} for m, rs in by_method.items()}
         marks: dict[tuple[str, str], str] = {}
+        group_facts = []
         for k in metrics:
             ranked = sorted((m for m in values if values[m][k]), key=lambda m: -mean_std(values[m][k])[0])
             if not ranked:
                 continue
-            marks[(ranked[0], k)] = "best"
-            fact = {"dataset": dataset, "model": model, "budget": budget, "metric": k, "best": ranked[0],
-                    "best_mean": mean_std(values[ranked[0]][k])[0], "n_seeds": len(values[ranked[0]][k])}
-            if len(ranked) > 1:
-                marks[(ranked[1], k)] = "second"
-                second_mean = mean_std(values[ranked[1]][k])[0]
-                p = one_sample_ttest(values[ranked[0]][k], second_mean)
-                fact.update(second=ranked[1], second_mean=second_mean, p_value=p,
+            leader, rest = ranked[0], ranked[1:]
+            fact = {"dataset": dataset, "model": model, "budget": budget, "metric": k, "best": leader,
+                    "best_mean": mean_std(values[leader][k])[0], "n_seeds": len(values[leader][k])}
+            clear = bool(rest) and all(_separated(seeds[leader][k], seeds[m][k]) for m in rest)
+            fact["best_separated"] = clear
+            fact["tied_for_best"] = [leader] + [m for m in rest if not _separated(seeds[leader][k], seeds[m][k])]
+            if clear:
+                marks[(leader, k)] = "best"
+                if all(_separated(seeds[rest[0]][k], seeds[m][k]) for m in rest[1:]):
+                    marks[(rest[0], k)] = "second"
+            elif rest:
+                for m in fact["tied_for_best"]:
+                    marks[(m, k)] = "tie"
+            if rest:
+                second_mean = mean_std(values[rest[0]][k])[0]
+                p = one_sample_ttest(values[leader][k], second_mean)
+                fact.update(second=rest[0], second_mean=second_mean, p_value=p,
                             significant=p is not None and p < SIGNIFICANCE_LEVEL)
-                if fact["significant"]:
-                    marks[(ranked[0], k)] = "best*"
-            facts.append(fact)
+            group_facts.append(fact)
+        block, comparisons = _comparison_block(group, metrics, results_dir, cache, f"{dataset} / {model} / {budget}")
+        for fact in group_facts:
+            fact["comparison"] = comparisons.get(fact["metric"])
+        facts += group_facts
+        if block:
+            blocks.append(block)
         header = ["dataset", "model", "budget", "method", "seeds", *metrics]
         for method in by_method:
             cells = []
@@ -132,22 +285,48 @@ def table2(records: Sequence[dict]) -> tuple[str, list[dict]]:
                 m, s = mean_std(values[method][k])
                 text = f"{m:.4f} ± {s:.4f}" if len(values[method][k]) > 1 else f"{m:.4f}"
                 mark = marks.get((method, k))
-                text = (f"**{text}**" + ("\\*" if mark == "best*" else "")) if mark in ("best", "best*") else (
-                    f"<u>{text}</u>" if mark == "second" else text)
+                text = f"**{text}**" if mark == "best" else f"<u>{text}</u>" if mark == "second" else (
+                    f"{text} (tie)" if mark == "tie" else text)
                 cells.append(text)
             rows_out.append([dataset, model, budget, method, len(by_method[method]), *cells])
+        for name, cells_of in reference_rows(group, metrics).items():
+            rows_out.append([dataset, model, budget, f"*{name}* (reference)", cells_of[0], *cells_of[1:]])
     if not rows_out:
         return "", facts
     text = _markdown(header, rows_out)
-    text += (f"\n\nMean ± sample std over seeds; **bold** best, <u>underlined</u> second; \\* the best is significantly "
-             f"above the second (one-sample t-test of the best's per-seed values against the second's mean, "
-             f"p < {SIGNIFICANCE_LEVEL}).")
+    text += ("\n\nMean ± sample std over seeds. **Bold**: the highest mean, and the 95% t-interval of its paired "
+             "(by seed) difference with every other method excludes zero; <u>underlined</u>: the second, likewise "
+             "above every method below it. Where the highest mean is not separated so, nothing is bold and the "
+             "methods whose interval with it includes zero (or that have fewer than 2 seeds paired with it) are "
+             "marked (tie); equal means are ties, whatever their order. *Reference* rows (the cells' runs rank "
+             "their own test users by training popularity, by popularity over the recent window, and at random; "
+             "seeds = cells) say what a trivial ranking reaches on the same users; cells run before the plugin "
+             "reported them have none.")
     tested = [f for f in facts if f.get("p_value") is not None]
     if tested:
-        text += "\n\n" + _markdown(["dataset", "model", "budget", "metric", "best", "second", "p-value"],
-                                   [[f["dataset"], f["model"], f["budget"], f["metric"], f["best"], f["second"],
-                                     f"{f['p_value']:.3g}"] for f in tested])
+        text += "\n\n" + _markdown(["dataset", "model", "budget", "metric", "best", "second",
+                                     "paper's one-sample t-test (p)"],
+                                    [[f["dataset"], f["model"], f["budget"], f["metric"], f["best"], f["second"],
+                                      f"{f['p_value']:.3g}" + (" \\*" if f["significant"] else "")] for f in tested])
+        text += (f"\n\nThe paper's test, for comparison with it: a one-sample t-test of the best mean's per-seed "
+                 f"values against the second's mean (\\* p < {SIGNIFICANCE_LEVEL}); it treats the second's mean "
+                 f"as exact and pairs nothing, so it is not the basis of the marks above.")
+    if blocks:
+        text += "\n\n### Against the reference method\n\n" + "\n\n".join(blocks) + "\n\n" + COMPARISON_NOTE
     return text, facts
+
+
+COMPARISON_NOTE = (
+    "Each method minus the reference, paired by seed (n = seeds run by both). 95% t-interval: the mean "
+    "difference's t-interval (df = n - 1). Sign-flip p: two-sided paired permutation test of the mean difference, "
+    "exact over all 2^n sign patterns for n <= 20 (its smallest value is 2 / 2^n: 0.25 with 3 seeds, so with "
+    "few seeds an interval that excludes zero rests on the t-interval's normal model, not on this test); "
+    "Holm-adjusted p: Holm-Bonferroni over the methods compared with the reference for that metric. MDE: the "
+    "smallest true difference a two-sided paired t-test at 5% detects with 80% power given the observed sd of the "
+    "differences and n (noncentral t). Hierarchical bootstrap: a second 95% interval, resampling seeds, then "
+    "within each seed the test users in clusters of the same target item (needs per-user results with target "
+    "items). Verdict: better / worse by the size of the gap and its interval where the t-interval excludes zero; "
+    "otherwise no difference was detected and effects outside the interval are excluded at 95%.")
 
 
 def _mean_metrics(records: Sequence[dict], metrics: Sequence[str]) -> list[Optional[float]]:
@@ -350,7 +529,7 @@ def write_report(records: Sequence[dict], out_dir: str, results_dir: str = ".") 
     os.makedirs(out_dir, exist_ok=True)
     ok = ok_records(records)
     failed = [r for r in records if r.get("status") == "failed" and r["cell"] not in {o["cell"] for o in ok}]
-    t2, facts = table2(ok)
+    t2, facts = table2(ok, results_dir)
     figures = figure4(ok, out_dir)
     figures += _sweep(ok, "figure5", lambda r: r.get("selected_users"), "selected users", "figure5_ratio",
                       "Selection budget", out_dir, with_time=True)

@@ -94,14 +94,15 @@ def user_results_path(results_path: str, cell: Cell) -> str:
     return os.path.join(os.path.splitext(os.path.abspath(results_path))[0] + "-users", f"{cell.key}.npz")
 
 
-def run_cell(cell: Cell, user_results: Optional[str] = None) -> dict:
+def run_cell(cell: Cell, user_results: Optional[str] = None, user_loss: bool = False) -> dict:
     """Run one cell; return its record (``status`` ``ok`` or ``failed`` with the error). ``user_results``: also
-    write each test user's hits and loss there (the run's ``test_user_results_file``)."""
+    write each test user's hits and target item there (the run's ``test_user_results_file``), with ``user_loss``
+    the trained model's loss on each user's test sample too (Figure 6: one extra forward per test user)."""
     from recbole_dealrec.quick_start import run_recbole
 
     settings = dict(cell.settings)
     if user_results:
-        settings.update(test_user_results_file=user_results, test_user_loss=True)
+        settings.update(test_user_results_file=user_results, test_user_loss=bool(user_loss))
     record: dict[str, Any] = {
         "version": RECORD_VERSION, "grid": cell.grid, "cell": cell.key, "block": cell.block, "tags": list(cell.tags),
         "method": cell.method, "model": cell.model, "dataset": cell.dataset, "settings": cell.settings,
@@ -122,6 +123,9 @@ def run_cell(cell: Cell, user_results: Optional[str] = None) -> dict:
             status="ok",
             test=({k: _number(v) for k, v in result["test_result"].items()}),
             valid=({k: _number(v) for k, v in (result["best_valid_result"] or {}).items()}),
+            # trivial rankings on the cell's own test users (popularity, recent popularity, random)
+            references={name: {k: _number(v) for k, v in metrics.items()}
+                        for name, metrics in (result.get("reference_results") or {}).items()},
             best_valid_score=_number(result["best_valid_score"]),
             evaluation_facts=result.get("evaluation_facts") or {},
             seconds=seconds,
@@ -182,8 +186,8 @@ def run_grid(grid: Grid, results_path: str, retry_failed: bool = True, check: bo
             continue
         try:
             tqdm.write(f"cell {cell.key}: {cell.describe()}", file=sys.stderr)
-            users = user_results_path(results_path, cell) if "figure6" in cell.tags else None
-            record = run_cell(cell, users)
+            # every cell keeps its per-user results (the report's bootstrap over users); Figure 6 cells their losses
+            record = run_cell(cell, user_results_path(results_path, cell), user_loss="figure6" in cell.tags)
             append_record(results_path, record)
         finally:
             os.unlink(lock)

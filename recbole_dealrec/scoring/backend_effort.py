@@ -94,14 +94,15 @@ def effort_scores_for_users(config, train_dataset, user_ids: Sequence[int], show
     rows, uid = rows[wanted], uid[wanted]
     size = config["effort_batch_size"]
 
-    def norms_of(local_rows: np.ndarray) -> torch.Tensor:
-        batches = [train_dataset.inter_feat[torch.from_numpy(local_rows[i:i + size])]
-                   for i in range(0, len(local_rows), size)]
-        if distributed.active():
-            getLogger().info(f"[Effort] rank {distributed.rank()} scores {len(local_rows)} of {len(rows)} users")
-        return torch.as_tensor(model.effort_norms(batches, config["effort_params"], show_progress=show_progress)).detach().cpu()
+    def norms_of(batch_rows: np.ndarray) -> torch.Tensor:
+        batch = train_dataset.inter_feat[torch.from_numpy(batch_rows)]
+        return torch.as_tensor(model.effort_norms([batch], config["effort_params"], show_progress=False)).detach().cpu()
 
-    norms = distributed.map_sharded(rows, norms_of)
+    if distributed.active():
+        n_batches = len(distributed.owned_blocks(-(-len(rows) // size)))
+        getLogger().info(f"[Effort] rank {distributed.rank()} scores {n_batches} batches of {size} users of {len(rows)}")
+    # one batch of effort_batch_size users a block: the same batches (and padding) for any number of processes
+    norms = distributed.map_blocks(rows, norms_of, block_size=size, progress="effort scores" if show_progress else None)
     tokens = np.asarray(train_dataset.id2token(train_dataset.uid_field, uid)).astype(str)
     meta = {"n_users": int(len(uid)), "backend": type(model).__name__, **model.effort_facts(),
             "zero_scores": int((norms == 0).sum()),

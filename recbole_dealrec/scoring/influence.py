@@ -102,12 +102,16 @@ def hessian_vector_product(config, loss: SurrogateLoss, params, train_dataset, b
         batches = user_batches(train_dataset, config["influence_batch_rows"], user_ids=chosen,
                                sequence=batches[0].targets is not None)
         n_users = subset
-    local = distributed.shard(batches)  # each rank's share of the users; the sum over ranks is all-reduced
-    if config["influence_hessian"] == "gauss_newton":
-        hvp = loss.gauss_newton_hvp(params, local, n_users)
-    else:
-        hvp = make_hvp(loss, params, local, n_users)
-    return (lambda x: distributed.all_reduce_sum(hvp(x))) if distributed.active() else hvp
+    # One HVP per fixed block of user batches, added in block order: the same bits for any number of processes.
+    def block_hvp(block: range):
+        part = [batches[i] for i in block]
+        if config["influence_hessian"] == "gauss_newton":
+            return loss.gauss_newton_hvp(params, part, n_users)
+        return make_hvp(loss, params, part, n_users)
+
+    blocks = distributed.fixed_blocks(len(batches), distributed.REDUCTION_BLOCKS)
+    hvps = {blocks[b]: block_hvp(blocks[b]) for b in distributed.owned_blocks(len(blocks))}
+    return lambda x: distributed.ordered_sum(len(batches), lambda block: hvps[block](x), like=x)
 
 
 def stochastic_hvp(config, loss: SurrogateLoss, params, sample):
@@ -147,15 +151,15 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     logger.info(set_color("[Influence]", "pink") + f" {n_users} users, {m} scored parameters in {len(params)} tensors, "
                 f"{n_rows} model rows per pass ({'sequence' if sequence else 'prefix'} mode)")
 
-    # Under torch.distributed every pass over the users is sharded: each rank sums its share, the sums are
-    # all-reduced (v, every HVP) or gathered (the scores); the solver's steps then run identically on every rank.
-    local = distributed.shard(batches)
-    n_local = sum(len(b) for b in local)
-    if n_local:
-        v_local = flatten(mean_gradient(loss, params, local, n_local)) * (n_local / n_users)
-    else:
-        v_local = torch.zeros(m, dtype=flatten(params).dtype)
-    v = distributed.all_reduce_sum(v_local)
+    # Under torch.distributed every pass over the users is sharded in fixed blocks of user batches: the blocks'
+    # sums are added in block order (v, every HVP) and the per-user scores gathered in batch order, so that the
+    # scores are the same bits for any number of processes; the solver's steps then run identically on every rank.
+    def block_mean_gradient(block: range) -> torch.Tensor:
+        part = [batches[i] for i in block]
+        n_part = sum(len(b) for b in part)
+        return flatten(mean_gradient(loss, params, part, n_part)) * (n_part / n_users)
+
+    v = distributed.ordered_sum(len(batches), block_mean_gradient, like=torch.zeros(m, dtype=flatten(params).dtype))
     ensure_finite(v, "mean gradient")
     hvp = hessian_vector_product(config, loss, params, surrogate.train_dataset, batches)
     solver = str(config["ihvp_solver"]).lower()
@@ -183,11 +187,13 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     logger.info(set_color("[Influence]", "pink") + f" {solver}: relative residual {result.residual}, "
                 f"{result.iterations} iterations, damping {result.effective_damping}")
 
-    local_scores = directional_derivatives(loss, params, unflatten(result.x, params), local).double().cpu().numpy()
-    scores = np.concatenate(distributed.gather_objects(local_scores))  # rank order = batch order
+    direction = unflatten(result.x, params)
+    scores = distributed.map_blocks(batches, lambda part: directional_derivatives(loss, params, direction, part).double(),
+                                    block_size=1).cpu().numpy()  # one batch a block: the batches are the fixed units
+    n_local = len(distributed.owned_blocks(len(batches)))
     user_ids = np.concatenate([b.user_ids for b in batches])
     if distributed.active():
-        logger.info(set_color("[Influence]", "pink") + f" rank {distributed.rank()} scored {n_local} of {n_users} users")
+        logger.info(set_color("[Influence]", "pink") + f" rank {distributed.rank()} scored {n_local} of {len(batches)} user batches")
     tokens = surrogate.train_dataset.id2token(surrogate.train_dataset.uid_field, user_ids)
     meta = {"solver": solver, "residual": result.residual, "iterations": result.iterations,
             "effective_damping": result.effective_damping, "damping": damping, "converged": result.converged,

@@ -116,7 +116,7 @@ class Signal(abc.ABC):
 SIGNALS: Registry[type[Signal]] = Registry("signal")
 
 
-def _registered() -> Registry[type[Signal]]:
+def registered_signals() -> Registry[type[Signal]]:
     # Each signal module registers itself on import.
     from recbole_dealrec.scoring import backend_effort, influence, training_dynamics, user_features  # noqa: F401
 
@@ -125,7 +125,7 @@ def _registered() -> Registry[type[Signal]]:
 
 def check_signal_config(names: Sequence[str], config) -> None:
     """Validate the keys of every needed signal before any data is read or model trained."""
-    registry = _registered()
+    registry = registered_signals()
     for name in names:
         signal = registry.get(name)()
         signal.check_config(config)
@@ -150,7 +150,7 @@ def compute_signals(
     Each signal is computed once (or reused from the cache); its user tokens are mapped to this dataset's
     ids here, so values from a model trained on its own copy of the dataset are never joined by position.
     """
-    registry = _registered()
+    registry = registered_signals()
     timer = timer or StageTimer()
     signals = {name: registry.get(name)() for name in names}
     epochs = [e for s in signals.values() for e in s.snapshot_epochs(config)]

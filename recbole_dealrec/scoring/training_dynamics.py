@@ -134,6 +134,9 @@ def _check_epoch_and_seeds(config: Mapping, prefix: str) -> None:
         raise ConfigError(f"{prefix}_seeds must be an integer >= 1 (runs averaged; the original: 10), got {seeds!r}")
 
 
+USER_BLOCK = 512  # users per block of a sharded pass (see distributed.map_blocks)
+
+
 class _EarlyTrainingSignal(Signal):
     prefix: str
     uses_surrogate = True
@@ -154,8 +157,10 @@ class _EarlyTrainingSignal(Signal):
         total = None
         for run in range(runs):
             surrogate = ctx.snapshot(run, epoch)
-            scores = distributed.map_sharded(ctx.surrogate_ids(surrogate),
-                                             lambda local: self.score_run(ctx, surrogate, local))
+            # fixed blocks of users (each its own batches): the same scores for any number of processes
+            scores = distributed.map_blocks(ctx.surrogate_ids(surrogate), lambda block: self.score_run(ctx, surrogate, block),
+                                            block_size=USER_BLOCK,
+                                            progress=f"{self.name} run {run}" if config["show_progress"] else None)
             total = scores if total is None else total + scores
         meta = {"epoch": epoch, "runs": runs, "n_users": int(len(ctx.candidates)),
                 "world_size": distributed.world_size()}
@@ -179,7 +184,7 @@ class GraNd(_EarlyTrainingSignal):
         loss = SurrogateLoss(surrogate.model)
         params = select_parameters(surrogate.model.named_parameters(), list(ctx.config["grand_params"]))
         return per_user_gradient_norms(loss, params, surrogate.train_dataset, user_ids,
-                                       int(ctx.config["influence_batch_rows"]), bool(ctx.config["show_progress"]))
+                                       int(ctx.config["influence_batch_rows"]))
 
 
 @SIGNALS.register("el2n")

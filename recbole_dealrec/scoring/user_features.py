@@ -27,6 +27,9 @@ def training_interaction_counts(train_dataset, user_ids: np.ndarray) -> np.ndarr
     return rows[np.asarray(user_ids)] + 1
 
 
+EMBEDDING_BLOCK = 1024  # users or titles per block of a sharded pass (see distributed.map_blocks)
+
+
 @SIGNALS.register("surrogate_embedding")
 class SurrogateEmbedding(Signal):
     name = "surrogate_embedding"
@@ -36,8 +39,8 @@ class SurrogateEmbedding(Signal):
 
     def compute(self, ctx: SignalContext) -> ScoredUsers:
         surrogate = ctx.surrogate()
-        vectors = distributed.map_sharded(ctx.surrogate_ids(surrogate), lambda local: user_representations(
-            surrogate.model, surrogate.train_dataset, local))
+        vectors = distributed.map_blocks(ctx.surrogate_ids(surrogate), lambda block: user_representations(
+            surrogate.model, surrogate.train_dataset, block, batch_size=EMBEDDING_BLOCK), block_size=EMBEDDING_BLOCK)
         return ScoredUsers(ctx.candidate_tokens, vectors.float().numpy(), {"dim": int(vectors.shape[1])})
 
 
@@ -66,9 +69,9 @@ class TextEmbedding(Signal):
 
         config, dataset = ctx.config, ctx.train_dataset
         titles = read_item_titles(config, dataset)
-        items = distributed.map_sharded(list(titles[1:]), lambda local: encode_texts(
-            resolve_text_encoder(config["text_encoder_path"]), local, max_length=int(config["text_encoder_max_length"]),
-            show_progress=bool(config["show_progress"])))
+        items = distributed.map_blocks(list(titles[1:]), lambda block: encode_texts(
+            resolve_text_encoder(config["text_encoder_path"]), block, max_length=int(config["text_encoder_max_length"])),
+            block_size=EMBEDDING_BLOCK, progress="title embeddings" if config["show_progress"] else None)
         items = torch.cat([torch.zeros(1, items.shape[1]), items])  # row 0: the padding item
         uid = dataset.inter_feat[dataset.uid_field]
         position = torch.full((dataset.user_num,), -1, dtype=torch.long)

@@ -14,7 +14,7 @@ from recbole_dealrec.selection.base import (
     resolve_budget,
     selection_rng,
 )
-from recbole_dealrec.selection import ccs, dealrec, el2n, full, grand, random, recranker, tfdcon  # noqa: F401,E402
+from recbole_dealrec.selection import ccs, dealrec, el2n, file, full, grand, random, recranker, tfdcon  # noqa: F401,E402
 
 __all__ = [
     "SAMPLERS",

@@ -33,9 +33,25 @@ class SelectionMethod(abc.ABC):
     signals: ClassVar[tuple[str, ...]] = ()
     #: the method's own config keys (in ``properties/sampler/<name>.yaml``): they name its selection folder
     keys: ClassVar[tuple[str, ...]] = ()
+    #: whether the method keeps a subset of the users (``full`` keeps them all: the train data is left as it is)
+    prunes: ClassVar[bool] = True
+    #: whether the method takes a budget (``selection_num`` / ``selection_ratio``); one that does not sets its own
+    takes_budget: ClassVar[bool] = True
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = config
+
+    def bind_data(self, train_dataset) -> None:
+        """Called once the data is loaded, before any scoring (a method that reads user tokens maps them here)."""
+
+    def budget(self, n_candidates: int) -> int:
+        """The number of users to keep among ``n_candidates`` (default: ``selection_num`` / ``selection_ratio``)."""
+        return resolve_budget(self.config, n_candidates)
+
+    def folder_settings(self) -> dict[str, Any]:
+        """What names the method's selection folder besides its signals: its keys' values (override to add e.g.
+        the contents of a file the method reads)."""
+        return {k: self.config[k] for k in self.keys}
 
     def required_signals(self) -> tuple[str, ...]:
         """Signals this run needs (an ablation may need fewer than ``signals``)."""
@@ -113,9 +129,14 @@ def check_selection_config(config: Mapping[str, Any]) -> SelectionMethod:
         raise ConfigError(f"selection_ratio must be a number in (0, 1], got {ratio!r}")
     if num is not None and (not _is_int(num) or num < 1):
         raise ConfigError(f"selection_num must be an integer >= 1, got {num!r}")
-    if method.name != "full" and ratio is None and num is None:
+    if method.takes_budget and ratio is None and num is None:
         raise ConfigError(
             f"sampler '{method.name}' needs a budget: set selection_num (e.g. 1024) or selection_ratio in (0, 1]"
+        )
+    if not method.takes_budget and (ratio is not None or num is not None):
+        raise ConfigError(
+            f"sampler '{method.name}' sets its own budget: drop selection_num / selection_ratio (got {num!r} / "
+            f"{ratio!r}) or use one of the pruning methods that take one"
         )
     method.check_config()
     return method

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod
 
 
@@ -11,13 +10,11 @@ from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod
 class FullData(SelectionMethod):
     name = "full"
     description = "Full: no pruning, every user with training samples (the default)"
+    prunes = False
+    takes_budget = False
 
-    def check_config(self) -> None:
-        if self.config["selection_num"] is not None or self.config["selection_ratio"] is not None:
-            raise ConfigError(
-                "sampler 'full' keeps every user: drop selection_num / selection_ratio or set --sampler "
-                "to one of the pruning methods"
-            )
+    def budget(self, n_candidates: int) -> int:
+        return n_candidates
 
     def select(self, candidates, signals, budget, rng) -> Selection:
         return Selection(user_ids=np.sort(candidates))

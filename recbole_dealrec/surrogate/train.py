@@ -27,7 +27,7 @@ from recbole_dealrec.config import DealrecConfig, model_only_keys, plugin_keys, 
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.model import get_model, get_trainer
-from recbole_dealrec.surrogate.loss import (TARGET_SEQ_FIELD, sequence_train_dataset, sequence_training_loss,
+from recbole_dealrec.surrogate.loss import (sequence_train_dataset, sequence_training_loss,
                                            supports_sequence_mode)
 from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, stable_key
 
@@ -37,7 +37,7 @@ _NOT_IN_KEY = {"checkpoint_dir", "output_dir", "show_progress", "device", "gpu_i
                "dataset_save_path", "dataloaders_save_path", "data_path", "surrogate_config",
                "test_user_results_file", "test_user_loss", "distributed_timeout"}
 _LATER_STAGE_PREFIXES = ("selection_", "sampler", "influence_", "ihvp_", "lissa_", "cg_", "effort_", "llm_",
-                         "lora_", "dealrec_", "report_")
+                         "lora_", "dealrec_", "report_", "reference_")
 
 
 @dataclasses.dataclass
@@ -130,55 +130,6 @@ def _sequence_mode_loader(scfg, model, train_data):
     return get_dataloader(scfg, "train")(scfg, dataset, train_data._sampler, shuffle=scfg["shuffle"])
 
 
-@contextlib.contextmanager
-def _data_parallel(trainer, model) -> Iterator[None]:
-    """While active, under torch.distributed, RecBole's own trainer made data-parallel with hooks (RecBole's DDP path is
-    NCCL/GPU-only): every rank walks the same seeded global batches; the model's loss becomes this rank's share
-    of each batch weighted by its share of the loss terms (rows; sequence mode: targets), and the optimizer step
-    first sums the gradients over the ranks (gradient clipping after that sum). The step is then the one-process
-    step on the same global batch, up to float order (dropout masks differ). Validation runs on every rank."""
-    if not distributed.active():
-        yield
-        return
-    own = model.__dict__.get("calculate_loss")  # sequence mode's loss, set on the instance
-    loss_of = model.calculate_loss
-
-    def share_loss(interaction):
-        local = distributed.batch_share(interaction)
-        count = int((local[TARGET_SEQ_FIELD] != 0).sum()) if TARGET_SEQ_FIELD in local.interaction else len(local)
-        weight = distributed.share_of_total(count)
-        if count == 0:  # an empty share: a zero loss that still reaches every parameter
-            return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
-        return loss_of(local) * weight
-
-    model.calculate_loss = share_loss
-    step, clip = trainer.optimizer.step, trainer.clip_grad_norm
-    trainer.clip_grad_norm = None  # RecBole would clip each rank's share before the sum
-
-    def all_reduced_step(*args, **kwargs):
-        params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
-        distributed.all_reduce_gradients(params)
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, **clip)
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = all_reduced_step
-    try:
-        yield
-    finally:
-        trainer.optimizer.step, trainer.clip_grad_norm = step, clip
-        if own is None:
-            del model.calculate_loss
-        else:
-            model.calculate_loss = own
-
-
-def _same_start(model) -> None:
-    """Every rank starts training from rank 0's initial weights."""
-    if distributed.active():
-        model.load_state_dict(distributed.broadcast_object(_cpu_state(model)))
-
-
 def _capture_best(trainer, model) -> dict:
     """A dict that holds (key ``state``) a CPU copy of the weights each time RecBole's trainer saves its best model."""
     best: dict = {}
@@ -224,29 +175,28 @@ def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) 
     path = os.path.join(cache_dir(config), f"surrogate-{scfg['model']}-{key}.pt")
     init_seed(scfg["seed"], scfg["reproducibility"])
     model = get_model(scfg["model"])(scfg, train_data.dataset).to(scfg["device"])
-    # Under torch.distributed every rank trains together (data-parallel) and rank 0 alone writes the cache.
-    if distributed.broadcast_object(cache_entry_ok(path) if distributed.is_main() else None):
-        model.load_state_dict(torch.load(path, map_location=scfg["device"], weights_only=True))
-        logger.info(set_color("[Surrogate]", "pink") + f" reused {path}")
-    else:
-        logger.info(set_color("[Surrogate]", "pink") + f" training {scfg['model']} on all training data"
-                    + (f" ({distributed.world_size()} processes)" if distributed.active() else ""))
-        fit_data = _sequence_mode_loader(scfg, model, train_data)
-        _same_start(model)
-        with _private_checkpoint_dir(config, scfg):
-            trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
-            _capture_epochs(trainer, model, {e: _snapshot_path(config, scfg, key, 0, e) for e in snapshot_epochs})
-            best = _capture_best(trainer, model)
-            with _data_parallel(trainer, model):
+    # Under torch.distributed rank 0 trains alone and writes the cache, then every other rank reads it: the same
+    # weights, bit for bit, whatever the number of processes (a data-parallel step sums the ranks' gradients in
+    # an order that depends on their number, and Algorithm 2's bins turn that into other users).
+    with distributed.main_first():
+        if cache_entry_ok(path):
+            model.load_state_dict(torch.load(path, map_location=scfg["device"], weights_only=True))
+            logger.info(set_color("[Surrogate]", "pink") + f" reused {path}")
+        else:
+            logger.info(set_color("[Surrogate]", "pink") + f" training {scfg['model']} on all training data"
+                        + (" (rank 0 alone; the other ranks wait for its cache)" if distributed.active() else ""))
+            fit_data = _sequence_mode_loader(scfg, model, train_data)
+            with distributed.solo(), _private_checkpoint_dir(config, scfg):
+                trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
+                _capture_epochs(trainer, model, {e: _snapshot_path(config, scfg, key, 0, e) for e in snapshot_epochs})
+                best = _capture_best(trainer, model)
                 trainer.fit(fit_data, valid_data, saved=True, show_progress=scfg["show_progress"])
-            # fit() leaves the LAST epoch's weights in memory; the best-by-validation ones were copied when
-            # RecBole saved them (its checkpoint file holds a pickled config, so it is never loaded back).
-            if best:
-                model.load_state_dict(best["state"])
-        if distributed.is_main():
+                # fit() leaves the LAST epoch's weights in memory; the best-by-validation ones were copied when
+                # RecBole saved them (its checkpoint file holds a pickled config, so it is never loaded back).
+                if best:
+                    model.load_state_dict(best["state"])
             _save_state(model, path)
-        distributed.barrier()
-        logger.info(set_color("[Surrogate]", "pink") + f" best epoch by {scfg['valid_metric']} saved to {path}")
+            logger.info(set_color("[Surrogate]", "pink") + f" best epoch by {scfg['valid_metric']} saved to {path}")
     model.eval()
     return SurrogateRun(config=scfg, model=model, train_dataset=train_data.dataset, key=key)
 
@@ -268,23 +218,19 @@ def surrogate_snapshot(config: DealrecConfig, run: int, epoch: int) -> Surrogate
     train_data, valid_data, _ = data_preparation(scfg, dataset)
     init_seed(scfg["seed"], scfg["reproducibility"])
     model = get_model(scfg["model"])(scfg, train_data.dataset).to(scfg["device"])
-    if distributed.broadcast_object(cache_entry_ok(path) if distributed.is_main() else None):
-        model.load_state_dict(torch.load(path, map_location=scfg["device"], weights_only=True))
-    elif epoch > 0:
-        getLogger().info(set_color("[Surrogate]", "pink") + f" training run {run} (seed {scfg['seed']}) for {epoch} epochs")
-        scfg["epochs"], scfg["stopping_step"] = int(epoch), int(epoch) + 1
-        fit_data = _sequence_mode_loader(scfg, model, train_data)
-        _same_start(model)
-        with _private_checkpoint_dir(config, scfg):  # saves nothing, but RecBole's trainer creates the folder
-            trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
-            _capture_epochs(trainer, model, {int(epoch): path})
-            with _data_parallel(trainer, model):
+    with distributed.main_first():  # rank 0 trains (or saves the initialisation) alone, the others read its cache
+        if cache_entry_ok(path):
+            model.load_state_dict(torch.load(path, map_location=scfg["device"], weights_only=True))
+        elif epoch > 0:
+            getLogger().info(set_color("[Surrogate]", "pink") + f" training run {run} (seed {scfg['seed']}) for {epoch} epochs")
+            scfg["epochs"], scfg["stopping_step"] = int(epoch), int(epoch) + 1
+            fit_data = _sequence_mode_loader(scfg, model, train_data)
+            # saves nothing, but RecBole's trainer creates the folder
+            with distributed.solo(), _private_checkpoint_dir(config, scfg):
+                trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
+                _capture_epochs(trainer, model, {int(epoch): path})
                 trainer.fit(fit_data, valid_data, saved=False, show_progress=scfg["show_progress"])
-        distributed.barrier()
-    else:
-        _same_start(model)
-        if distributed.is_main():
+        else:
             _save_state(model, path)
-        distributed.barrier()
     model.eval()
     return SurrogateRun(config=scfg, model=model, train_dataset=train_data.dataset, key=f"{key}-run{run}-epoch{epoch}")

@@ -51,6 +51,39 @@ def _n_tokens(tokenizer, text: str, with_eos: bool) -> int:
     return n + (1 if with_eos and tokenizer.eos_token_id is not None else 0)
 
 
+def kept_history_start(
+    history_titles: Sequence[str],
+    target_title: Optional[str],
+    tokenizer,
+    max_length: Optional[int],
+    instruction: str = DEFAULT_INSTRUCTION,
+) -> int:
+    """Index of the first history title a prompt keeps so that it fits ``max_length`` tokens (0: all kept).
+
+    The count covers the whole text as the tokenizer encodes it (special tokens included) plus the eos token
+    appended after a response. History titles are dropped oldest first until the text fits; if even an empty
+    history does not fit, the empty history is used (tokenisation then cuts the tail).
+    """
+    history_titles = list(history_titles)
+    response = format_response(target_title) if target_title is not None else ""
+    with_eos = target_title is not None
+
+    def n_tokens(start: int) -> int:
+        return _n_tokens(tokenizer, format_prompt(history_titles[start:], instruction) + response, with_eos)
+
+    if max_length is None or n_tokens(0) <= max_length:
+        return 0
+    # Token count is (practically) monotone in the number of kept titles: binary-search the first kept one.
+    lo, hi = 1, len(history_titles)  # an empty history from hi on
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if n_tokens(mid) <= max_length:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def build_prompt(
     history_titles: Sequence[str],
     target_title: Optional[str],
@@ -58,33 +91,15 @@ def build_prompt(
     max_length: Optional[int],
     instruction: str = DEFAULT_INSTRUCTION,
 ) -> tuple[str, bool]:
-    """Prompt text (+ response when ``target_title`` is given) fitting ``max_length`` tokens.
-
-    The count covers the whole text as the tokenizer encodes it (special tokens included) plus the eos token
-    appended after a response. History titles are dropped oldest first until the text fits; if even an empty
-    history does not fit, the empty history is used (tokenisation then cuts the tail).
+    """Prompt text (+ response when ``target_title`` is given) fitting ``max_length`` tokens
+    (see :func:`kept_history_start`).
 
     Returns:
         ``(text, was_truncated)``: ``was_truncated`` is True when at least one history title was dropped.
     """
-    history_titles = list(history_titles)
+    start = kept_history_start(history_titles, target_title, tokenizer, max_length, instruction)
     response = format_response(target_title) if target_title is not None else ""
-    with_eos = target_title is not None
-
-    def text_from(start: int) -> str:
-        return format_prompt(history_titles[start:], instruction) + response
-
-    if max_length is None or _n_tokens(tokenizer, text_from(0), with_eos) <= max_length:
-        return text_from(0), False
-    # Token count is (practically) monotone in the number of kept titles: binary-search the first kept one.
-    lo, hi = 1, len(history_titles)  # text_from(hi) has an empty history
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _n_tokens(tokenizer, text_from(mid), with_eos) <= max_length:
-            hi = mid
-        else:
-            lo = mid + 1
-    return text_from(lo), True
+    return format_prompt(list(history_titles)[start:], instruction) + response, start > 0
 
 
 def tokenize_samples(
