@@ -2,8 +2,11 @@
 import os
 import subprocess
 
+import numpy as np
+
 import pytest
 
+from recbole_dealrec.evaluation import load_user_results
 from recbole_dealrec.quick_start import run_recbole
 from recbole_dealrec.registry import ConfigError
 
@@ -224,3 +227,30 @@ def test_two_runs_in_parallel_in_one_output_dir_each_use_their_own_surrogate(tmp
         [ref] = list((alone / "ml-100k").glob(f"el2n-n50-seed{seed}-*/selection.tsv"))
         assert mine.read_text() == ref.read_text()
     assert len(list((shared / "ml-100k" / "checkpoints").iterdir())) == 2  # one folder per run
+
+
+def test_two_runs_sharing_a_checkpoint_dir_each_test_their_own_weights(tmp_path):
+    """Started together (same second) with one --checkpoint_dir: each run trains into a folder of its own inside it
+    and tests its own weights (RecBole names checkpoints <Model>-<second>.pth: before, one run tested the other's)."""
+
+    def args(seed, ckpt, out):
+        return ["run_recbole", "--model=SASRec", "--sampler=random", "--selection_num=200", f"--seed={seed}",
+                f"--checkpoint_dir={ckpt}", f"--output_dir={out}", f"--test_user_results_file={out}/users.npz",
+                "--epochs=2", "--show_progress=False", "--MAX_ITEM_LIST_LENGTH=5", "--hidden_size=8",
+                "--inner_size=8", "--n_layers=1", "--n_heads=1", "--train_batch_size=4096"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    shared = tmp_path / "shared_ckpt"
+    procs = [subprocess.Popen(args(seed, shared, tmp_path / f"together{seed}"), cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    assert len([d for d in shared.iterdir() if d.is_dir()]) == 2  # one folder per run inside the given one
+    for seed in (1, 2):
+        subprocess.run(args(seed, tmp_path / f"ckpt{seed}", tmp_path / f"alone{seed}"), cwd=tmp_path, env=env,
+                       check=True, capture_output=True)
+        together = load_user_results(str(tmp_path / f"together{seed}" / "users.npz"))
+        alone = load_user_results(str(tmp_path / f"alone{seed}" / "users.npz"))
+        np.testing.assert_array_equal(together["hits"], alone["hits"])
+    one, two = (load_user_results(str(tmp_path / f"alone{s}" / "users.npz")) for s in (1, 2))
+    assert not np.array_equal(one["hits"], two["hits"])  # the two seeds' models differ: the check can fail
