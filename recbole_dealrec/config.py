@@ -100,6 +100,17 @@ class DealrecConfig(Config):
                 config_dict[key] = parse_literal(value)
         return config_dict
 
+    def _set_default_parameters(self):
+        super()._set_default_parameters()
+        # RecBole reads its embedded ml-100k whatever data_path says; a data_path the user gave is where the data is
+        given = self.external_config_dict.get("data_path")
+        if self.dataset == DEFAULT_DATASET and given:
+            folder = os.path.join(os.path.expanduser(str(given)), self.dataset)
+            if not os.path.isfile(os.path.join(folder, f"{self.dataset}.inter")):
+                raise ConfigError(f"data_path {given!r} has no {self.dataset}/{self.dataset}.inter (leave data_path "
+                                  f"unset for RecBole's embedded {self.dataset})")
+            self.final_config_dict["data_path"] = folder
+
     def _get_model_and_dataset(self, model, dataset):
         # the first step after RecBole merged the user's keys (files < dict < command line): check them now
         check_key_types(self.external_config_dict)
