@@ -12,8 +12,9 @@ from __future__ import annotations
 import ast
 import difflib
 import os
+import re
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 from recbole.config import Config
@@ -99,7 +100,20 @@ class DealrecConfig(Config):
                 config_dict[key] = parse_literal(value)
         return config_dict
 
+    def _set_default_parameters(self):
+        super()._set_default_parameters()
+        # RecBole reads its embedded ml-100k whatever data_path says; a data_path the user gave is where the data is
+        given = self.external_config_dict.get("data_path")
+        if self.dataset == DEFAULT_DATASET and given:
+            folder = os.path.join(os.path.expanduser(str(given)), self.dataset)
+            if not os.path.isfile(os.path.join(folder, f"{self.dataset}.inter")):
+                raise ConfigError(f"data_path {given!r} has no {self.dataset}/{self.dataset}.inter (leave data_path "
+                                  f"unset for RecBole's embedded {self.dataset})")
+            self.final_config_dict["data_path"] = folder
+
     def _get_model_and_dataset(self, model, dataset):
+        # the first step after RecBole merged the user's keys (files < dict < command line): check them now
+        check_key_types(self.external_config_dict)
         if model is None:
             model = self.external_config_dict.get("model")
             if model is None:
@@ -222,3 +236,96 @@ def check_known_keys(config: Config) -> None:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown key {key!r}: no property file of RecBole or of the plugin defines it{hint} "
                           "(a key RecBole reads that no property file names: add it to `unchecked_keys`)")
+
+
+# ---- every key a run is given: its type (and, for RecBole's own keys a run reads, its range), before the data
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list, tuple), "dict": (dict,)}
+_DECLARED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):\s*(.*?)\s+#\s*\(([a-z ]+)\)")
+
+#: RecBole keys a run reads, with (allowed types, range check, the allowed values in words); None allowed where
+#: RecBole's default is None
+RECBOLE_KEY_RULES: dict[str, tuple[tuple[type, ...], Any, str]] = {
+    "epochs": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "train_batch_size": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "eval_batch_size": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "learning_rate": ((int, float), lambda v: v > 0, "a number > 0"),
+    "weight_decay": ((int, float), lambda v: v >= 0, "a number >= 0"),
+    "seed": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "MAX_ITEM_LIST_LENGTH": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "stopping_step": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "eval_step": ((int,), lambda v: v >= 0, "an integer >= 0 (0 = no validation)"),
+    "topk": ((list, tuple, int), lambda v: all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                               for k in (v if isinstance(v, (list, tuple)) else [v])) and v != [],
+             "a list of integers >= 1"),
+    "metric_decimal_place": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "hidden_size": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "inner_size": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "n_layers": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "n_heads": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "embedding_size": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "hidden_dropout_prob": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "attn_dropout_prob": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "dropout_prob": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "loss_type": ((str,), lambda v: v in ("CE", "BPR"), "CE or BPR"),
+    "show_progress": ((bool,), lambda v: True, "True or False"),
+    "reproducibility": ((bool,), lambda v: True, "True or False"),
+    "shuffle": ((bool,), lambda v: True, "True or False"),
+    "valid_metric": ((str,), lambda v: bool(v), "a metric name such as MRR@10"),
+    "data_path": ((str,), lambda v: bool(v), "a folder path"),
+    "checkpoint_dir": ((str,), lambda v: bool(v), "a folder path"),
+}
+
+
+@lru_cache(maxsize=None)
+def declared_key_types() -> dict[str, tuple[str, bool, frozenset]]:
+    """``key -> (declared type, whether None is allowed, words allowed besides the type)`` of every top-level key of
+    the plugin's property files, from the ``# (type)`` comment that documents it (``int``, ``float``, ``bool``,
+    ``str``, ``list``, ``dict``, or ``A or B``): the property file is the one place a key and its type are declared.
+    None is allowed where some file's default is ``~``; a word default of a numeric key (``auto``) is allowed too."""
+    kinds: dict[str, str] = {}
+    none_ok: dict[str, bool] = {}
+    words: dict[str, set] = {}
+    for root, _, files in os.walk(PROPERTIES_DIR):
+        for name in sorted(files):
+            if not name.endswith(".yaml"):
+                continue
+            with open(os.path.join(root, name), encoding="utf-8") as handle:
+                for line in handle:
+                    match = _DECLARED.match(line)
+                    if not match or not all(t in _TYPES for t in match.group(3).split(" or ")):
+                        continue
+                    key, default, kind = match.group(1), yaml.safe_load(match.group(2)), match.group(3)
+                    kinds[key] = kind
+                    none_ok[key] = none_ok.get(key, False) or default is None
+                    if isinstance(default, str) and "str" not in kind.split(" or "):
+                        words.setdefault(key, set()).add(default)
+    return {key: (kind, none_ok[key], frozenset(words.get(key, ()))) for key, kind in kinds.items()}
+
+
+def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False  # True is an int to Python, not to a user
+    return isinstance(value, types)
+
+
+def check_key_types(keys: dict) -> None:
+    """Every key the user gave (``keys``: files, config dict, command line) has the type its property file declares
+    (``None`` where a default is ``None``, a word default such as ``auto``), and every RecBole key a run reads its
+    type and range (:data:`RECBOLE_KEY_RULES`). Raises ``ConfigError`` naming the key, the value and what is
+    allowed. :class:`DealrecConfig` runs it on the user's keys before RecBole reads them (RecBole's own reading of
+    a bad value is a traceback from deep inside, or a run on nonsense)."""
+    declared = declared_key_types()
+    for key, value in keys.items():
+        if key in RECBOLE_KEY_RULES:
+            types, in_range, allowed = RECBOLE_KEY_RULES[key]
+            if not _type_ok(value, types) or not in_range(value):
+                raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+        elif key in declared:
+            kind, none_ok, words = declared[key]
+            if (value is None and none_ok) or (isinstance(value, str) and value in words):
+                continue
+            if not _type_ok(value, tuple(t for k in kind.split(" or ") for t in _TYPES[k])):
+                extra = "".join([*(f" or {w!r}" for w in sorted(words)), " or ~ (none)" if none_ok else ""])
+                raise ConfigError(f"{key} must be a {kind}{extra} (its property file's type), got {value!r} "
+                                  f"({type(value).__name__})")

@@ -13,7 +13,7 @@ import torch
 from recbole_dealrec.data.pruning import kept_train_interactions, write_inter_file
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.selection import Selection
-from recbole_dealrec.utils import atomic_write, stable_key
+from recbole_dealrec.utils import atomic_write, dataset_fingerprint, stable_key
 
 
 def selection_dir(config: Mapping[str, Any], budget: int, method_settings: Mapping[str, Any],
@@ -26,7 +26,9 @@ def selection_dir(config: Mapping[str, Any], budget: int, method_settings: Mappi
     over any of them never overwrites its own outputs.
     """
     seed = config["selection_seed"] if config["selection_seed"] is not None else config["seed"]
-    key = stable_key({"method": dict(method_settings),
+    # the data's contents too: two datasets of one name in other data_paths never share a folder (Random's and
+    # Full's folders have no signal that would carry it)
+    key = stable_key({"method": dict(method_settings), "data": dataset_fingerprint(config),
                       "signals": {name: os.path.basename(meta["path"]) for name, meta in signal_meta.items()}})
     return os.path.join(config["output_dir"], config["dataset"], f"{config['sampler']}-n{budget}-seed{seed}-{key[:8]}")
 

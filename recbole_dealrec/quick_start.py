@@ -230,13 +230,11 @@ def check_run_config(config: DealrecConfig):
 
 
 def run_checkpoint_dir(config) -> str:
-    """This run's own checkpoint folder: the ``checkpoint_dir`` the user set, else a fresh one under
-    ``<output_dir>/<dataset>/checkpoints/`` (RecBole names checkpoints by model and second, which two runs
-    started together would share in its default ``saved/``)."""
+    """This run's own checkpoint folder: a fresh one inside the ``checkpoint_dir`` the user set, else inside
+    ``<output_dir>/<dataset>/checkpoints/``. RecBole names checkpoints by model and second, which two runs started
+    together in one folder would share (and one would test the other's weights)."""
     given = user_keys(config).get("checkpoint_dir")
-    if given:
-        return str(given)
-    root = os.path.join(config["output_dir"], config["dataset"], "checkpoints")
+    root = str(given) if given else os.path.join(config["output_dir"], config["dataset"], "checkpoints")
     os.makedirs(root, exist_ok=True)
     return tempfile.mkdtemp(prefix=f"{config['model']}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=root)
 

@@ -114,7 +114,7 @@ def fine_tune(model: str, config: dict, tmp_path, nproc: int):
               "test_user_results_file": str(tmp / "users.npz")}
     done = run(cli_argv(config) + [f"--model={model}"], tmp_path, nproc)
     assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "Error" in line)[-3000:]
-    best = [f for f in (tmp / "ckpt").glob(f"{model}-*.pth") if not f.name.endswith("-last.pth")]
+    best = [f for f in (tmp / "ckpt").rglob(f"{model}-*.pth") if not f.name.endswith("-last.pth")]
     state = torch.load(best[0], map_location="cpu", weights_only=True) if best else None
     return state, load_user_results(str(tmp / "users.npz")), done.stderr + done.stdout
 

@@ -2,8 +2,12 @@
 import os
 import subprocess
 
+import numpy as np
+
 import pytest
 
+from conftest import TINY_SASREC
+from recbole_dealrec.evaluation import load_user_results
 from recbole_dealrec.quick_start import run_recbole
 from recbole_dealrec.registry import ConfigError
 
@@ -224,3 +228,108 @@ def test_two_runs_in_parallel_in_one_output_dir_each_use_their_own_surrogate(tmp
         [ref] = list((alone / "ml-100k").glob(f"el2n-n50-seed{seed}-*/selection.tsv"))
         assert mine.read_text() == ref.read_text()
     assert len(list((shared / "ml-100k" / "checkpoints").iterdir())) == 2  # one folder per run
+
+
+def test_two_runs_sharing_a_checkpoint_dir_each_test_their_own_weights(tmp_path):
+    """Started together (same second) with one --checkpoint_dir: each run trains into a folder of its own inside it
+    and tests its own weights (RecBole names checkpoints <Model>-<second>.pth: before, one run tested the other's)."""
+
+    def args(seed, ckpt, out):
+        return ["run_recbole", "--model=SASRec", "--sampler=random", "--selection_num=200", f"--seed={seed}",
+                f"--checkpoint_dir={ckpt}", f"--output_dir={out}", f"--test_user_results_file={out}/users.npz",
+                "--epochs=2", "--show_progress=False", "--MAX_ITEM_LIST_LENGTH=5", "--hidden_size=8",
+                "--inner_size=8", "--n_layers=1", "--n_heads=1", "--train_batch_size=4096"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    shared = tmp_path / "shared_ckpt"
+    procs = [subprocess.Popen(args(seed, shared, tmp_path / f"together{seed}"), cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    assert len([d for d in shared.iterdir() if d.is_dir()]) == 2  # one folder per run inside the given one
+    for seed in (1, 2):
+        subprocess.run(args(seed, tmp_path / f"ckpt{seed}", tmp_path / f"alone{seed}"), cwd=tmp_path, env=env,
+                       check=True, capture_output=True)
+        together = load_user_results(str(tmp_path / f"together{seed}" / "users.npz"))
+        alone = load_user_results(str(tmp_path / f"alone{seed}" / "users.npz"))
+        np.testing.assert_array_equal(together["hits"], alone["hits"])
+    one, two = (load_user_results(str(tmp_path / f"alone{s}" / "users.npz")) for s in (1, 2))
+    assert not np.array_equal(one["hits"], two["hits"])  # the two seeds' models differ: the check can fail
+
+
+def embedded_ml100k() -> str:
+    import recbole
+
+    return os.path.join(os.path.dirname(recbole.__file__), "dataset_example", "ml-100k")
+
+
+def test_a_data_path_the_user_gives_for_ml_100k_is_read_not_the_embedded_copy(tmp_path):
+    from recbole_dealrec.config import DealrecConfig
+    from recbole_dealrec.data import create_dataset
+
+    mine = tmp_path / "mine" / "ml-100k"
+    mine.mkdir(parents=True)
+    for name in os.listdir(embedded_ml100k()):
+        text = open(os.path.join(embedded_ml100k(), name), encoding="utf-8").read()
+        if name.endswith(".inter"):  # the user's copy: the first 20,000 interactions only
+            text = "\n".join(text.splitlines()[:20001]) + "\n"
+        (mine / name).write_text(text, encoding="utf-8")
+    config = DealrecConfig("SASRec", "ml-100k", config_dict={"data_path": str(tmp_path / "mine")})
+    assert config["data_path"] == str(mine)
+    assert create_dataset(config).inter_num == 20000
+    with pytest.raises(ConfigError, match=r"data_path '.*elsewhere' has no ml-100k/ml-100k.inter"):
+        DealrecConfig("SASRec", "ml-100k", config_dict={"data_path": str(tmp_path / "elsewhere")})
+
+
+def toy(folder, rows: int) -> None:
+    folder.mkdir(parents=True)
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    lines += [f"{u}\t{(u * 7 + t) % 40}\t{t}" for u in range(rows) for t in range(8)]
+    (folder / "toy.inter").write_text("\n".join(lines) + "\n")
+
+
+def test_two_datasets_of_one_name_never_share_a_selection_or_a_grid_cell(tmp_path):
+    from recbole_dealrec.experiment import expand_grid
+
+    toy(tmp_path / "a" / "toy", 30)
+    toy(tmp_path / "b" / "toy", 31)
+    folders, keys = [], []
+    for where in ("a", "b"):
+        settings = {**TINY_SASREC, "data_path": str(tmp_path / where),
+                    "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "topk": [5], "valid_metric": "mrr@5",
+                    "output_dir": str(tmp_path / "out"), "checkpoint_dir": str(tmp_path / "ckpt")}
+        result = run_recbole("SASRec", "toy", config_dict={**settings, "sampler": "random", "selection_num": 10,
+                                                            "epochs": 0}, saved=False)
+        folders.append(result["selection"]["folder"])
+        grid = expand_grid({"name": "g", "datasets": ["toy"], "models": ["SASRec"], "samplers": ["random"],
+                            "budgets": [10], "seeds": [1], "settings": settings})
+        keys.append(grid.cells[0].key)
+    assert folders[0] != folders[1] and keys[0] != keys[1]
+    moved = tmp_path / "moved"
+    os.rename(tmp_path / "a", moved)  # the same data elsewhere: the same grid cell
+    assert expand_grid({"name": "g", "datasets": ["toy"], "models": ["SASRec"], "samplers": ["random"], "budgets": [10],
+                        "seeds": [1], "settings": {**settings, "data_path": str(moved)}}).cells[0].key == keys[0]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([], r"toy.inter: a header and no rows"),
+    ([f"{u}\t{u % 5}\t{t}" for u in range(20) for t in range(2)], r"the split leaves no (valid|test) rows"),
+])
+def test_degenerate_data_is_a_clear_error_after_loading(tmp_path, rows, message):
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    (folder / "toy.inter").write_text("\n".join(["user_id:token\titem_id:token\ttimestamp:float", *rows]) + "\n")
+    with pytest.raises(ConfigError, match=message):
+        run(tmp_path, dataset="toy", data_path=str(tmp_path), load_col={"inter": ["user_id", "item_id", "timestamp"]},
+            topk=[3], valid_metric="mrr@3", sampler="random", selection_num=2)
+
+
+def test_fully_duplicated_interactions_are_a_warning_with_counts(tmp_path, caplog):
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    rows = [f"{u}\t{(u * 3 + t) % 17}\t{t}" for u in range(30) for t in range(6)]
+    (folder / "toy.inter").write_text("\n".join(["user_id:token\titem_id:token\ttimestamp:float", *rows, *rows[:40]]) + "\n")
+    with caplog.at_level("WARNING"):
+        run(tmp_path, dataset="toy", data_path=str(tmp_path), load_col={"inter": ["user_id", "item_id", "timestamp"]},
+            topk=[3], valid_metric="mrr@3", sampler="random", selection_num=5)
+    assert "40 of 220 interactions repeat an earlier one exactly" in caplog.text

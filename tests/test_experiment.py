@@ -137,6 +137,28 @@ def test_run_resume_failing_cell_and_foreign_results(tmp_path):
         run_grid(other, results)
 
 
+def test_the_cli_exits_non_zero_for_failed_cells_and_an_empty_report(tmp_path, capsys):
+    import yaml
+
+    grid = tmp_path / "broken.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "broken", "settings": {**TINY_SASREC, "output_dir": str(tmp_path / "out"), "data_path": str(tmp_path)},
+        "models": ["SASRec"], "samplers": {"Random": {"sampler": "random"}}, "budgets": [50], "seeds": [1],
+        "datasets": ["no-data"]}))  # passes every pre-data check, fails on reading the data
+    results = str(tmp_path / "r.jsonl")
+    with pytest.raises(SystemExit) as done:
+        experiment_main(["run", str(grid), "--results", results])
+    assert done.value.code == 1 and "1 of 1 cells run failed" in capsys.readouterr().err
+    # a report over a results file without one finished cell is an error, not an empty report
+    with pytest.raises(SystemExit) as done:
+        experiment_main(["report", results, "--out", str(tmp_path / "report")])
+    assert done.value.code == 2 and "holds no finished cell (1 records)" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit) as done:
+        experiment_main(["report", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "report")])
+    assert done.value.code == 2 and not (tmp_path / "report").exists()
+
+
 def test_per_user_test_results_reproduce_recbole_metrics(tmp_path):
     """The per-user hits captured during RecBole's own evaluation average to its Recall/NDCG; the per-user loss
     is the trained model's loss on that user's test row alone."""

@@ -165,7 +165,7 @@ def test_tiger_dealrec_end_to_end_exports_its_semantic_ids(tmp_path):
     rows = open(result["selection"]["folder"] + "/semantic_ids.tsv").read().splitlines()
     assert rows[0] == "item_id\tcodes" and len(rows) == 1683 and len(rows[1].split("\t")[1].split()) == 3
     assert len({r.split("\t")[1] for r in rows[1:]}) == 1682  # unique IDs
-    assert list((tmp_path / "ckpt").glob("TIGER-*.pth"))
+    assert list((tmp_path / "ckpt").rglob("TIGER-*.pth"))
 
 
 @pytest.mark.parametrize(

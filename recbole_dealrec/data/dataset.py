@@ -66,10 +66,12 @@ def check_atomic_file(path: str, separator: str = "\t") -> None:
             raise ConfigError(f"{path} line 1: header fields must be name:type with type token, token_seq, float or "
                               f"float_seq, got {bad_header}")
         floats = [i for i, kind in enumerate(types) if kind == "float"]
+        n_rows = 0
         for number, line in enumerate(handle, start=2):
             line = line.rstrip("\r\n")
             if not line:
                 continue
+            n_rows += 1
             fields = line.split(separator)
             if len(fields) != len(header):
                 raise ConfigError(f"{path} line {number}: {len(fields)} fields, the header has {len(header)} "
@@ -80,6 +82,8 @@ def check_atomic_file(path: str, separator: str = "\t") -> None:
                         float(fields[i])
                 except ValueError:
                     raise ConfigError(f"{path} line {number}: {header[i]} must be a number, got {fields[i]!r}") from None
+    if n_rows == 0:
+        raise ConfigError(f"{path}: a header and no rows: nothing to train on")
 
 
 class PresplitSequentialDataset(SequentialDataset):
@@ -147,13 +151,41 @@ def create_dataset(config):
         dataset = PresplitSequentialDataset(config)
         getLogger().info(dataset)
         return dataset
-    dataset = recbole_create_dataset(config)
+    try:
+        dataset = recbole_create_dataset(config)
+    except ValueError as error:
+        if "is empty" not in str(error):
+            raise
+        raise ConfigError(f"dataset '{config['dataset']}': no interaction left to train on (every row removed by "
+                          "RecBole's filters: user_inter_num_interval, item_inter_num_interval, ...)") from None
     getLogger().info(dataset)
     return dataset
 
 
+def check_loaded_data(config, dataset) -> None:
+    """What cannot run is an error, what is suspicious a warning with counts (before the split): no interaction
+    left (a header-only file, or every user filtered out), and rows repeated exactly (user, item, time: they
+    inflate the metrics, a test target being also a training target)."""
+    name = config["dataset"]
+    if dataset.inter_num == 0:
+        raise ConfigError(f"dataset '{name}': no interaction left to train on (an empty .inter file, or every row "
+                          "removed by RecBole's filters: user_inter_num_interval, item_inter_num_interval, ...)")
+    inter = dataset.inter_feat  # a DataFrame until RecBole's split turns it into an Interaction
+    columns = inter.columns if hasattr(inter, "columns") else inter.interaction
+    fields = [f for f in (dataset.uid_field, dataset.iid_field, dataset.time_field) if f and f in columns]
+    rows = np.stack([np.asarray(inter[f], dtype=np.float64) for f in fields], axis=1)
+    duplicates = len(rows) - len(np.unique(rows, axis=0))
+    if duplicates:
+        getLogger().warning(f"[Data] {name}: {duplicates} of {len(rows)} interactions repeat an earlier one exactly "
+                            f"({', '.join(fields)}): repeated rows can put a test target among the training targets "
+                            "and inflate Recall/NDCG; deduplicate the .inter file unless repeats are meant")
+
+
 def data_preparation(config, dataset):
-    """RecBole's ``data_preparation``; a pre-split test set gets the multi-target evaluation loader."""
+    """RecBole's ``data_preparation``; a pre-split test set gets the multi-target evaluation loader. A split that
+    leaves no training, validation or test user is an error naming the split (RecBole would fail deep inside, or
+    finish with ``test result: None``)."""
+    check_loaded_data(config, dataset)
     train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
     if getattr(test_data.dataset, "multi_targets", None) is not None:
         test_data = MultiTargetFullSortEvalDataLoader(config, test_data.dataset, test_data._sampler, shuffle=False)
@@ -162,4 +194,8 @@ def data_preparation(config, dataset):
         part = loader.dataset
         sizes.append(f"{name} {len(part)} rows / {len(np.unique(part.inter_feat[part.uid_field].numpy()))} users")
     getLogger().info(f"[Data] {config['dataset']}: " + ", ".join(sizes))
+    for name, loader in (("train", train_data), ("valid", valid_data), ("test", test_data)):
+        if len(loader.dataset) == 0:
+            raise ConfigError(f"dataset '{config['dataset']}': the split leaves no {name} rows ({', '.join(sizes)}); "
+                              "users need at least 3 interactions under RecBole's leave-one-out split")
     return train_data, valid_data, test_data

@@ -59,13 +59,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     print(f"{'done' if cell.key in done else 'todo'} {cell.key} {cell.describe()}")
                 return
             blocks = [b for b in (args.blocks or "").split(",") if b] or None
-            run_grid(grid, results, retry_failed=not args.no_retry_failed, only_blocks=blocks)
+            appended = run_grid(grid, results, retry_failed=not args.no_retry_failed, only_blocks=blocks)
             if args.report:
                 print(write_report(read_results(results), args.report, os.path.dirname(os.path.abspath(results)))["report"])
+            failed = [r for r in appended if r.get("status") != "ok"]
+            if failed:  # a grid with failed cells is not a success, whatever the report shows
+                parser.exit(1, f"experiment: {len(failed)} of {len(appended)} cells run failed (their errors are in "
+                               f"{results}; `run` again retries them)\n")
         else:
             if not os.path.isfile(args.results):
                 raise ConfigError(f"results file {args.results!r} not found")
-            print(write_report(read_results(args.results), args.out, os.path.dirname(os.path.abspath(args.results)))["report"])
+            records = read_results(args.results)
+            if not any(r.get("status") == "ok" for r in records):
+                raise ConfigError(f"results file {args.results!r} holds no finished cell ({len(records)} records): "
+                                  "nothing to report")
+            print(write_report(records, args.out, os.path.dirname(os.path.abspath(args.results)))["report"])
     except ConfigError as error:
         parser.exit(2, f"experiment: error: {error}\n")
 

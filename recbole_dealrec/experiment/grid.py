@@ -33,7 +33,7 @@ import itertools
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-from recbole_dealrec.config import read_property_file
+from recbole_dealrec.config import DEFAULT_DATASET, read_property_file
 from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.utils import stable_key
 
@@ -87,6 +87,23 @@ class Grid:
 def _file_digest(path: str) -> str:
     with open(path, "rb") as handle:
         return hashlib.sha256(handle.read()).hexdigest()[:16]
+
+
+def _data_digest(data_path: str, dataset: str) -> str:
+    """The contents of ``<data_path>/<dataset>/<dataset>.*`` (what a cell reads): part of its key, so a grid run
+    again on other data in the same place, or under the same name elsewhere, does not find its cells done. The
+    location itself is not part of it (a data folder may move)."""
+    folder = os.path.join(os.path.expanduser(data_path), dataset)
+    if not os.path.isdir(folder):
+        return f"missing:{dataset}"  # the cell's pre-data check names the missing file
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(dataset + ".") or name == "recbole_dealrec.yaml":
+            digest.update(name.encode())
+            with open(os.path.join(folder, name), "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def _as_list(block_name: str, axis: str, value: Any) -> list:
@@ -213,6 +230,8 @@ def expand_grid(spec: Mapping[str, Any], path: str = "<grid>", overrides: Option
             payload = {"model": model, "dataset": dataset,
                        "settings": {k: v for k, v in settings.items() if k not in UNKEYED_SETTINGS},
                        "config_files": [[os.path.basename(f), _file_digest(f)] for f in files]}
+            if settings.get("data_path"):  # the embedded ml-100k (no data_path) is fixed by the RecBole version
+                payload["data"] = _data_digest(str(settings["data_path"]), dataset or DEFAULT_DATASET)
             key = stable_key(payload)
             if key in cells:  # the same run reached from two blocks: one cell, both blocks' report forms
                 old = cells[key]

@@ -138,8 +138,36 @@ def check_selection_config(config: Mapping[str, Any]) -> SelectionMethod:
             f"sampler '{method.name}' sets its own budget: drop selection_num / selection_ratio (got {num!r} / "
             f"{ratio!r}) or use one of the pruning methods that take one"
         )
+    seed = config["selection_seed"]
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise ConfigError(f"selection_seed must be an integer >= 0 or ~ (use `seed`), got {seed!r}")
+    warn_other_samplers_keys(config, method.name)
     method.check_config()
     return method
+
+
+def warn_other_samplers_keys(config: Mapping[str, Any], sampler: str) -> None:
+    """A key of another sampler's property file (``dealrec_lambda`` with ``--sampler=random``) does nothing in this
+    run: say so in the log rather than ignore it silently."""
+    import logging
+    import os
+
+    from recbole_dealrec.config import PROPERTIES_DIR, read_property_file, user_keys
+
+    if not hasattr(config, "file_config_dict"):
+        return  # a plain mapping (tests): no record of what the user gave
+    folder = os.path.join(PROPERTIES_DIR, "sampler")
+    shared = set(read_property_file(os.path.join(PROPERTIES_DIR, "overall.yaml")))  # the budget keys ...
+    own = set(read_property_file(os.path.join(folder, f"{sampler}.yaml"))) if os.path.isfile(
+        os.path.join(folder, f"{sampler}.yaml")) else set()
+    others: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".yaml") and name[:-5] != sampler:
+            for key in set(read_property_file(os.path.join(folder, name))) - shared:
+                others.setdefault(key, []).append(name[:-5])
+    for key in sorted(set(user_keys(config)) & set(others) - own):
+        logging.getLogger().warning(f"{key} is a key of sampler(s) {', '.join(others[key])}, not of sampler "
+                                    f"'{sampler}': it does nothing in this run")
 
 
 def resolve_budget(config: Mapping[str, Any], n_candidates: int) -> int:
