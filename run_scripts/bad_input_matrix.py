@@ -15,14 +15,25 @@ import time
 import numpy as np
 
 
-def paper_folder(root: str, bad_line: bool = False, no_titles: bool = False) -> str:
+class RunsCode:
+    """Pickles as ``os.system(command)``: a crafted map that runs code when it is unpickled."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def paper_folder(root: str, bad_line: bool = False, no_titles: bool = False, titles: object = None) -> str:
     folder = os.path.join(root, "paper")
     os.makedirs(folder, exist_ok=True)
     for split in ("train", "valid", "test"):
         with open(os.path.join(folder, f"sequential_{split}.txt"), "w") as handle:
             handle.write("1 1 2 3\n2 2 x3\n" if bad_line and split == "train" else "1 1 2 3\n2 2 3\n")
     if not no_titles:
-        np.save(os.path.join(folder, "title_maps.npy"), {"seqid2title": {"1": "a", "2": "b", "3": "c"}}, allow_pickle=True)
+        titles = {"1": "a", "2": "b", "3": "c"} if titles is None else titles
+        np.save(os.path.join(folder, "title_maps.npy"), {"seqid2title": titles}, allow_pickle=True)
     return folder
 
 
@@ -56,6 +67,20 @@ def cases(root: str):
                                        paper_folder(os.path.join(root, "p1"), bad_line=True), "--output", f"{root}/out/x"]
     yield "importer: no title_maps.npy", [sys.executable, "-m", "recbole_dealrec.data.importer", "--input",
                                           paper_folder(os.path.join(root, "p2"), no_titles=True), "--output", f"{root}/out/y"]
+    importer = [sys.executable, "-m", "recbole_dealrec.data.importer", "--input"]
+    yield "importer: code payload in title_maps.npy (runs nothing)", importer + [
+        paper_folder(os.path.join(root, "p3"), titles=RunsCode(f"touch {os.path.join(root, 'PWNED')}")), "--output", f"{root}/out/z"]
+    yield "importer: None title", importer + [
+        paper_folder(os.path.join(root, "p4"), titles={"1": "a", "2": None, "3": "c"}), "--output", f"{root}/out/w"]
+    yield "importer: integer keys in seqid2title", importer + [
+        paper_folder(os.path.join(root, "p5"), titles={1: "a", 2: "b", 3: "c"}), "--output", f"{root}/out/v"]
+    yield "importer: an item without a title", importer + [
+        paper_folder(os.path.join(root, "p6"), titles={"1": "a", "2": "b"}), "--output", f"{root}/out/u"]
+    p7 = paper_folder(os.path.join(root, "p7"))
+    yield "importer: --output inside --input", importer + [p7, "--output", f"{p7}/games"]
+    os.makedirs(f"{root}/links", exist_ok=True)
+    os.symlink(p7, f"{root}/links/games")
+    yield "importer: --output a symlink to --input", importer + [p7, "--output", f"{root}/links/games"]
     yield "code payload in a value (runs nothing)", run + ["--sampler=__import__('os').system('touch PWNED')"]
 
 

@@ -2,7 +2,9 @@
 
 Input folder (e.g. ``../shared/datasets/games``, read only): ``sequential_{train,valid,test}.txt`` with one line
 ``uid item item ...`` per user (1-based ids, items in time order), ``title_maps.npy`` (``seqid2title``) and
-``category_map.npy`` (``recid2category``), both pickled dicts.
+``category_map.npy`` (``recid2category``), both pickled dicts. They are read by a restricted unpickler that rebuilds
+only numpy's object array around plain dicts, lists, strings and numbers (no other global is ever imported or
+called, so a crafted file runs nothing) and then checked entry by entry.
 
 Output folder ``<data_path>/<name>/`` (the dataset is named after it, as RecBole expects):
 
@@ -16,6 +18,10 @@ Output folder ``<data_path>/<name>/`` (the dataset is named after it, as RecBole
   paper's protocol and cut-offs: @10/@20 on Games, @20/@50 on the others), read by every run on this dataset,
   so ``run_recbole --dataset=<name> --data_path=<data_path>`` needs no hand-written YAML.
 
+The output is written all or nothing: every file goes into a temporary sibling folder that replaces ``--output``
+(by rename) only once all of them are written, so a failed import leaves a previous one as it was. ``--output``
+must lie outside ``--input`` (real paths, symlinks followed) and hold nothing but a previous import.
+
 Works for each of the paper's datasets (Games, MicroLens-50K, Book); ``category_map.npy`` is optional.
 
 Usage: ``python -m recbole_dealrec.data.importer --input ../shared/datasets/games --output dataset/games``.
@@ -23,10 +29,13 @@ Usage: ``python -m recbole_dealrec.data.importer --input ../shared/datasets/game
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
+import shutil
 import sys
-from typing import Iterable, Optional, Sequence
+import tempfile
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import yaml
@@ -58,12 +67,108 @@ def read_sequences(path: str) -> dict[int, list[int]]:
     return sequences
 
 
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The only globals a paper map may name: what numpy needs to rebuild an object array (and its scalars)."""
+    reconstruct = np.array(None, dtype=object).__reduce__()[0]  # numpy(._)core.multiarray._reconstruct
+    scalar = np.float64(0).__reduce__()[0]  # numpy(._)core.multiarray.scalar (numpy numbers)
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy < 2 / >= 2 spell it differently
+        allowed[(module, "_reconstruct")] = reconstruct
+        allowed[(module, "scalar")] = scalar
+    return allowed
+
+
+class _MapUnpickler(pickle.Unpickler):
+    """Refuses every global but numpy's array rebuilders: plain dicts, lists, strings and numbers need none."""
+
+    def __init__(self, handle, path: str):
+        super().__init__(handle)
+        self._path = path
+        self._allowed = _numpy_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise ConfigError(
+                f"{self._path} asks to load the global {module}.{name}: refused, nothing was run (the paper's maps "
+                "hold only dicts, strings and numbers; this file may be crafted to run code)") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise ConfigError(f"{self._path} holds a persistent reference: refused (the paper's maps hold only dicts, "
+                          "strings and numbers)")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _load_pickled_dict(path: str) -> dict:
-    # The .npy files are pickles (numpy object arrays); only load them from a trusted source.
-    try:
-        return np.load(path, allow_pickle=True).item()
-    except (pickle.UnpicklingError, ValueError) as error:
-        raise ConfigError(f"{path} is not a pickled dict as the paper's format expects: {error}") from None
+    """The dict pickled in a paper ``.npy`` file, read without executing anything (see :class:`_MapUnpickler`)."""
+    expected = "a pickled dict as the paper's format expects"
+    with open(path, "rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy format version {version}")
+            fmt = np.lib.format
+            shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(handle)
+        except ValueError as error:
+            raise ConfigError(f"{path} is not a .npy file holding {expected}: {error}") from None
+        if shape != () or not dtype.hasobject:
+            raise ConfigError(f"{path} holds an array of dtype {dtype} and shape {shape}, expected {expected}")
+        try:
+            array = _MapUnpickler(handle, path).load()
+        except ConfigError:
+            raise
+        except Exception as error:  # truncated or garbled pickle: whatever the unpickler trips on
+            raise ConfigError(f"{path} is not {expected}: {type(error).__name__}: {error}") from None
+    value = array.item() if isinstance(array, np.ndarray) and array.shape == () else array
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} holds a {type(value).__name__} ({_short(value)}), expected {expected}")
+    return value
+
+
+def _read_titles(path: str) -> dict[int, str]:
+    """``{1-based item id: title}`` from ``title_maps.npy``'s ``seqid2title`` ``{str(1-based id): title}``."""
+    data = _load_pickled_dict(path)
+    expected = "a dict {str(1-based item id): title}"
+    if "seqid2title" not in data:
+        raise ConfigError(f"{path} has no 'seqid2title' dict (expected {expected}); its keys: "
+                          f"{_short(sorted(map(str, data)))}")
+    titles = data["seqid2title"]
+    if not isinstance(titles, dict):
+        raise ConfigError(f"{path}: 'seqid2title' is a {type(titles).__name__} ({_short(titles)}), expected {expected}")
+    result: dict[int, str] = {}
+    for key, title in titles.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and key == str(int(key)) and int(key) > 0):
+            raise ConfigError(f"{path}: 'seqid2title' key {_short(key)} ({type(key).__name__}): expected a 1-based "
+                              "item id as a string, e.g. '1'")
+        if not isinstance(title, str):
+            raise ConfigError(f"{path}: 'seqid2title'[{key!r}] is {_short(title)} ({type(title).__name__}), expected "
+                              "a title string")
+        result[int(key)] = _check_text(str(title), f"{path}: 'seqid2title'[{key!r}] title")
+    return result
+
+
+def _read_categories(path: str) -> dict[int, list[str]]:
+    """``{0-based item index: [category, ...]}`` from ``category_map.npy``'s ``recid2category`` (none if absent)."""
+    categories = _load_pickled_dict(path).get("recid2category", {})
+    expected = "a dict {0-based item index: [category, ...]}"
+    if not isinstance(categories, dict):
+        raise ConfigError(f"{path}: 'recid2category' is a {type(categories).__name__} ({_short(categories)}), "
+                          f"expected {expected}")
+    result: dict[int, list[str]] = {}
+    for key, value in categories.items():
+        if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)) or key < 0:
+            raise ConfigError(f"{path}: 'recid2category' key {_short(key)} ({type(key).__name__}): expected a 0-based "
+                              "item index as an integer, e.g. 0")
+        if not isinstance(value, (list, tuple)) or not all(isinstance(c, str) for c in value):
+            raise ConfigError(f"{path}: 'recid2category'[{int(key)}] is {_short(value)}, expected a list of category "
+                              "strings")
+        result[int(key)] = [_clean_category(str(c)) for c in value]
+    return result
 
 
 def _check_text(value: str, what: str, extra: Iterable[str] = ()) -> str:
@@ -102,54 +207,129 @@ def dataset_properties(name: str, has_categories: bool, topk: Optional[Sequence[
     }
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def _check_output(input_dir: str, output_dir: str, name: str) -> str:
+    """The real path to write ``output_dir`` at, after refusing outputs that would touch the input or lose files."""
+    source, target = os.path.realpath(input_dir), os.path.realpath(output_dir)
+    shown = output_dir if target == os.path.abspath(output_dir) else f"{output_dir} (real path {target})"
+    if target == source or _inside(target, source):
+        where = "is" if target == source else "lies inside"
+        raise ConfigError(f"--output {shown} {where} --input {input_dir}: the original dataset is read only, "
+                          "give an --output outside it")
+    if _inside(source, target):
+        raise ConfigError(f"--input {input_dir} lies inside --output {shown}: the import replaces the output folder "
+                          "as a whole, give an --output outside the input")
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise ConfigError(f"--output {shown} exists and is not a folder")
+    if os.path.isdir(target):
+        ours = (f"{name}.inter", f"{name}.item", DATASET_PROPERTY_FILE)
+        # ours, and the temporary files an interrupted atomic_write of an older importer may have left
+        foreign = sorted(entry for entry in os.listdir(target) if entry not in ours
+                         and not (entry.endswith(".tmp") and any(entry.startswith(f".{o}.") for o in ours)))
+        if foreign:
+            raise ConfigError(f"--output {shown} holds files an import of {name!r} does not write ({_short(foreign)}): "
+                              "the import replaces the folder as a whole, give an empty folder or a previous import")
+    return target
+
+
+def _fsync_folder(folder: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _swap_in(staging: str, target: str) -> None:
+    """Put the finished folder ``staging`` at ``target``; a previous ``target`` is kept until the new one is in."""
+    parent = os.path.dirname(target)
+    if not os.path.isdir(target):
+        os.rename(staging, target)
+    else:
+        # An empty placeholder reserves a unique name; renaming a folder onto an empty folder replaces it.
+        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.old-")
+        try:
+            os.rename(target, old)
+        except BaseException:
+            os.rmdir(old)
+            raise
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_folder(parent)
+
+
 def import_paper_dataset(input_dir: str, output_dir: str, topk: Optional[Sequence[int]] = None) -> dict[str, int]:
     """Write ``<name>.inter``, ``<name>.item`` and ``recbole_dealrec.yaml`` into ``output_dir`` (``<name>`` = its
-    folder name); return the counts written."""
+    folder name); return the counts written. All of them or none: a failure leaves a previous import untouched."""
     name = os.path.basename(os.path.normpath(output_dir))
+    target = _check_output(input_dir, output_dir, name)
     paths = {split: os.path.join(input_dir, f"sequential_{split}.txt") for split in SPLITS}
-    for path in [*paths.values(), os.path.join(input_dir, "title_maps.npy")]:
+    title_path = os.path.join(input_dir, "title_maps.npy")
+    for path in [*paths.values(), title_path]:
         if not os.path.isfile(path):
             raise ConfigError(f"paper-format dataset file missing: {path} (expected sequential_train.txt, "
                               "sequential_valid.txt, sequential_test.txt, title_maps.npy; category_map.npy optional)")
-    if os.path.abspath(output_dir) == os.path.abspath(input_dir):
-        raise ConfigError("--output must differ from --input: the original dataset is read only")
     sequences = {split: read_sequences(path) for split, path in paths.items()}
     users = sorted(sequences["train"])
     for split in ("valid", "test"):
         if set(sequences[split]) != set(users):
             raise ConfigError(f"{paths[split]} and {paths['train']} do not list the same users")
 
-    titles = _load_pickled_dict(os.path.join(input_dir, "title_maps.npy")).get("seqid2title")
-    if not isinstance(titles, dict):
-        raise ConfigError(f"{os.path.join(input_dir, 'title_maps.npy')} has no 'seqid2title' dict")
+    titles = _read_titles(title_path)
     category_path = os.path.join(input_dir, "category_map.npy")
-    categories = _load_pickled_dict(category_path).get("recid2category", {}) if os.path.isfile(category_path) else {}
-    item_ids = sorted(int(k) for k in titles)
-    used = {i for split in SPLITS for seq in sequences[split].values() for i in seq}
-    unknown = used - set(item_ids)
-    if unknown:
-        raise ConfigError(f"{len(unknown)} item ids have no title in title_maps.npy, e.g. {sorted(unknown)[:5]}")
-
-    counts = dict.fromkeys(SPLITS, 0)
-    with atomic_write(os.path.join(output_dir, f"{name}.inter"), encoding="utf-8") as handle:
-        handle.write("user_id:token\titem_id:token\ttimestamp:float\tsplit:token\n")
+    categories = _read_categories(category_path) if os.path.isfile(category_path) else {}
+    item_ids = sorted(titles)
+    unknown: dict[int, tuple[str, int]] = {}  # item without a title -> where it first appears
+    for split in SPLITS:
         for uid in users:
-            position = 0
-            for split in SPLITS:
-                for item in sequences[split][uid]:
-                    handle.write(f"{uid}\t{item}\t{position}\t{split}\n")
-                    position += 1
-                counts[split] += len(sequences[split][uid])
-    with atomic_write(os.path.join(output_dir, f"{name}.item"), encoding="utf-8") as handle:
-        handle.write("item_id:token\ttitle:token\tcategories:token_seq\n")
-        for item in item_ids:
-            title = _check_text(titles[str(item)], "title")
-            cats = [_clean_category(c) for c in categories.get(item - 1, [])]
-            handle.write(f"{item}\t{title}\t{CATEGORY_SEPARATOR.join(cats)}\n")
-    with atomic_write(os.path.join(output_dir, DATASET_PROPERTY_FILE), encoding="utf-8") as handle:
-        handle.write(f"# Written by recbole_dealrec.data.importer from {os.path.abspath(input_dir)}; read by every run on "
-                     f"--dataset={name}.\n")
-        yaml.safe_dump(dataset_properties(name, bool(categories), topk), handle, sort_keys=False, allow_unicode=False)
+            for item in sequences[split][uid]:
+                if item not in titles:
+                    unknown.setdefault(item, (split, uid))
+    if unknown:
+        first = min(unknown)
+        raise ConfigError(f"{title_path}: 'seqid2title' has no title for {len(unknown)} item ids of the sequences, "
+                          f"e.g. key {str(first)!r} (item {first} of user {unknown[first][1]} in "
+                          f"{paths[unknown[first][0]]}); expected a title for every item id")
+
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.import-")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp creates 0700; give the folder a plain mkdir's permissions
+        counts = dict.fromkeys(SPLITS, 0)
+        with atomic_write(os.path.join(staging, f"{name}.inter"), encoding="utf-8") as handle:
+            handle.write("user_id:token\titem_id:token\ttimestamp:float\tsplit:token\n")
+            for uid in users:
+                position = 0
+                for split in SPLITS:
+                    for item in sequences[split][uid]:
+                        handle.write(f"{uid}\t{item}\t{position}\t{split}\n")
+                        position += 1
+                    counts[split] += len(sequences[split][uid])
+        with atomic_write(os.path.join(staging, f"{name}.item"), encoding="utf-8") as handle:
+            handle.write("item_id:token\ttitle:token\tcategories:token_seq\n")
+            for item in item_ids:
+                cats = categories.get(item - 1, [])
+                handle.write(f"{item}\t{titles[item]}\t{CATEGORY_SEPARATOR.join(cats)}\n")
+        with atomic_write(os.path.join(staging, DATASET_PROPERTY_FILE), encoding="utf-8") as handle:
+            handle.write(f"# Written by recbole_dealrec.data.importer from {os.path.abspath(input_dir)}; read by every "
+                         f"run on --dataset={name}.\n")
+            yaml.safe_dump(dataset_properties(name, bool(categories), topk), handle, sort_keys=False, allow_unicode=False)
+        _fsync_folder(staging)
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return {"name": name, "users": len(users), "items": len(item_ids), **counts}
 
 
