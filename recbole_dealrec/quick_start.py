@@ -226,7 +226,35 @@ def check_run_config(config: DealrecConfig):
     check_signal_config(method.required_signals(), config)
     check_export_config(config)
     check_reference_config(config)
+    check_outputs_writable(config)
     return method, model_class
+
+
+#: keys naming an output folder, and keys naming an output file (whose folder must be writable)
+OUTPUT_FOLDER_KEYS = ("output_dir", "checkpoint_dir", "llm_cache_dir", "bigrec_item_emb_cache")
+OUTPUT_FILE_KEYS = ("test_user_results_file", "bigrec_generations_file")
+
+
+def check_outputs_writable(config) -> None:
+    """Every place the run will write, checked before the first long stage by writing (and removing) a probe file
+    in it, or in its nearest existing parent: an output found unwritable after training would lose the metrics.
+    (A permission bit says little to root; a probe says what the file system does.)"""
+    places = [(key, config[key]) for key in OUTPUT_FOLDER_KEYS if config[key]]
+    places += [(key, os.path.dirname(os.path.abspath(os.path.expanduser(str(config[key])))))
+               for key in OUTPUT_FILE_KEYS if config[key]]
+    for key, folder in places:
+        folder = os.path.abspath(os.path.expanduser(str(folder)))
+        existing = folder
+        while not os.path.exists(existing):  # the nearest existing parent: the run creates the rest
+            existing = os.path.dirname(existing)
+        try:
+            if not os.path.isdir(existing):
+                raise NotADirectoryError(f"{existing!r} is a file")
+            handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as error:
+            raise ConfigError(f"{key}: the run cannot write {folder!r} ({error.strerror or error})") from None
 
 
 def run_checkpoint_dir(config) -> str:

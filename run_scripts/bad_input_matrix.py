@@ -82,6 +82,59 @@ def cases(root: str):
     os.symlink(p7, f"{root}/links/games")
     yield "importer: --output a symlink to --input", importer + [p7, "--output", f"{root}/links/games"]
     yield "code payload in a value (runs nothing)", run + ["--sampler=__import__('os').system('touch PWNED')"]
+    # RecBole's own keys and the plugin's keys: type and range, before the data
+    yield "epochs not a number", run + ["--epochs=ten"]
+    yield "MAX_ITEM_LIST_LENGTH 0", run + ["--MAX_ITEM_LIST_LENGTH=0"]
+    yield "train_batch_size 0", run + ["--train_batch_size=0"]
+    yield "learning_rate -1", run + ["--learning_rate=-1"]
+    yield "seed not a number", run + ["--seed=abc"]
+    yield "a plugin float key given a word", run + ["--sampler=dealrec", "--selection_num=10", "--dealrec_lambda=abc"]
+    yield "influence_damping neither a number nor auto", run + ["--sampler=dealrec", "--selection_num=10",
+                                                               "--influence_damping=lots"]
+    yield "selection_seed -1 (was: after the surrogate)", run + ["--sampler=dealrec", "--selection_num=10",
+                                                                "--selection_seed=-1"]
+    yield "reference_rows unknown", run + ["--reference_rows=['pop']"]
+    yield "selection_export unknown format", run + ["--sampler=random", "--selection_num=10", "--selection_export=['csv']"]
+    # outputs checked writable before the first long stage
+    blocker = os.path.join(root, "a_file")
+    with open(blocker, "w") as handle:
+        handle.write("not a folder")
+    yield "test_user_results_file not writable (was: after training)", run + [
+        "--sampler=random", "--selection_num=10", f"--test_user_results_file={blocker}/users.npz"]
+    yield "checkpoint_dir not writable", run + ["--sampler=random", "--selection_num=10", f"--checkpoint_dir={blocker}/ck"]
+    # data identity and degenerate data
+    yield "data_path without ml-100k (was: the embedded copy, silently)", run + [f"--data_path={root}/data"]
+    empty = os.path.join(root, "data", "empty")
+    os.makedirs(empty, exist_ok=True)
+    with open(os.path.join(empty, "empty.inter"), "w") as handle:
+        handle.write("user_id:token\titem_id:token\ttimestamp:float\n")
+    yield "header-only .inter", run + ["--dataset=empty", f"--data_path={root}/data"]
+    short = os.path.join(root, "data", "short")
+    os.makedirs(short, exist_ok=True)
+    with open(os.path.join(short, "short.inter"), "w") as handle:
+        handle.write("user_id:token\titem_id:token\ttimestamp:float\n" + "".join(
+            f"{u}\t{u % 5}\t{t}\n" for u in range(20) for t in range(2)))
+    yield "users too short for valid/test", run + ["--dataset=short", f"--data_path={root}/data", "--topk=[3]",
+                                                   "--valid_metric=MRR@3", "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}"]
+    # --sampler=file
+    selections = os.path.join(root, "selections")
+    os.makedirs(selections, exist_ok=True)
+    for name, text in (("empty", "# none\n"), ("duplicate", "1\n2\n1\n"), ("unknown", "1\nnobody\n")):
+        with open(os.path.join(selections, f"{name}.txt"), "w") as handle:
+            handle.write(text)
+    yield "selection_file missing", run + ["--sampler=file", f"--selection_file={selections}/missing.txt"]
+    yield "selection_file empty", run + ["--sampler=file", f"--selection_file={selections}/empty.txt"]
+    yield "selection_file with a duplicate user", run + ["--sampler=file", f"--selection_file={selections}/duplicate.txt"]
+    yield "selection_file with an unknown user", run + ["--sampler=file", f"--selection_file={selections}/unknown.txt"]
+    yield "sampler file with a budget", run + ["--sampler=file", f"--selection_file={selections}/unknown.txt",
+                                               "--selection_num=5"]
+    # selections out, grids and reports
+    yield "export: not a selection folder", [sys.executable, "-m", "recbole_dealrec.export", root, "--format", "alpaca",
+                                             "--out", os.path.join(root, "x.json")]
+    results = os.path.join(root, "empty.jsonl")
+    open(results, "w").close()
+    yield "report over an empty results file", [sys.executable, "-m", "recbole_dealrec.experiment", "report", results,
+                                                "--out", os.path.join(root, "report")]
 
 
 def main() -> None:

@@ -75,3 +75,10 @@ def test_a_key_of_another_sampler_is_reported_not_ignored(caplog):
         check_selection_config(DealrecConfig("SASRec", "ml-100k", config_dict={
             "sampler": "dealrec", "selection_num": 5, "dealrec_lambda": 0.5}))
     assert "does nothing" not in caplog.text
+
+
+@pytest.mark.parametrize("key", ["output_dir", "checkpoint_dir", "test_user_results_file", "bigrec_generations_file"])
+def test_an_unwritable_output_is_an_error_before_the_data(key, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    must_fail_before_the_data(key, str(blocker / "sub" / "out.npz"), tmp_path, monkeypatch)
