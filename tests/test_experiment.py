@@ -402,3 +402,46 @@ def test_report_hierarchical_bootstrap_from_per_user_results(tmp_path):
         np.savez(path, **data)
     text, _ = _report_text(records, tmp_path)
     assert "n/a (per-user results hold no target items to cluster users by)" in _row(text, "recall@10", "DEALRec")[0]
+
+
+def test_a_seed_is_a_full_pipeline_replicate_unless_the_grid_shares_the_surrogate(tmp_path):
+    from recbole_dealrec.surrogate import train_surrogate
+    from recbole_dealrec.config import DealrecConfig
+    from conftest import TINY_SURROGATE
+
+    body = {"name": "r", "settings": {**TINY_SASREC, "surrogate_config": {**TINY_SURROGATE, "seed": 7}},
+            "models": ["SASRec"], "samplers": {"Random": {"sampler": "random"}, "EL2N": {"sampler": "el2n"}},
+            "budgets": [50], "seeds": [1, 2]}
+    full = expand_grid(body).cells
+    assert {c.replicates for c in full} == {"full"}
+    el2n = [c for c in full if c.method == "EL2N"]
+    assert [c.settings["surrogate_config"]["seed"] for c in el2n] == [1, 2]  # the cell's seed, not the grid's 7
+    assert [c.seeds() for c in el2n] == [{"seed": s, "surrogate_seed": s, "selection_seed": s} for s in (1, 2)]
+    random = [c for c in full if c.method == "Random"]
+    assert all(c.settings["surrogate_config"]["seed"] == 7 for c in random)  # no surrogate: nothing to reseed
+    shared = expand_grid({**body, "replicates": "shared_surrogate"}).cells
+    assert all(c.settings["surrogate_config"]["seed"] == 7 for c in shared) and shared[0].replicates == "shared_surrogate"
+    with pytest.raises(ConfigError, match=r"`replicates` must be one of \['full', 'shared_surrogate'\]"):
+        expand_grid({**body, "replicates": "some"})
+
+    def weights(cell, where):
+        config = DealrecConfig("SASRec", "ml-100k", config_dict={**cell.settings, "output_dir": str(tmp_path / where)})
+        return train_surrogate(config).model.state_dict()
+
+    first, again, other = weights(el2n[0], "a"), weights(el2n[0], "b"), weights(el2n[1], "c")
+    assert all((first[k] == again[k]).all() for k in first)  # the same replicate: the same surrogate, bit for bit
+    assert any((first[k] != other[k]).any() for k in first)  # another replicate: another surrogate
+
+
+def test_the_report_says_which_replicates_ran_and_warns_when_they_mix(tmp_path):
+    def record(method, seed, mode, value):
+        return {"status": "ok", "cell": f"{method}{seed}{mode}", "method": method, "model": "SASRec",
+                "dataset": "ml-100k", "tags": ["table2"], "replicates": mode, "test": {"recall@10": value},
+                "settings": {"sampler": method.lower(), "selection_num": 50, "seed": seed}}
+
+    same = [record(m, s, "full", v + s / 100) for m, v in (("Random", 0.1), ("DEALRec", 0.2)) for s in (1, 2, 3)]
+    text, _ = table2(same)
+    assert "Replicates: full pipeline" in text and "mix" not in text
+    mixed = same[:-1] + [record("DEALRec", 3, "shared_surrogate", 0.23)]
+    text, _ = table2(mixed)
+    assert "**warning**: these cells mix replicate modes (full, shared_surrogate)" in text

@@ -38,7 +38,12 @@ from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.utils import stable_key
 
 AXES = ("datasets", "models", "samplers", "budgets", "lambdas", "surrogates", "seeds")
-GRID_KEYS = frozenset({"name", "description", "config_files", "settings", "blocks", *AXES})
+GRID_KEYS = frozenset({"name", "description", "config_files", "settings", "blocks", "replicates", *AXES})
+#: what a cell's seed reseeds: ``full`` = the whole pipeline (the surrogate, hence every signal on it, the
+#: selection and the backend: a replicate); ``shared_surrogate`` = all but the surrogate, whose own seed
+#: (``surrogate_config.seed``, when the grid fixes it) stays: one surrogate and its signals for every seed, cheap,
+#: but the seeds' spread is then no replicate-level spread of a method that reads signals
+REPLICATE_MODES = ("full", "shared_surrogate")
 BLOCK_KEYS = frozenset({"name", "report", "config_files", "settings", *AXES})
 REPORT_FORMS = ("table2", "table3", "table4", "figure4", "figure5", "figure6", "figure7")
 DEFAULT_AXES: dict[str, list] = {"datasets": [None], "budgets": [None], "lambdas": [None], "surrogates": [None],
@@ -70,6 +75,15 @@ class Cell:
     config_files: tuple[str, ...]
     settings: dict
     key: str
+    replicates: str = "full"  # the grid's REPLICATE_MODES entry: what the cell's seed reseeds
+
+    def seeds(self) -> dict[str, Any]:
+        """The seeds of the cell's stages (recorded with its result): the run's, the surrogate's (hence its
+        signals'), the selection's; the backend's initialisation is the run's."""
+        surrogate = (self.settings.get("surrogate_config") or {}).get("seed", self.settings.get("seed"))
+        selection = self.settings.get("selection_seed")
+        return {"seed": self.settings.get("seed"), "surrogate_seed": surrogate,
+                "selection_seed": self.settings.get("seed") if selection is None else selection}
 
     def describe(self) -> str:
         shown = {k: v for k, v in self.settings.items() if k in ("selection_num", "selection_ratio", "dealrec_lambda",
@@ -82,6 +96,7 @@ class Grid:
     name: str
     path: str
     cells: tuple[Cell, ...]
+    replicates: str = "full"
 
 
 def _file_digest(path: str) -> str:
@@ -153,8 +168,8 @@ def _check_keys(where: str, given: Mapping, allowed: frozenset) -> None:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
 
 
-#: Where a cell reads and writes, not what it computes (the data itself is in every cache key by its checksum):
-#: left out of the cell's key, so moving data or outputs keeps finished cells.
+#: Where a cell reads and writes, not what it computes (the data's contents are in the cell's key and in every
+#: cache key by their checksum): left out of the cell's key, so moving data or outputs keeps finished cells.
 UNKEYED_SETTINGS = frozenset({"output_dir", "checkpoint_dir", "data_path", "show_progress", "state", "log_wandb", "report_plots"})
 
 
@@ -172,6 +187,9 @@ def expand_grid(spec: Mapping[str, Any], path: str = "<grid>", overrides: Option
     product in the order ``AXES`` lists them. Identical settings within a grid are one cell. ``overrides``
     (e.g. ``llm_path`` on another machine) replace the grid's and blocks' ``settings``; the axes still win."""
     _check_keys(f"grid {path}", spec, GRID_KEYS)
+    replicates = spec.get("replicates", "full")
+    if replicates not in REPLICATE_MODES:
+        raise ConfigError(f"grid {path}: `replicates` must be one of {list(REPLICATE_MODES)}, got {replicates!r}")
     name = spec.get("name")
     if not name or not isinstance(name, str):
         raise ConfigError(f"grid {path}: `name` (a string) is required; it ties a results file to its grid")
@@ -227,6 +245,9 @@ def expand_grid(spec: Mapping[str, Any], path: str = "<grid>", overrides: Option
                 axis_keys["seed"] = seed
             # axes override the shared settings; a sampler entry's own keys (an ablation's lambda 0) win over both
             settings = {**shared, **axis_keys, **sampler_keys}
+            if replicates == "full" and seed is not None and uses_surrogate:
+                # a replicate: the cell's seed is the surrogate's too (so every signal on it), not the grid's
+                settings["surrogate_config"] = {**(settings.get("surrogate_config") or {}), "seed": seed}
             payload = {"model": model, "dataset": dataset,
                        "settings": {k: v for k, v in settings.items() if k not in UNKEYED_SETTINGS},
                        "config_files": [[os.path.basename(f), _file_digest(f)] for f in files]}
@@ -237,8 +258,9 @@ def expand_grid(spec: Mapping[str, Any], path: str = "<grid>", overrides: Option
                 old = cells[key]
                 cells[key] = dataclasses.replace(old, tags=tuple(dict.fromkeys(old.tags + tags)))
                 continue
-            cells[key] = Cell(name, block_name, tags, str(label), str(model), dataset, tuple(files), settings, key)
-    return Grid(name, path, tuple(cells.values()))
+            cells[key] = Cell(name, block_name, tags, str(label), str(model), dataset, tuple(files), settings, key,
+                              replicates)
+    return Grid(name, path, tuple(cells.values()), replicates)
 
 
 def check_cells(cells: Sequence[Cell]) -> None:

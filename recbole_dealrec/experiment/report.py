@@ -215,6 +215,23 @@ def _comparison_block(group: Sequence[dict], metrics: Sequence[str], results_dir
     return "\n\n".join(parts), out
 
 
+REPLICATE_MODE_TEXT = {
+    "full": "full pipeline (a seed reseeds the surrogate, every signal, the selection and the backend)",
+    "shared_surrogate": "shared surrogate (a seed reseeds the selection and the backend; one surrogate and its signals "
+                        "for every seed, so a signal-based method's spread is the backend's alone)",
+    None: "not recorded (cells run before replicate modes; the grids then fixed the surrogate's seed)",
+}
+
+
+def replicate_modes_line(records: Sequence[dict]) -> str:
+    """What a seed of these cells replicates, in words; a labelled warning when they mix modes."""
+    modes = sorted({r.get("replicates") for r in records}, key=str)
+    if len(modes) == 1:
+        return f"Replicates: {REPLICATE_MODE_TEXT.get(modes[0], modes[0])}."
+    return ("**warning**: these cells mix replicate modes (" + ", ".join(str(m) for m in modes) + "): their seeds "
+            "are not replicates of one kind, and the intervals below mix them.")
+
+
 def reference_rows(group: Sequence[dict], metrics: Sequence[str]) -> dict[str, list]:
     """The reference rows (popularity, recent popularity, random: ``references`` of each record, ranked on the
     cell's own test users) of a group of cells: name -> [number of cells, then "mean ± std" per metric]."""
@@ -293,7 +310,7 @@ def table2(records: Sequence[dict], results_dir: str = ".") -> tuple[str, list[d
             rows_out.append([dataset, model, budget, f"*{name}* (reference)", cells_of[0], *cells_of[1:]])
     if not rows_out:
         return "", facts
-    text = _markdown(header, rows_out)
+    text = replicate_modes_line(chosen) + "\n\n" + _markdown(header, rows_out)
     text += ("\n\nMean ± sample std over seeds. **Bold**: the highest mean, and the 95% t-interval of its paired "
              "(by seed) difference with every other method excludes zero; <u>underlined</u>: the second, likewise "
              "above every method below it. Where the highest mean is not separated so, nothing is bold and the "

@@ -106,7 +106,8 @@ def run_cell(cell: Cell, user_results: Optional[str] = None, user_loss: bool = F
     record: dict[str, Any] = {
         "version": RECORD_VERSION, "grid": cell.grid, "cell": cell.key, "block": cell.block, "tags": list(cell.tags),
         "method": cell.method, "model": cell.model, "dataset": cell.dataset, "settings": cell.settings,
-        "config_files": list(cell.config_files), "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "config_files": list(cell.config_files), "replicates": cell.replicates, "seeds": cell.seeds(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "code": code_version(),
     }
     start = time.perf_counter()
