@@ -58,9 +58,17 @@ def metric_names(records: Sequence[dict]) -> list[str]:
     return sorted(names, key=order)
 
 
+def keeps_every_user(record: dict) -> bool:
+    """Whether the record's sampler declares that it keeps every user (``full``: the full fine-tuning row)."""
+    from recbole_dealrec.selection import SAMPLERS
+
+    sampler = record["settings"].get("sampler")
+    return sampler in SAMPLERS.names() and not SAMPLERS.get(sampler).prunes
+
+
 def budget_of(record: dict) -> str:
     s = record["settings"]
-    if s.get("sampler") == "full":
+    if keeps_every_user(record):
         return "full"
     if s.get("selection_num") is not None:
         return f"{s['selection_num']}-shot"
@@ -362,7 +370,7 @@ def table3(records: Sequence[dict]) -> str:
     metrics = metric_names(chosen)
     rows = []
     for (dataset, model), group in _groups(chosen, lambda r: (r["dataset"], r["model"])).items():
-        full = [r for r in group if r["settings"].get("sampler") == "full"]
+        full = [r for r in group if keeps_every_user(r)]
         ref_metrics = _mean_metrics(full, metrics) if full else [None] * len(metrics)
         ref_time = float(np.mean([r["fine_tuning_seconds"] or 0 for r in full])) if full else None
         for (method, budget), rs in _groups(group, lambda r: (r["method"], budget_of(r))).items():
@@ -444,9 +452,9 @@ def _sweep(records: Sequence[dict], tag: str, x_of, xlabel: str, name: str, titl
     chosen = [r for r in records if tag in r.get("tags", [])]
     paths = []
     for (dataset, model), group in _groups(chosen, lambda r: (r["dataset"], r["model"])).items():
-        full = [r for r in records if r["settings"].get("sampler") == "full" and r["dataset"] == dataset
+        full = [r for r in records if keeps_every_user(r) and r["dataset"] == dataset
                 and r["model"] == model]
-        points = [r for r in group if r["settings"].get("sampler") != "full" and x_of(r) is not None]
+        points = [r for r in group if not keeps_every_user(r) and x_of(r) is not None]
         metrics = metric_names(points)[:2]
         if not points or not metrics:
             continue
@@ -489,7 +497,7 @@ def difficulty_groups(records: Sequence[dict], results_dir: str) -> list[dict]:
     chosen = [r for r in records if "figure6" in r.get("tags", []) and r.get("user_results")]
     rows = []
     for (dataset, model), group in _groups(chosen, lambda r: (r["dataset"], r["model"])).items():
-        reference = sorted((r for r in group if r["settings"].get("sampler") == "random"),
+        reference = sorted((r for r in group if r["settings"].get("sampler") == DEFAULT_REFERENCE),
                            key=lambda r: r["settings"].get("seed") or 0)
         if not reference:
             continue
