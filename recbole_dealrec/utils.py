@@ -59,12 +59,19 @@ def file_checksum(path: str) -> str:
     return f"{digest.hexdigest()} {os.path.getsize(path)}"
 
 
+def cache_record(path: str, checksum: str) -> str:
+    """A cache file's record: ``"<sha256> <size> <file name>"``. The name carries the entry's key (every cache
+    file is named by a hash of the settings and data it came from), so the record proves which key the bytes
+    belong to, not only that they are intact: an entry copied or renamed to another key's name is refused."""
+    return f"{checksum} {os.path.basename(path)}"
+
+
 def cache_entry_ok(path: str) -> bool:
     """Whether a cache file written with ``atomic_write(..., checksum=True)`` is there and intact.
 
-    A file whose recorded SHA-256/size (``<path>.sha256``) is missing or differs (truncated by a full disk, a
-    crash outside this code, a bad copy) is logged as a warning naming it, deleted with its record, and reported
-    absent, so the caller recomputes it.
+    A file whose record (``<path>.sha256``: SHA-256, size and the name it was written under) is missing or differs
+    (truncated by a full disk, a crash outside this code, a bad copy, another key's entry under this name) is
+    logged as a warning naming it, deleted with its record, and reported absent, so the caller recomputes it.
     """
     record = path + ".sha256"
     if not os.path.isfile(path):
@@ -76,11 +83,17 @@ def cache_entry_ok(path: str) -> bool:
             expected = handle.read().strip()
     except FileNotFoundError:
         expected = None
-    if expected is not None and file_checksum(path) == expected:
+    if expected is not None and expected == cache_record(path, file_checksum(path)):
         return True
     from logging import getLogger
 
-    why = "has no checksum record" if expected is None else "does not match its recorded checksum (truncated or changed)"
+    if expected is None:
+        why = "has no checksum record"
+    elif expected.split(" ")[-1] != os.path.basename(path):
+        why = (f"was recorded as {expected.split(' ')[-1]!r}, not under its own name: another key's entry (a cache "
+               "entry is named by its key)")
+    else:
+        why = "does not match its recorded checksum (truncated or changed)"
     getLogger().warning(f"cache file {path} {why}: discarded, it will be recomputed")
     for stale in (path, record):
         with contextlib.suppress(FileNotFoundError):
@@ -108,7 +121,7 @@ def atomic_write(path: str, mode: str = "w", checksum: bool = False, **kwargs) -
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         if checksum:
-            record = file_checksum(tmp)
+            record = cache_record(path, file_checksum(tmp))
         os.replace(tmp, path)
         if checksum:
             with atomic_write(path + ".sha256", encoding="utf-8") as handle:

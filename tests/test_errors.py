@@ -205,6 +205,30 @@ def test_truncated_cache_file_is_discarded_and_recomputed(tmp_path, caplog):
     assert cached_user_scores(config, "sig", {"k": 1}, compute).meta["cached"] and len(calls) == 2
 
 
+def test_a_cache_entry_under_another_keys_name_is_refused(tmp_path, caplog):
+    # intact bytes are not enough: the record names the file (hence the key) it was written for
+    import logging
+    import shutil
+
+    import numpy as np
+
+    from recbole_dealrec.scoring.cache import ScoredUsers, cached_user_scores
+
+    config = {"output_dir": str(tmp_path), "dataset": "toy"}
+
+    def scores(value):
+        return lambda: ScoredUsers(np.array(["a", "b"]), np.array([value, value]), {})
+
+    one = cached_user_scores(config, "sig", {"k": 1}, scores(1.0)).meta["path"]
+    two = cached_user_scores(config, "sig", {"k": 2}, scores(2.0)).meta["path"]
+    for suffix in ("", ".sha256"):  # key 1's entry copied, with its record, over key 2's
+        shutil.copyfile(one + suffix, two + suffix)
+    with caplog.at_level(logging.WARNING):
+        again = cached_user_scores(config, "sig", {"k": 2}, scores(2.0))
+    assert not again.meta["cached"] and np.array_equal(again.scores, [2.0, 2.0])
+    assert any("not under its own name" in r.getMessage() for r in caplog.records)
+
+
 def test_two_runs_in_parallel_in_one_output_dir_each_use_their_own_surrogate(tmp_path):
     """Started together (same second), with different seeds: each run's selection equals the one it makes alone."""
 
@@ -333,3 +357,14 @@ def test_fully_duplicated_interactions_are_a_warning_with_counts(tmp_path, caplo
         run(tmp_path, dataset="toy", data_path=str(tmp_path), load_col={"inter": ["user_id", "item_id", "timestamp"]},
             topk=[3], valid_metric="mrr@3", sampler="random", selection_num=5)
     assert "40 of 220 interactions repeat an earlier one exactly" in caplog.text
+
+
+def test_users_dropped_by_recboles_filters_are_a_warning_with_counts(tmp_path, caplog):
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    rows = [f"{u}\t{(u * 3 + t) % 17}\t{t}" for u in range(30) for t in range(6 if u < 25 else 3)]
+    (folder / "toy.inter").write_text("\n".join(["user_id:token\titem_id:token\ttimestamp:float", *rows]) + "\n")
+    with caplog.at_level("WARNING"):
+        run(tmp_path, dataset="toy", data_path=str(tmp_path), load_col={"inter": ["user_id", "item_id", "timestamp"]},
+            topk=[3], valid_metric="mrr@3", sampler="random", selection_num=5, user_inter_num_interval="[5,inf)")
+    assert "5 of 30 users in the .inter file dropped by RecBole's filters" in caplog.text

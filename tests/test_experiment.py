@@ -103,18 +103,32 @@ def test_bad_cells_fail_before_the_first_cell_runs(tmp_path):
     assert not os.path.exists(results)
 
 
+def broken_data(root) -> None:
+    """A dataset ``broken`` whose .inter file exists (the grid's pre-check passes) with a bad row (the run fails)."""
+    (root / "broken").mkdir()
+    (root / "broken" / "broken.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t1\t1\n2\t2\n")
+
+
+def test_a_cell_whose_data_is_missing_fails_the_pre_check(tmp_path):
+    grid = tiny_grid(tmp_path, datasets=["no-data"], settings={**TINY_SASREC, "data_path": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"cannot run: dataset 'no-data': missing atomic file"):
+        run_grid(grid, str(tmp_path / "r.jsonl"))
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_run_resume_failing_cell_and_foreign_results(tmp_path):
     results = str(tmp_path / "r.jsonl")
+    broken_data(tmp_path)
     grid = tiny_grid(tmp_path, blocks=[
         {"name": "ok"},
         # passes every pre-data check, fails on reading the data: recorded, and the grid goes on
-        {"name": "broken", "seeds": [3], "datasets": ["no-data"],
+        {"name": "broken", "seeds": [3], "datasets": ["broken"],
          "settings": {**TINY_SASREC, "data_path": str(tmp_path)}},
     ])
     appended = run_grid(grid, results)
     assert [r["status"] for r in appended] == ["ok", "ok", "failed"]
     broken = appended[2]
-    assert "no-data" in broken["error"] and "Traceback" in broken["traceback"]
+    assert "broken.inter line 3" in broken["error"] and "Traceback" in broken["traceback"]
     ok = appended[0]
     assert set(ok["test"]) >= {"recall@10", "ndcg@10"} and ok["selected_users"] == 50
     assert ok["seconds"]["training"] > 0 and ok["fine_tuning_seconds"] == ok["seconds"]["training"]
@@ -144,7 +158,8 @@ def test_the_cli_exits_non_zero_for_failed_cells_and_an_empty_report(tmp_path, c
     grid.write_text(yaml.safe_dump({
         "name": "broken", "settings": {**TINY_SASREC, "output_dir": str(tmp_path / "out"), "data_path": str(tmp_path)},
         "models": ["SASRec"], "samplers": {"Random": {"sampler": "random"}}, "budgets": [50], "seeds": [1],
-        "datasets": ["no-data"]}))  # passes every pre-data check, fails on reading the data
+        "datasets": ["broken"]}))  # passes every pre-data check, fails on reading the data
+    broken_data(tmp_path)
     results = str(tmp_path / "r.jsonl")
     with pytest.raises(SystemExit) as done:
         experiment_main(["run", str(grid), "--results", results])

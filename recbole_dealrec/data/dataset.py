@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from logging import getLogger
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -30,16 +30,23 @@ from recbole_dealrec.registry import ConfigError
 SPLITS = ("train", "valid", "test")
 
 
-def check_dataset_files(config: Mapping[str, Any]) -> None:
-    """Fail early, naming the path, when a dataset's ``.inter`` file is missing or has a malformed row.
+def check_dataset_present(config: Mapping[str, Any]) -> None:
+    """The dataset's ``.inter`` file exists (no read: the experiment runner checks every cell so before the first
+    runs); the same error as :func:`check_dataset_files` otherwise."""
+    if not os.path.isfile(os.path.join(config["data_path"], f"{config['dataset']}.inter")):
+        check_dataset_files(config)
+
+
+def check_dataset_files(config: Mapping[str, Any]) -> int:
+    """Fail early, naming the path, when a dataset's ``.inter`` file is missing or has a malformed row; return the
+    number of distinct users the file holds.
 
     RecBole would try to download any name it does not ship; outside ml-100k (embedded) that fails late.
     """
     name = config["dataset"]
     inter = os.path.join(config["data_path"], f"{name}.inter")
     if os.path.isfile(inter):
-        check_atomic_file(inter, config["field_separator"] or "\t")
-        return
+        return check_atomic_file(inter, config["field_separator"] or "\t", count_field=config["USER_ID_FIELD"])
     root = os.path.dirname(os.path.normpath(config["data_path"]))
     local = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
     hint = ""
@@ -52,12 +59,14 @@ def check_dataset_files(config: Mapping[str, Any]) -> None:
     )
 
 
-def check_atomic_file(path: str, separator: str = "\t") -> None:
+def check_atomic_file(path: str, separator: str = "\t", count_field: Optional[str] = None) -> int:
     """Every row of an atomic file has the header's number of fields and a number in every ``float`` column.
 
     RecBole (pandas) fills missing fields with NaN, and a non-numeric ``float`` value fails without a file or line;
-    this names both. Raises ConfigError on the first bad row.
+    this names both. Raises ConfigError on the first bad row. Returns the number of distinct values of the column
+    ``count_field`` (0 without one).
     """
+    distinct: set = set()
     with open(path, encoding="utf-8") as handle:
         header = handle.readline().rstrip("\r\n").split(separator)
         types = [field.rsplit(":", 1)[1] if ":" in field else None for field in header]
@@ -66,12 +75,16 @@ def check_atomic_file(path: str, separator: str = "\t") -> None:
             raise ConfigError(f"{path} line 1: header fields must be name:type with type token, token_seq, float or "
                               f"float_seq, got {bad_header}")
         floats = [i for i, kind in enumerate(types) if kind == "float"]
+        names = [field.rsplit(":", 1)[0] for field in header]
+        counted = names.index(count_field) if count_field in names else None
         n_rows = 0
         for number, line in enumerate(handle, start=2):
             line = line.rstrip("\r\n")
             if not line:
                 continue
             n_rows += 1
+            if counted is not None and counted < len(line.split(separator)):
+                distinct.add(line.split(separator)[counted])
             fields = line.split(separator)
             if len(fields) != len(header):
                 raise ConfigError(f"{path} line {number}: {len(fields)} fields, the header has {len(header)} "
@@ -84,6 +97,7 @@ def check_atomic_file(path: str, separator: str = "\t") -> None:
                     raise ConfigError(f"{path} line {number}: {header[i]} must be a number, got {fields[i]!r}") from None
     if n_rows == 0:
         raise ConfigError(f"{path}: a header and no rows: nothing to train on")
+    return len(distinct)
 
 
 class PresplitSequentialDataset(SequentialDataset):
@@ -143,22 +157,27 @@ class MultiTargetFullSortEvalDataLoader(FullSortEvalDataLoader):
 
 
 def create_dataset(config):
-    """RecBole's ``create_dataset``, or :class:`PresplitSequentialDataset` when ``split_field`` is set."""
-    check_dataset_files(config)
+    """RecBole's ``create_dataset``, or :class:`PresplitSequentialDataset` when ``split_field`` is set; a warning
+    with counts when RecBole's filters dropped users, a ConfigError when they dropped every row."""
+    n_users_in_file = check_dataset_files(config)
     if config["split_field"]:
         if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
             raise ConfigError("split_field (a pre-split dataset) works with sequential models only")
         dataset = PresplitSequentialDataset(config)
-        getLogger().info(dataset)
-        return dataset
-    try:
-        dataset = recbole_create_dataset(config)
-    except ValueError as error:
-        if "is empty" not in str(error):
-            raise
-        raise ConfigError(f"dataset '{config['dataset']}': no interaction left to train on (every row removed by "
-                          "RecBole's filters: user_inter_num_interval, item_inter_num_interval, ...)") from None
+    else:
+        try:
+            dataset = recbole_create_dataset(config)
+        except ValueError as error:
+            if "is empty" not in str(error):
+                raise
+            raise ConfigError(f"dataset '{config['dataset']}': no interaction left to train on (every row removed "
+                              "by RecBole's filters: user_inter_num_interval, item_inter_num_interval, ...)") from None
     getLogger().info(dataset)
+    kept = dataset.user_num - 1  # without RecBole's padding id
+    if n_users_in_file and kept < n_users_in_file:
+        getLogger().warning(f"[Data] {config['dataset']}: {n_users_in_file - kept} of {n_users_in_file} users in the "
+                            f".inter file dropped by RecBole's filters (user_inter_num_interval, "
+                            f"item_inter_num_interval, val_interval, ...): {kept} kept")
     return dataset
 
 
