@@ -305,6 +305,10 @@ def declared_key_types() -> dict[str, tuple[str, bool, frozenset]]:
     return {key: (kind, none_ok[key], frozenset(words.get(key, ()))) for key, kind in kinds.items()}
 
 
+def _article(kind: str) -> str:
+    return "an" if kind[0] in "aeiou" else "a"
+
+
 def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
     if isinstance(value, bool) and bool not in types:
         return False  # True is an int to Python, not to a user
@@ -329,5 +333,5 @@ def check_key_types(keys: dict) -> None:
                 continue
             if not _type_ok(value, tuple(t for k in kind.split(" or ") for t in _TYPES[k])):
                 extra = "".join([*(f" or {w!r}" for w in sorted(words)), " or ~ (none)" if none_ok else ""])
-                raise ConfigError(f"{key} must be a {kind}{extra} (its property file's type), got {value!r} "
+                raise ConfigError(f"{key} must be {_article(kind)} {kind}{extra} (its property file's type), got {value!r} "
                                   f"({type(value).__name__})")

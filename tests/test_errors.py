@@ -63,16 +63,19 @@ def test_a_code_payload_in_a_property_file_or_on_the_command_line_stays_a_string
     marker = tmp_path / "pwned"
     payload = f"__import__('pathlib').Path({str(marker)!r}).touch()"
     yaml_file = tmp_path / "hostile.yaml"
-    yaml_file.write_text(f'report_plots: "{payload}"\n')
+    yaml_file.write_text(f'bigrec_instruction: "{payload}"\n')
     config = DealrecConfig("SASRec", None, [str(yaml_file)], {"sampler": payload},
-                           argv=[f"--selection_seed={payload}", "--epochs=3", "--topk=[5, 10]", "--report_plots=false"])
-    assert config["sampler"] == payload and config["selection_seed"] == payload
+                           argv=[f"--title_field={payload}", "--epochs=3", "--topk=[5, 10]", "--report_plots=false"])
+    assert config["sampler"] == payload and config["title_field"] == payload
     assert config["epochs"] == 3 and config["topk"] == [5, 10] and config["report_plots"] is False
     # The surrogate's config re-reads the run's file config as a config dict: still no code runs.
     from recbole_dealrec.surrogate import surrogate_config
 
     file_only = DealrecConfig("SASRec", None, [str(yaml_file)])
-    assert surrogate_config(file_only)["report_plots"] == payload
+    assert surrogate_config(file_only)["bigrec_instruction"] == payload
+    # In a key of another type it is a string, hence a type error naming the key: still no code runs.
+    with pytest.raises(ConfigError, match="selection_seed must be an int"):
+        DealrecConfig("SASRec", None, argv=[f"--selection_seed={payload}"])
     assert not marker.exists()
     # The payload is live: RecBole's own conversion runs it.
     from recbole.config import Config
