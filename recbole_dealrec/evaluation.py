@@ -75,7 +75,7 @@ def save_user_results(path: str, results: dict, dataset) -> None:
     if "loss" in results:
         arrays["loss"] = results["loss"]
     with atomic_write(path, "wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez_compressed(handle, **arrays)  # hits are mostly zeros: a tenth of the size
 
 
 def load_user_results(path: str) -> dict[str, np.ndarray]:
