@@ -263,10 +263,10 @@ def expand_grid(spec: Mapping[str, Any], path: str = "<grid>", overrides: Option
     return Grid(name, path, tuple(cells.values()), replicates)
 
 
-def check_cells(cells: Sequence[Cell]) -> None:
+def check_cells(cells: Sequence[Cell], data: bool = True) -> None:
     """Every check a run makes before reading data, for every cell, before the first runs: unknown keys, a
-    sampler/budget/model combination that cannot run, the dataset's file missing. Raises ``ConfigError`` naming
-    the cell."""
+    sampler/budget/model combination that cannot run, and (``data``) the dataset's file missing. Raises
+    ``ConfigError`` naming the cell."""
     from recbole_dealrec.config import DealrecConfig
     from recbole_dealrec.data.dataset import check_dataset_present
     from recbole_dealrec.quick_start import check_run_config
@@ -275,6 +275,7 @@ def check_cells(cells: Sequence[Cell]) -> None:
         try:
             config = DealrecConfig(cell.model, cell.dataset, list(cell.config_files), dict(cell.settings))
             check_run_config(config)
-            check_dataset_present(config)
+            if data:
+                check_dataset_present(config)
         except (ConfigError, ValueError, KeyError, TypeError, FileNotFoundError) as error:  # RecBole's raise these
             raise ConfigError(f"grid cell {cell.describe()} cannot run: {error}") from None
