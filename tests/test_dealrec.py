@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import TINY_SURROGATE, tiny_bigrec_config
 from recbole_dealrec.quick_start import run_recbole

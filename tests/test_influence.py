@@ -11,7 +11,6 @@ from recbole_dealrec.scoring.influence import check_influence_config, influence_
 from recbole_dealrec.scoring.signals import compute_signals
 from recbole_dealrec.scoring.influence_core import (
     directional_derivatives,
-    flatten,
     make_hvp,
     per_sample_gradient_dot_loop,
     select_parameters,

@@ -9,7 +9,7 @@ import pytest
 
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
-from recbole_dealrec.evaluation import reference_results, reference_scores, static_ranking_results
+from recbole_dealrec.evaluation import reference_scores, static_ranking_results
 from recbole_dealrec.quick_start import run_recbole
 from recbole_dealrec.registry import ConfigError
 
