@@ -32,17 +32,21 @@ def stable_key(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def dataset_fingerprint(config: Mapping[str, Any]) -> str:
-    """SHA-256 of the dataset's atomic files (``<data_path>/<dataset>.*``): part of every cache key."""
+def folder_digest(folder: str, wanted) -> str:
+    """SHA-256 of the names and bytes of the files of ``folder`` whose name ``wanted(name)`` accepts, by name."""
     digest = hashlib.sha256()
-    folder = config["data_path"]
     for name in sorted(os.listdir(folder)):
-        if name.startswith(config["dataset"] + "."):
+        if wanted(name):
             digest.update(name.encode())
             with open(os.path.join(folder, name), "rb") as handle:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(chunk)
     return digest.hexdigest()
+
+
+def dataset_fingerprint(config: Mapping[str, Any]) -> str:
+    """SHA-256 of the dataset's atomic files (``<data_path>/<dataset>.*``): part of every cache key."""
+    return folder_digest(config["data_path"], lambda name: name.startswith(config["dataset"] + "."))
 
 
 def cache_dir(config: Mapping[str, Any]) -> str:

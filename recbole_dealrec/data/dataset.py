@@ -83,9 +83,9 @@ def check_atomic_file(path: str, separator: str = "\t", count_field: Optional[st
             if not line:
                 continue
             n_rows += 1
-            if counted is not None and counted < len(line.split(separator)):
-                distinct.add(line.split(separator)[counted])
             fields = line.split(separator)
+            if counted is not None and counted < len(fields):
+                distinct.add(fields[counted])
             if len(fields) != len(header):
                 raise ConfigError(f"{path} line {number}: {len(fields)} fields, the header has {len(header)} "
                                   f"({', '.join(header)})")

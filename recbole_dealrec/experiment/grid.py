@@ -35,7 +35,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from recbole_dealrec.config import DEFAULT_DATASET, read_property_file
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.utils import stable_key
+from recbole_dealrec.utils import folder_digest, stable_key
 
 AXES = ("datasets", "models", "samplers", "budgets", "lambdas", "surrogates", "seeds")
 GRID_KEYS = frozenset({"name", "description", "config_files", "settings", "blocks", "replicates", *AXES})
@@ -111,14 +111,7 @@ def _data_digest(data_path: str, dataset: str) -> str:
     folder = os.path.join(os.path.expanduser(data_path), dataset)
     if not os.path.isdir(folder):
         return f"missing:{dataset}"  # the cell's pre-data check names the missing file
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        if name.startswith(dataset + ".") or name == "recbole_dealrec.yaml":
-            digest.update(name.encode())
-            with open(os.path.join(folder, name), "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return folder_digest(folder, lambda name: name.startswith(dataset + ".") or name == "recbole_dealrec.yaml")[:16]
 
 
 def _as_list(block_name: str, axis: str, value: Any) -> list:
