@@ -17,6 +17,16 @@ from recbole_dealrec.registry import ConfigError
 from recbole_dealrec.utils import atomic_write
 
 
+def ranked_hits(scores: torch.Tensor, positive_u: torch.Tensor, positive_i: torch.Tensor, k: int
+                ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """``(hits [b, k] bool, n_targets [b] int64, positives [b, n_items] bool)`` of ``scores`` [b, n_items] ranked
+    as RecBole's collector ranks them (``torch.topk``), the targets given as RecBole's ``(positive_u, positive_i)``."""
+    top = torch.topk(scores, k, dim=-1).indices
+    positives = torch.zeros_like(scores, dtype=torch.bool)
+    positives[positive_u, positive_i] = True
+    return positives.gather(1, top).cpu().numpy(), positives.sum(1).cpu().numpy().astype(np.int64), positives
+
+
 @contextlib.contextmanager
 def capture_user_results(trainer, uid_field: str, k: int, with_loss: bool) -> Iterator[dict]:
     """While active, every batch RecBole's evaluator collects is also kept per user: ``user_ids`` [n] int64,
@@ -30,13 +40,10 @@ def capture_user_results(trainer, uid_field: str, k: int, with_loss: bool) -> It
 
     def collect(scores_tensor, interaction, positive_u, positive_i):
         # the same top-k as RecBole's collector (torch.topk of the same scores)
-        scores = scores_tensor.detach()
-        top = torch.topk(scores, k, dim=-1).indices
-        positives = torch.zeros_like(scores, dtype=torch.bool)
-        positives[positive_u, positive_i] = True
+        hits, n_targets, positives = ranked_hits(scores_tensor.detach(), positive_u, positive_i, k)
         captured["user_ids"].append(interaction[uid_field].detach().cpu().numpy().astype(np.int64))
-        captured["hits"].append(positives.gather(1, top).cpu().numpy())
-        captured["n_targets"].append(positives.sum(1).cpu().numpy().astype(np.int64))
+        captured["hits"].append(hits)
+        captured["n_targets"].append(n_targets)
         captured["target_item"].append(positives.to(torch.int8).argmax(1).cpu().numpy().astype(np.int64))
         if with_loss:
             model = trainer.model
@@ -142,22 +149,17 @@ def static_ranking_results(eval_data, scores_of, k: int) -> dict[str, np.ndarray
         scores[:, 0] = -np.inf
         if history_index is not None:
             scores[history_index] = -np.inf
-        positives = torch.zeros_like(scores, dtype=torch.bool)
-        positives[positive_u, positive_i] = True
-        top = torch.topk(scores, k, dim=-1).indices
+        hits, n_targets, _ = ranked_hits(scores, positive_u, positive_i, k)
         out["user_ids"].append(interaction[uid_field].numpy().astype(np.int64))
-        out["hits"].append(positives.gather(1, top).numpy())
-        out["n_targets"].append(positives.sum(1).numpy().astype(np.int64))
+        out["hits"].append(hits)
+        out["n_targets"].append(n_targets)
     return {key: np.concatenate(parts) for key, parts in out.items()}
 
 
 def mean_metrics(hits: np.ndarray, n_targets: np.ndarray, topk) -> dict[str, float]:
     """RecBole's Recall@K and NDCG@K (means over the users) from per-user hits."""
-    out = {}
-    for metric in ("recall", "ndcg"):
-        for k in topk:
-            out[f"{metric}@{k}"] = float(per_user_metrics(hits, n_targets, int(k))[f"{metric}@{k}"].mean())
-    return out
+    per_k = {int(k): per_user_metrics(hits, n_targets, int(k)) for k in topk}  # each cut-off computed once
+    return {f"{metric}@{k}": float(per_k[int(k)][f"{metric}@{k}"].mean()) for metric in ("recall", "ndcg") for k in topk}
 
 
 def reference_results(config, train_dataset, valid_dataset, test_data, user_ids: np.ndarray | None = None
