@@ -10,16 +10,17 @@ as Python literals only (RecBole ``eval``s them).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import os
 import re
 from functools import lru_cache
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import yaml
 from recbole.config import Config
 
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 PROPERTIES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties")
 if not os.path.isdir(PROPERTIES_DIR):  # source checkout: properties/ sits beside the package
@@ -204,6 +205,40 @@ def plugin_keys() -> tuple[frozenset, frozenset, frozenset]:
     recbole_prefixes = {k.split("_", 1)[0] + "_" for k in recbole_keys() if "_" in k}
     prefixes = {k.split("_", 1)[0] + "_" for k in keys - recbole_keys() if "_" in k} - recbole_prefixes
     return frozenset(keys | recbole_keys()), frozenset(selection_keys), frozenset(prefixes)
+
+
+@lru_cache(maxsize=None)
+def property_file_keys(kind: str, name: str) -> tuple[str, ...]:
+    """The keys ``properties/<kind>/<name>.yaml`` declares, in file order (``()`` when there is no such file):
+    a sampler's or signal's keys are declared there once, and read from there by the code."""
+    path = os.path.join(PROPERTIES_DIR, kind, f"{name}.yaml")
+    return tuple(read_property_file(path)) if os.path.isfile(path) else ()
+
+
+@dataclasses.dataclass(frozen=True)
+class StageArguments:
+    """A stage's typed arguments (kronfluence's ``*Arguments``): one field per key of its property file, read from a
+    run's config by :meth:`from_config` and checked there. The values' defaults live in the property file alone; a
+    test holds every subclass's fields equal to :meth:`declared_keys`."""
+
+    #: ``(kind, name)`` of the property file that declares the fields (``("signal", "influence")``)
+    property_file: ClassVar[tuple[str, str]]
+    #: fields declared by other property files (``seed``)
+    declared_elsewhere: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def declared_keys(cls) -> tuple[str, ...]:
+        return property_file_keys(*cls.property_file) + cls.declared_elsewhere
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]):
+        """The arguments of ``config`` (a RecBole config or a mapping holding every field), checked."""
+        args = cls(**{field.name: config[field.name] for field in dataclasses.fields(cls)})
+        args.check()
+        return args
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` naming the key of a bad value (override)."""
 
 
 @lru_cache(maxsize=None)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from recbole.evaluator import Collector
 
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.utils import atomic_write
 
 
@@ -27,40 +28,69 @@ def ranked_hits(scores: torch.Tensor, positive_u: torch.Tensor, positive_i: torc
     return positives.gather(1, top).cpu().numpy(), positives.sum(1).cpu().numpy().astype(np.int64), positives
 
 
+class UserResultCollector(Collector):
+    """RecBole's evaluation collector that, between :meth:`start_capture` and :meth:`stop_capture`, also keeps every
+    batch it collects per user (the users and rankings are exactly those of the reported metrics).
+
+    Captured: ``user_ids`` [n] int64, ``hits`` [n, k] bool (target at rank i), ``n_targets`` [n] int64,
+    ``target_item`` [n] int64 (the user's first target, by item id: the cluster a bootstrap over users resamples,
+    since hits bunch on a few targets) and, with a ``loss_model``, ``loss`` [n] float64: its ``calculate_loss`` on
+    that user's test row alone (one forward per user).
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._capture: Optional[dict] = None
+
+    def start_capture(self, uid_field: str, k: int, loss_model=None) -> None:
+        self._capture = {"uid_field": uid_field, "k": k, "loss_model": loss_model,
+                         "parts": {key: [] for key in ("user_ids", "hits", "n_targets", "target_item", "loss")}}
+
+    def stop_capture(self) -> dict[str, np.ndarray]:
+        """The captured arrays (only the keys that were filled), and capturing off."""
+        capture, self._capture = self._capture, None
+        return {key: np.concatenate(parts) for key, parts in (capture or {"parts": {}})["parts"].items() if parts}
+
+    def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
+        if self._capture is not None:
+            parts, model = self._capture["parts"], self._capture["loss_model"]
+            # the same top-k as RecBole's collector (torch.topk of the same scores)
+            hits, n_targets, positives = ranked_hits(scores_tensor.detach(), positive_u, positive_i, self._capture["k"])
+            parts["user_ids"].append(interaction[self._capture["uid_field"]].detach().cpu().numpy().astype(np.int64))
+            parts["hits"].append(hits)
+            parts["n_targets"].append(n_targets)
+            parts["target_item"].append(positives.to(torch.int8).argmax(1).cpu().numpy().astype(np.int64))
+            if model is not None:
+                with torch.no_grad():
+                    parts["loss"].append(np.array([float(model.calculate_loss(interaction[i:i + 1]))
+                                                   for i in range(len(interaction))], dtype=np.float64))
+        return super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+
+
+class UserResultsTrainer:
+    """Mixin over a trainer class: its evaluation collector is a :class:`UserResultCollector`."""
+
+    def __init__(self, config, model, *args, **kwargs):
+        super().__init__(config, model, *args, **kwargs)
+        self.eval_collector = UserResultCollector(config)
+
+
+def with_user_results(trainer_class: type) -> type:
+    """``trainer_class`` with :class:`UserResultsTrainer` over it (RecBole's or the plugin's trainer)."""
+    return type(f"{trainer_class.__name__}WithUserResults", (UserResultsTrainer, trainer_class), {})
+
+
 @contextlib.contextmanager
 def capture_user_results(trainer, uid_field: str, k: int, with_loss: bool) -> Iterator[dict]:
-    """While active, every batch RecBole's evaluator collects is also kept per user: ``user_ids`` [n] int64,
-    ``hits`` [n, k] bool (target at rank i), ``n_targets`` [n] int64, ``target_item`` [n] int64 (the user's first
-    target, by item id: the cluster a bootstrap over users resamples, since hits bunch on a few targets) and, with
-    ``with_loss``, ``loss`` [n] float64: the trained model's ``calculate_loss`` on that user's test row alone (one
-    forward per user)."""
-    collector = trainer.eval_collector
-    original = collector.eval_batch_collect
-    captured: dict[str, list] = {"user_ids": [], "hits": [], "n_targets": [], "target_item": [], "loss": []}
-
-    def collect(scores_tensor, interaction, positive_u, positive_i):
-        # the same top-k as RecBole's collector (torch.topk of the same scores)
-        hits, n_targets, positives = ranked_hits(scores_tensor.detach(), positive_u, positive_i, k)
-        captured["user_ids"].append(interaction[uid_field].detach().cpu().numpy().astype(np.int64))
-        captured["hits"].append(hits)
-        captured["n_targets"].append(n_targets)
-        captured["target_item"].append(positives.to(torch.int8).argmax(1).cpu().numpy().astype(np.int64))
-        if with_loss:
-            model = trainer.model
-            with torch.no_grad():
-                captured["loss"].append(np.array([float(model.calculate_loss(interaction[i:i + 1]))
-                                                  for i in range(len(interaction))], dtype=np.float64))
-        return original(scores_tensor, interaction, positive_u, positive_i)
-
-    collector.eval_batch_collect = collect
+    """While active, the per-user results of what ``trainer`` (built by :func:`with_user_results`) evaluates are
+    kept; on exit they fill the yielded dict (see :class:`UserResultCollector`)."""
+    collector: UserResultCollector = trainer.eval_collector
+    collector.start_capture(uid_field, k, trainer.model if with_loss else None)
     out: dict = {}
     try:
         yield out
     finally:
-        collector.eval_batch_collect = original
-        for key, parts in captured.items():
-            if parts:
-                out[key] = np.concatenate(parts)
+        out.update(collector.stop_capture())
 
 
 def per_user_metrics(hits: np.ndarray, n_targets: np.ndarray, k: int) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from recbole_dealrec.data.pruning import kept_train_interactions, write_inter_file
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.selection import Selection
 from recbole_dealrec.utils import atomic_write, dataset_fingerprint, stable_key
 

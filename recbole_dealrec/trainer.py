@@ -27,7 +27,6 @@ It names no concrete model. Differences from RecBole's ``Trainer``:
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 from time import time
@@ -36,13 +35,15 @@ from typing import Optional
 import numpy as np
 import torch
 from recbole.data.utils import get_dataloader
+from recbole.evaluator import Evaluator
 from recbole.trainer import Trainer
 from recbole.utils import early_stopping, set_color
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_dealrec import distributed
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.data.user_rows import rows_by_user
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.utils import atomic_write
 
 CHECKPOINT_FORMAT = "recbole-dealrec/generative-v1"
@@ -61,11 +62,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
 
 def first_rows(dataset) -> np.ndarray:
     """Row index of each user's first row in ``dataset`` (sorted by user id)."""
-    uid = dataset.inter_feat[dataset.uid_field].numpy()
-    if len(uid) == 0:
-        return np.zeros(0, dtype=np.int64)
-    _, first = np.unique(uid, return_index=True)
-    return first.astype(np.int64)
+    return rows_by_user(dataset).first()
 
 
 def check_trainer_config(config) -> None:
@@ -79,17 +76,29 @@ def check_trainer_config(config) -> None:
         raise ConfigError(f"`lr_schedule` must be one of {list(LR_SCHEDULES)}, got {config['lr_schedule']!r}")
 
 
+class RankMergingEvaluator(Evaluator):
+    """RecBole's evaluator that, under torch.distributed, first gathers every rank's collected rows (``rec.*``: top-k
+    hits, ranks, scores; each rank evaluated its share) back into the unsharded order, so the metrics are the
+    one-process metrics exactly. One process: RecBole's evaluator as it is."""
+
+    def evaluate(self, dataobject):
+        if distributed.active():
+            for key in [k for k in dataobject._data_dict if k.startswith("rec.")]:
+                dataobject[key] = distributed.unshard_strided(distributed.gather_objects(dataobject[key].cpu()))
+        return super().evaluate(dataobject)
+
+
 class GenerativeTrainer(Trainer):
     """RecBole trainer for generative backends: trained-weights-only optimisation and checkpoints,
     validation-loss early stopping."""
 
     def __init__(self, config, model):
         super().__init__(config, model)
+        self.evaluator = RankMergingEvaluator(config)
         check_trainer_config(config)
         self.grad_accum = int(config["gradient_accumulation_steps"] or 1)
-        # The validation score is a loss: lower is better (also reported by run_recbole as valid_score_bigger).
+        # The validation score is a loss: lower is better (run_recbole reports the trainer's valid_metric_bigger).
         self.valid_metric_bigger = False
-        config["valid_metric_bigger"] = False
         self.best_valid_score = np.inf
         self.best_epoch: Optional[int] = None
         self._best_weights: Optional[dict] = None  # in-memory copy (used when nothing is saved)
@@ -387,28 +396,17 @@ class GenerativeTrainer(Trainer):
                 self.logger.info("epochs=0: nothing trained, evaluating the initial weights (zero-shot)")
             else:
                 raise FileNotFoundError(f"no checkpoint {checkpoint_file} to load the best model from")
-        with self._merged_over_ranks():
-            result = super().evaluate(self.eval_subset(eval_data), load_best_model=False, show_progress=show_progress)
+        result = super().evaluate(self.eval_subset(eval_data), load_best_model=False, show_progress=show_progress)
         self.model.log_pass("evaluation")
         return result
 
-    @contextlib.contextmanager
-    def _merged_over_ranks(self):
-        """Under torch.distributed each rank evaluates its share of the rows; RecBole's evaluator then sees every
-        rank's collected rows (``rec.*``: top-k hits, ranks, scores), put back in the unsharded order, so the
-        metrics are the one-process metrics exactly."""
-        if not distributed.active():
-            yield
-            return
-        original = self.evaluator.evaluate
 
-        def evaluate(struct):
-            for key in [k for k in struct._data_dict if k.startswith("rec.")]:
-                struct[key] = distributed.unshard_strided(distributed.gather_objects(struct[key].cpu()))
-            return original(struct)
+def get_trainer(model_type, model_name: str) -> type:
+    """Trainer class: :class:`GenerativeTrainer` for the plugin's generative backends, else RecBole's lookup."""
+    from recbole.utils import get_trainer as recbole_get_trainer
 
-        self.evaluator.evaluate = evaluate
-        try:
-            yield
-        finally:
-            del self.evaluator.evaluate  # the class's method again
+    from recbole_dealrec.model.backend import generative_backends
+
+    if model_name in generative_backends():
+        return GenerativeTrainer
+    return recbole_get_trainer(model_type, model_name)

@@ -31,7 +31,7 @@ def worker(args) -> None:
     from recbole_dealrec import distributed
     from recbole_dealrec.config import DealrecConfig
     from recbole_dealrec.data import create_dataset, data_preparation, training_user_ids
-    from recbole_dealrec.scoring.backend_effort import effort_model, effort_scores_for_users
+    from recbole_dealrec.scoring.effort import effort_model, effort_scores_for_users
     from recbole_dealrec.scoring.influence import influence_scores
     from recbole_dealrec.scoring.signals import SignalContext
 

@@ -20,8 +20,8 @@ import recbole_dealrec  # noqa: F401
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.data.items import last_rows
-from recbole_dealrec.scoring.backend_effort import _backend
-from recbole_dealrec.scoring.effort import effort_scores, effort_scores_loop, last_layer_lora_pattern
+from recbole_dealrec.scoring.effort import _backend
+from recbole_dealrec.gradients.lora import effort_scores, effort_scores_loop, last_layer_lora_pattern
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
 
 def costs(llm, batches, n_users: int, tokens: int) -> None:
     """Effort with all LoRA / the paper's last-layer lora_B vs one plain forward and one forward+backward."""
-    from recbole_dealrec.scoring.effort import _forward_loss, _prepare
+    from recbole_dealrec.gradients.lora import _forward_loss, _prepare
 
     device = next(llm.parameters()).device
     llm.eval()

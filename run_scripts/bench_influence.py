@@ -18,18 +18,13 @@ import torch
 import recbole_dealrec  # noqa: F401
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
-from recbole_dealrec.scoring.hessian import solve
-from recbole_dealrec.scoring.influence_core import (
-    directional_derivatives,
-    flatten,
-    mean_gradient,
-    per_sample_gradient_dot_loop,
-    select_parameters,
-    unflatten,
-)
-from recbole_dealrec.scoring.influence import auto_damping, hessian_vector_product
+from recbole_dealrec.scoring.ihvp import solve
+from recbole_dealrec.gradients.params import flatten, select_parameters, unflatten
+from recbole_dealrec.scoring.influence_core import directional_derivatives, mean_gradient, per_sample_gradient_dot_loop
+from recbole_dealrec.scoring.influence import InfluenceArguments, auto_damping, hessian_vector_product
 from recbole_dealrec.surrogate import SurrogateLoss, user_batches
-from recbole_dealrec.model import get_model, get_trainer
+from recbole_dealrec.model import get_model
+from recbole_dealrec.trainer import get_trainer
 
 
 def main() -> None:
@@ -94,10 +89,10 @@ def main() -> None:
         start = time.perf_counter()
         v = flatten(mean_gradient(loss, params, batches, n_users))
         timings[f"{mode}: mean gradient"] = time.perf_counter() - start
-        hvp = hessian_vector_product(config, loss, params, train_data.dataset, batches)
+        hvp = hessian_vector_product(InfluenceArguments.from_config(config), loss, params, train_data.dataset, batches)
         start = time.perf_counter()
         if args.damping == "auto":  # as influence_damping: auto (the power-iteration HVPs count in the iHVP time)
-            damping, _ = auto_damping(config, hvp, m, v.dtype)
+            damping, _ = auto_damping(InfluenceArguments.from_config(config), hvp, m, v.dtype)
         else:
             damping = float(args.damping)
         result = solve("cg", v, hvp=hvp, damping=damping, tol=config["ihvp_tol"], max_iter=args.cg_iters)

@@ -21,12 +21,13 @@ import torch
 import recbole_dealrec  # noqa: F401
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation, training_user_ids
-from recbole_dealrec.scoring.influence_core import select_parameters
+from recbole_dealrec.gradients.params import select_parameters
 from recbole_dealrec.scoring.signals import SignalContext
 from recbole_dealrec.scoring.training_dynamics import per_user_el2n, per_user_gradient_norms, per_user_gradient_norms_loop
 from recbole_dealrec.scoring.user_features import InteractionCount, TextEmbedding
 from recbole_dealrec.surrogate import SurrogateLoss, user_representations
-from recbole_dealrec.model import get_model, get_trainer
+from recbole_dealrec.model import get_model
+from recbole_dealrec.trainer import get_trainer
 
 METHODS = {"grand": ["grand"], "el2n": ["el2n"], "ccs": ["el2n"], "tfdcon": ["surrogate_embedding", "text_embedding"],
            "recranker": ["interaction_count", "surrogate_embedding"]}

@@ -10,9 +10,9 @@ from conftest import TINY_SASREC, TINY_SURROGATE
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.quick_start import run_recbole
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.scoring.cache import UserScores
-from recbole_dealrec.scoring.influence_core import select_parameters
+from recbole_dealrec.gradients.params import select_parameters
 from recbole_dealrec.scoring.training_dynamics import per_user_el2n, per_user_gradient_norms, per_user_gradient_norms_loop
 from recbole_dealrec.selection import SAMPLERS
 from recbole_dealrec.selection.clustering import proportional_quotas

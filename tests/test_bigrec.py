@@ -19,7 +19,7 @@ from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.data.items import read_item_titles, user_samples
 from recbole_dealrec.model.bigrec.prompts import build_prompt, format_prompt, tokenize_samples
 from recbole_dealrec.model.bigrec.model import BIGRec, clean_generation
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 from recbole_dealrec.config import RECBOLE_KEY_RULES, declared_key_types
 from recbole_dealrec.quick_start import run_recbole
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 WRONG_TYPE = {"int": "zzz", "float": "zzz", "bool": "maybe", "str": 123, "list": {"a": 1}, "dict": [1, 2],
               "str or int": 1.5}

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import TINY_SURROGATE, tiny_bigrec_config
 from recbole_dealrec.quick_start import run_recbole
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.selection import SAMPLERS, UserScores
 
 
@@ -38,7 +38,7 @@ def test_run_recbole_bigrec_dealrec_writes_selection_subset_and_report(tiny_llm_
     first_ids = [r.split("\t")[1] for r in rows[1:]]
 
     # Compute once, select many: another lambda and seed re-select from the cache; no scorer may run.
-    import recbole_dealrec.scoring.backend_effort as effort
+    import recbole_dealrec.scoring.effort as effort
     import recbole_dealrec.scoring.influence as influence
     from recbole_dealrec.surrogate import train as surrogate_train
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY_SASREC
 from recbole_dealrec.evaluation import load_user_results
 from recbole_dealrec.quick_start import run_recbole
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 
 def run(tmp_path, **config):

@@ -13,7 +13,7 @@ from conftest import TINY_SASREC
 from recbole_dealrec.experiment import expand_grid, load_grid, read_results, run_grid, write_report
 from recbole_dealrec.experiment.__main__ import main as experiment_main
 from recbole_dealrec.experiment.report import one_sample_ttest, table2, table3
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 SMOKE_GRID = os.path.join(os.path.dirname(__file__), "..", "run_scripts", "grids", "smoke.yaml")
 
@@ -256,6 +256,16 @@ def test_report_writes_tables_and_figures(tmp_path):
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def _behaviour_record_tool():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "run_scripts", "behaviour_record.py")
+    spec = importlib.util.spec_from_file_location("behaviour_record", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_smoke_grid_end_to_end(tmp_path, monkeypatch):
     """The shipped smoke grid (tiny TIGER on ml-100k), run by the CLI, then reported."""
     monkeypatch.chdir(tmp_path)  # RecBole writes ./log
@@ -296,6 +306,11 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch):
         recall = per_user_metrics(users["hits"], users["n_targets"], 10)["recall@10"]
         assert len(recall) == 64 and recall.mean() == pytest.approx(record["test"]["recall@10"], abs=1e-10)
         assert np.isfinite(users["loss"]).all()
+    # the behaviour record (run_scripts/behaviour_record.py write, before the stage refactor): every cell's
+    # selection, metrics and every cached signal, bit for bit
+    record_tool = _behaviour_record_tool()
+    expected = json.load(open(record_tool.DEFAULT_RECORD))["smoke"]
+    assert record_tool.differences(expected, record_tool.grid_record(records, str(tmp_path / "out"), str(tmp_path))) == []
     # resume: nothing left to run
     experiment_main(["run", SMOKE_GRID, "--results", results, "--set", f"output_dir={tmp_path / 'out'}"])
     assert len(read_results(results)) == len(records)

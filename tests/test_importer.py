@@ -11,7 +11,7 @@ from conftest import GAMES_DIR
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.data.importer import CATEGORY_SEPARATOR, import_paper_dataset
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 # uid -> (train, valid, test) items, 1-based as in the paper's files; user 4 has no valid/test items.
 SEQUENCES = {

@@ -1,20 +1,17 @@
 """Influence scores on RecBole surrogates (real ml-100k pipeline, tiny models)."""
+import os
 import numpy as np
 import pytest
 import torch
 
-from recbole_dealrec.config import DealrecConfig
+from recbole_dealrec.config import PROPERTIES_DIR, DealrecConfig, read_property_file
 from recbole_dealrec.data import create_dataset, data_preparation, training_user_ids
-from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.scoring.hessian import conjugate_gradient, dense_hessian, exact_solve, lissa, lissa_damping_for
+from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.scoring.ihvp import conjugate_gradient, dense_hessian, exact_solve, lissa, lissa_damping_for
 from recbole_dealrec.scoring.influence import check_influence_config, influence_scores
 from recbole_dealrec.scoring.signals import compute_signals
-from recbole_dealrec.scoring.influence_core import (
-    directional_derivatives,
-    make_hvp,
-    per_sample_gradient_dot_loop,
-    select_parameters,
-)
+from recbole_dealrec.gradients.params import select_parameters
+from recbole_dealrec.scoring.influence_core import directional_derivatives, make_hvp, per_sample_gradient_dot_loop
 from recbole_dealrec.surrogate import SurrogateLoss, surrogate_config, train_surrogate, user_batches
 from recbole_dealrec.model import get_model
 
@@ -95,16 +92,18 @@ def test_mean_user_loss_gauss_newton_equals_the_exact_gauss_newton_of_the_weight
 @pytest.mark.parametrize("hessian", ["gauss_newton", "exact"])
 def test_lissa_steps_use_the_hessian_its_residual_is_checked_against(hessian):
     """The stochastic HVP on a batch of every user equals the full HVP of the same influence_hessian."""
-    from recbole_dealrec.scoring.influence import hessian_vector_product, stochastic_hvp
+    from recbole_dealrec.scoring.influence import InfluenceArguments, hessian_vector_product, stochastic_hvp
 
     model, dataset = untrained("SASRec")
     loss = SurrogateLoss(model, "mean")
     params = select_parameters(model.named_parameters(), [r"trm_encoder\.layer\.0\.multi_head_attention\.dense\.bias$"])
     users = np.arange(1, 7)
     [everyone] = user_batches(dataset, 10_000, user_ids=users)
-    config = {"influence_hessian": hessian, "influence_hessian_users": None, "influence_batch_rows": 10_000, "seed": 0}
-    full = hessian_vector_product(config, loss, params, dataset, [everyone])
-    step = stochastic_hvp(config, loss, params, lambda generator: everyone)
+    defaults = read_property_file(os.path.join(PROPERTIES_DIR, "signal", "influence.yaml"))
+    args = InfluenceArguments.from_config({**defaults, "influence_hessian": hessian, "influence_hessian_users": None,
+                                           "influence_batch_rows": 10_000, "seed": 0})
+    full = hessian_vector_product(args, loss, params, dataset, [everyone])
+    step = stochastic_hvp(args, loss, params, lambda generator: everyone)
     x = torch.randn(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.testing.assert_close(step(x, None), full(x), rtol=1e-8, atol=1e-10)
 
@@ -217,7 +216,7 @@ def test_nan_gradient_names_the_stage():
 
 def test_unconverged_solve_warns_with_its_residual():
     model, loss, params, batches = small_problem()
-    from recbole_dealrec.scoring.hessian import solve
+    from recbole_dealrec.scoring.ihvp import solve
 
     hvp = loss.gauss_newton_hvp(params, batches, 20)
     # Random v: the all-ones direction of this bias is removed by LayerNorm (an exact eigenvector).
@@ -288,7 +287,7 @@ def test_sequence_mode_short_users_make_one_row_each():
 
 
 def test_power_iteration_finds_the_largest_gauss_newton_eigenvalue():
-    from recbole_dealrec.scoring.hessian import largest_eigenvalue
+    from recbole_dealrec.scoring.ihvp import largest_eigenvalue
 
     model, loss, params, batches = small_problem()
     hvp = loss.gauss_newton_hvp(params, batches, 20)

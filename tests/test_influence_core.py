@@ -8,16 +8,14 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch.func import functional_call
 
-from recbole_dealrec.scoring.hessian import dense_hessian, exact_solve, solve
+from recbole_dealrec.scoring.ihvp import dense_hessian, exact_solve, solve
+from recbole_dealrec.gradients.params import flatten, select_parameters, unflatten
 from recbole_dealrec.scoring.influence_core import (
     directional_derivatives,
     ensure_finite,
-    flatten,
     make_hvp,
     mean_gradient,
     per_sample_gradient_dot_loop,
-    select_parameters,
-    unflatten,
 )
 
 DT = torch.float64

@@ -29,7 +29,7 @@ from recbole_dealrec.model.bigrec.llm import (
     load_causal_lm,
     resolve_llm_path,
 )
-from recbole_dealrec.scoring.effort import (
+from recbole_dealrec.gradients.lora import (
     effort_scores,
     effort_scores_loop,
     last_layer_lora_pattern,
@@ -336,7 +336,7 @@ def test_load_causal_lm_tiny(tmp_path):
 
 
 def test_resolve_llm_path_errors(tmp_path):
-    from recbole_dealrec.registry import ConfigError
+    from recbole_dealrec.errors import ConfigError
 
     with pytest.raises(ConfigError, match="llm_path.*no such local folder"):
         resolve_llm_path(str(tmp_path / "missing"))

@@ -11,7 +11,7 @@ from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.evaluation import reference_scores, static_ranking_results
 from recbole_dealrec.quick_start import run_recbole
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 
 def toy_dataset(folder, n_users: int = 40, n_items: int = 15, seed: int = 0) -> dict[str, list[str]]:

@@ -18,7 +18,7 @@ from recbole_dealrec.export import chat_record, export_selection, read_selection
 from recbole_dealrec.model import get_model
 from recbole_dealrec.model.bigrec.prompts import PROMPT_TEMPLATE, format_response
 from recbole_dealrec.quick_start import check_run_config, run_recbole
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.trainer import first_rows
 
 

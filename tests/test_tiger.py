@@ -11,7 +11,7 @@ from recbole_dealrec.model.backend import GenerativeBackend
 from recbole_dealrec.model.tiger.model import TIGER, UNREACHED
 from recbole_dealrec.model.tiger.semantic_ids import RQVAE, add_collision_level, train_semantic_ids
 from recbole_dealrec.quick_start import run_recbole
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

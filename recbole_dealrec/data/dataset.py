@@ -25,7 +25,7 @@ from recbole.data.dataset import SequentialDataset
 from recbole.utils import ModelType
 
 from recbole_dealrec.config import property_names
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 SPLITS = ("train", "valid", "test")
 

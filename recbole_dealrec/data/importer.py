@@ -42,7 +42,7 @@ import yaml
 
 from recbole_dealrec.config import DATASET_PROPERTY_FILE
 from recbole_dealrec.data.dataset import SPLITS
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.utils import atomic_write
 
 CATEGORY_SEPARATOR = "\x1f"

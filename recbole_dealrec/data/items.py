@@ -9,6 +9,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from recbole_dealrec.data.user_rows import rows_by_user
+
 
 def _get(config, key, default=None):
     try:
@@ -107,12 +109,6 @@ def user_samples(train_dataset) -> tuple[np.ndarray, list[list[int]], np.ndarray
 def last_rows(train_dataset) -> np.ndarray:
     """Row index of each user's last training row (highest index of the user; rows are time-ordered per user),
     sorted by user id."""
-    uid = train_dataset.inter_feat[train_dataset.uid_field].numpy()
-    if len(uid) == 0:
-        return np.zeros(0, dtype=np.int64)
-    users, inverse = np.unique(uid, return_inverse=True)
-    last = np.full(len(users), -1, dtype=np.int64)
-    np.maximum.at(last, inverse, np.arange(len(uid), dtype=np.int64))
-    return last
+    return rows_by_user(train_dataset).last()
 
 

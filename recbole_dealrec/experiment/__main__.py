@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 
 def default_results_path(grid_path: str) -> str:

@@ -34,7 +34,7 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 from recbole_dealrec.config import DEFAULT_DATASET, read_property_file
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.utils import folder_digest, stable_key
 
 AXES = ("datasets", "models", "samplers", "budgets", "lambdas", "surrogates", "seeds")
@@ -51,14 +51,14 @@ DEFAULT_AXES: dict[str, list] = {"datasets": [None], "budgets": [None], "lambdas
 
 
 def _sampler_traits(sampler: str) -> tuple[bool, bool, bool]:
-    """What the grid needs to know of a sampler, from what the method declares: (takes a budget, has the
-    ``dealrec_lambda`` key, reads a signal of the surrogate)."""
+    """What the grid needs to know of a sampler, from what the method declares: (takes a budget, the key the
+    ``lambdas`` axis sets or None, reads a signal of the surrogate)."""
     from recbole_dealrec.scoring.signals import registered_signals
     from recbole_dealrec.selection import SAMPLERS
 
     method = SAMPLERS.get(sampler)
     signals = registered_signals()
-    return (method.takes_budget, "dealrec_lambda" in method.keys,
+    return (method.takes_budget, method.lambda_key,
             any(signals.get(name).uses_surrogate for name in method.signals))
 
 
@@ -226,12 +226,12 @@ def expand_grid(spec: Mapping[str, Any], path: str = "<grid>", overrides: Option
             _as_list(block_name, "seeds", axes["seeds"]),
         )
         for dataset, model, (label, sampler_keys), budget, lam, surrogate, seed in product:
-            takes_budget, takes_lambda, uses_surrogate = _sampler_traits(sampler_keys["sampler"])
+            takes_budget, lambda_key, uses_surrogate = _sampler_traits(sampler_keys["sampler"])
             axis_keys: dict[str, Any] = {}
             if takes_budget and not {"selection_num", "selection_ratio"} & set(sampler_keys):
                 axis_keys.update(_budget_keys(block_name, budget))
-            if lam is not None and takes_lambda:
-                axis_keys["dealrec_lambda"] = lam
+            if lam is not None and lambda_key:
+                axis_keys[lambda_key] = lam
             if surrogate is not None and uses_surrogate:
                 axis_keys["surrogate_model"] = surrogate
             if seed is not None:

@@ -424,12 +424,14 @@ def _save(fig, path: str) -> str:
 
 
 def figure4(records: Sequence[dict], out_dir: str) -> list[str]:
-    """Grouped bars: each ablation and DEALRec (the table-2 DEALRec cells of the same budget), mean over seeds."""
+    """Grouped bars: each ablation and the method it ablates (its table-2 cells of the same budget: DEALRec's),
+    mean over seeds."""
     ablations = [r for r in records if "figure4" in r.get("tags", [])]
     paths = []
     for (dataset, model), group in _groups(ablations, lambda r: (r["dataset"], r["model"])).items():
         budgets = {budget_of(r) for r in group}
-        reference = [r for r in records if "table2" in r.get("tags", []) and r["settings"].get("sampler") == "dealrec"
+        ablated = {r["settings"].get("sampler") for r in group}  # the method the ablations take parts out of
+        reference = [r for r in records if "table2" in r.get("tags", []) and r["settings"].get("sampler") in ablated
                      and r["dataset"] == dataset and r["model"] == model and budget_of(r) in budgets]
         rs = reference + [r for r in group if r not in reference]
         metrics = metric_names(rs)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 from tqdm import tqdm
 
 from recbole_dealrec.experiment.grid import Cell, Grid, check_cells
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 RECORD_VERSION = 1
 

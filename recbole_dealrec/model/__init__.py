@@ -3,8 +3,10 @@
 Importing this package registers every backend in :data:`MODELS`; a new backend is one package here that
 subclasses :class:`recbole_dealrec.model.backend.GenerativeBackend`, plus ``properties/model/<Name>.yaml``.
 """
-from recbole_dealrec.model.registry import MODELS, get_model, get_trainer, recbole_model_names
+from recbole_dealrec.model.registry import MODELS, get_model, recbole_model_names
 
-from recbole_dealrec.model import bigrec, seqpop, tiger  # noqa: F401,E402  (register BIGRec, SeqPop, TIGER)
+from recbole_dealrec.registry import import_submodules
 
-__all__ = ["MODELS", "get_model", "get_trainer", "recbole_model_names"]
+import_submodules(__name__, __path__)  # every backend's package registers it in MODELS
+
+__all__ = ["MODELS", "get_model", "recbole_model_names"]

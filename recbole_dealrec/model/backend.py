@@ -17,7 +17,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_dealrec.data.items import last_rows
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 #: the backend effort scores use when the run's own model is not generative (e.g. SASRec + dealrec)
 DEFAULT_BACKEND = "BIGRec"

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import importlib
 
-from recbole.utils import ModelType
 
-from recbole_dealrec.registry import ConfigError, Registry
+from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.registry import Registry
 
 #: Models shipped by the plugin; each registers itself on import of ``recbole_dealrec.model``.
 MODELS: Registry[type] = Registry("model")
@@ -48,16 +48,3 @@ def get_model(model_name: str) -> type:
                 return getattr(module, model_name)
     known = sorted(set(MODELS.names()) | set(recbole_model_names()))
     raise ConfigError(f"unknown model '{model_name}'; known models: {', '.join(known)}")
-
-
-def get_trainer(model_type: ModelType, model_name: str) -> type:
-    """Trainer class: the plugin's :class:`GenerativeTrainer` for its generative backends, else RecBole's lookup."""
-    from recbole.utils import get_trainer as recbole_get_trainer
-
-    from recbole_dealrec.model.backend import GenerativeBackend
-
-    if model_name in MODELS and issubclass(MODELS.get(model_name), GenerativeBackend):
-        from recbole_dealrec.trainer import GenerativeTrainer
-
-        return GenerativeTrainer
-    return recbole_get_trainer(model_type, model_name)

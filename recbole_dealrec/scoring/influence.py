@@ -3,40 +3,37 @@
     v = mean gradient over users,  x = (H + damping I)^-1 v  (one iHVP, `ihvp_solver`),
     I(u) = <grad L_u, x>  for every user u, by forward-mode jvp in batches (no per-user backward).
 
-L_u is the surrogate's per-user loss (see ``recbole_dealrec.surrogate.loss``: a SUM over the user's
-prefixes); H and v are of R = (1/n_users) sum_u L_u. Removing user u changes R by about +I(u)/n: a high
-score marks a user whose removal would hurt. Scores are cached under a key of the surrogate, the
-influence keys and the data.
+L_u is the surrogate's per-user loss (``recbole_dealrec.surrogate.loss``): by ``influence_user_loss`` the MEAN
+(default, the paper's code) or the sum of the user's prefix losses; H and v are of R = (1/n_users) sum_u L_u.
+Removing user u changes R by about +I(u)/n: a high score marks a user whose removal would hurt. Scores are cached
+under a key of the surrogate, the influence keys and the data.
 
-Config keys (``properties/overall.yaml``): ``influence_params`` (regex patterns, ``re.search``, on parameter
-names; default every trainable parameter), ``ihvp_solver`` (cg | lissa | exact), ``influence_damping``
-(the lambda of (H + lambda I) for every solver; LiSSA's own damping is lambda / lissa_scale),
-``lissa_scale``, ``lissa_depth``, ``lissa_repeats``, ``lissa_batch_users``, ``cg_max_iter``, ``ihvp_tol``,
-``influence_batch_rows``, ``influence_hessian_users`` (estimate H on a seeded subset of users), ``influence_hessian`` (gauss_newton: PSD, safe for CG; exact: the true Hessian by
-double backprop, indefinite on a trained SASRec, the paper's choice with LiSSA). LiSSA's stochastic steps
-always use the exact Hessian of the sampled users.
+The keys are those of ``properties/signal/influence.yaml`` (each commented there), read as one
+:class:`InfluenceArguments`. ``influence_hessian`` picks the matrix of every HVP, LiSSA's stochastic steps and its
+reported residual included: gauss_newton (positive semi-definite, safe for CG; default) or exact (the true Hessian
+by double backprop, indefinite on a trained SASRec; the paper's choice with LiSSA).
 """
 from __future__ import annotations
 
+import dataclasses
 from logging import getLogger
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 from recbole.utils import set_color
 
 from recbole_dealrec import distributed
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.config import StageArguments
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.scoring.cache import ScoredUsers
-from recbole_dealrec.scoring.hessian import SOLVERS, ensure_finite, largest_eigenvalue, lissa_damping_for, solve
+from recbole_dealrec.scoring.ihvp import SOLVERS, ensure_finite, largest_eigenvalue, lissa_damping_for, solve
+from recbole_dealrec.gradients.params import flatten, select_parameters, unflatten
 from recbole_dealrec.scoring.influence_core import (
     directional_derivatives,
-    flatten,
     make_hvp,
     make_stochastic_hvp,
     mean_gradient,
-    select_parameters,
-    unflatten,
 )
 from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
 from recbole_dealrec.model import get_model
@@ -47,35 +44,61 @@ from recbole_dealrec.surrogate.train import surrogate_config
 #: Users the Hessian is estimated on with ``influence_hessian_users: auto``.
 AUTO_HESSIAN_USERS = 2000
 
-INFLUENCE_KEYS = ("influence_params", "influence_user_loss", "influence_sequence_mode", "influence_damping_ratio",
-                  "influence_power_iters", "influence_hessian", "influence_hessian_users", "ihvp_solver", "influence_damping", "lissa_scale", "lissa_depth",
-                  "lissa_repeats", "lissa_batch_users", "cg_max_iter", "ihvp_tol", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class InfluenceArguments(StageArguments):
+    """The influence keys of ``properties/signal/influence.yaml`` (see the comments there), and ``seed``."""
+
+    property_file = ("signal", "influence")
+    declared_elsewhere = ("seed",)
+
+    influence_params: Sequence[str]
+    influence_user_loss: str
+    influence_sequence_mode: bool
+    influence_hessian: str
+    influence_hessian_users: Union[int, str, None]
+    ihvp_solver: str
+    influence_damping: Union[float, str]
+    influence_damping_ratio: float
+    influence_power_iters: int
+    ihvp_tol: float
+    cg_max_iter: int
+    lissa_scale: float
+    lissa_depth: int
+    lissa_repeats: int
+    lissa_batch_users: int
+    influence_batch_rows: int
+    seed: int
+
+    def check(self) -> None:
+        if str(self.ihvp_solver).lower() not in SOLVERS:
+            raise ConfigError(f"ihvp_solver must be one of {', '.join(SOLVERS)}, got {self.ihvp_solver!r}")
+        patterns = self.influence_params
+        if not isinstance(patterns, (list, tuple)) or not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ConfigError(f"influence_params must be a non-empty list of regex patterns, got {patterns!r}")
+        if self.influence_user_loss not in USER_LOSSES:
+            raise ConfigError(f"influence_user_loss must be one of {list(USER_LOSSES)}, got {self.influence_user_loss!r}")
+        if self.influence_hessian not in ("gauss_newton", "exact"):
+            raise ConfigError(f"influence_hessian must be gauss_newton or exact, got {self.influence_hessian!r}")
+        damping = self.influence_damping
+        if damping != "auto" and (not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0):
+            raise ConfigError(f"influence_damping must be auto or a number >= 0, got {damping!r}")
+        for key in ("influence_damping_ratio", "lissa_scale", "ihvp_tol"):
+            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be a positive number, got {getattr(self, key)!r}")
+        subset = self.influence_hessian_users
+        if subset not in (None, "auto") and (not isinstance(subset, int) or subset < 1):
+            raise ConfigError(f"influence_hessian_users must be auto, ~ (all users) or an integer >= 1, got {subset!r}")
+        for key in ("lissa_depth", "lissa_repeats", "lissa_batch_users", "cg_max_iter", "influence_batch_rows",
+                    "influence_power_iters"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
 
 
 def check_influence_config(config: Mapping[str, Any]) -> None:
     """Validate the influence keys before any training starts."""
-    if str(config["ihvp_solver"]).lower() not in SOLVERS:
-        raise ConfigError(f"ihvp_solver must be one of {', '.join(SOLVERS)}, got {config['ihvp_solver']!r}")
-    patterns = config["influence_params"]
-    if not isinstance(patterns, (list, tuple)) or not patterns or not all(isinstance(p, str) for p in patterns):
-        raise ConfigError(f"influence_params must be a non-empty list of regex patterns, got {patterns!r}")
-    if config["influence_user_loss"] not in USER_LOSSES:
-        raise ConfigError(f"influence_user_loss must be one of {list(USER_LOSSES)}, got {config['influence_user_loss']!r}")
-    if config["influence_hessian"] not in ("gauss_newton", "exact"):
-        raise ConfigError(f"influence_hessian must be gauss_newton or exact, got {config['influence_hessian']!r}")
-    damping = config["influence_damping"]
-    if damping != "auto" and (not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0):
-        raise ConfigError(f"influence_damping must be auto or a number >= 0, got {damping!r}")
-    for key in ("influence_damping_ratio", "lissa_scale", "ihvp_tol"):
-        if not isinstance(config[key], (int, float)) or config[key] <= 0:
-            raise ConfigError(f"{key} must be a positive number, got {config[key]!r}")
-    subset = config["influence_hessian_users"]
-    if subset not in (None, "auto") and (not isinstance(subset, int) or subset < 1):
-        raise ConfigError(f"influence_hessian_users must be auto, ~ (all users) or an integer >= 1, got {subset!r}")
-    for key in ("lissa_depth", "lissa_repeats", "lissa_batch_users", "cg_max_iter", "influence_batch_rows",
-                "influence_power_iters"):
-        if not isinstance(config[key], int) or config[key] < 1:
-            raise ConfigError(f"{key} must be an integer >= 1, got {config[key]!r}")
+    InfluenceArguments.from_config(config)
 
 
 def _user_sampler(singles: list[UserBatch], users_per_step: int):
@@ -88,24 +111,25 @@ def _user_sampler(singles: list[UserBatch], users_per_step: int):
     return sample
 
 
-def hessian_vector_product(config, loss: SurrogateLoss, params, train_dataset, batches: list[UserBatch]):
+def hessian_vector_product(args: InfluenceArguments, loss: SurrogateLoss, params, train_dataset,
+                           batches: list[UserBatch]):
     """The HVP the solver uses: ``influence_hessian`` over all users, or over ``influence_hessian_users``
     users drawn with ``seed`` (an unbiased estimate of H that makes every HVP that much cheaper). Under
     torch.distributed each rank passes over its share of those users and the products are summed."""
     n_users = sum(len(b) for b in batches)
-    subset = config["influence_hessian_users"]
+    subset = args.influence_hessian_users
     if subset == "auto":
         subset = AUTO_HESSIAN_USERS
     if subset is not None and subset < n_users:
         users = np.concatenate([b.user_ids for b in batches])
-        chosen = np.random.default_rng(int(config["seed"])).choice(users, size=subset, replace=False)
-        batches = user_batches(train_dataset, config["influence_batch_rows"], user_ids=chosen,
+        chosen = np.random.default_rng(int(args.seed)).choice(users, size=subset, replace=False)
+        batches = user_batches(train_dataset, args.influence_batch_rows, user_ids=chosen,
                                sequence=batches[0].targets is not None)
         n_users = subset
     # One HVP per fixed block of user batches, added in block order: the same bits for any number of processes.
     def block_hvp(block: range):
         part = [batches[i] for i in block]
-        if config["influence_hessian"] == "gauss_newton":
+        if args.influence_hessian == "gauss_newton":
             return loss.gauss_newton_hvp(params, part, n_users)
         return make_hvp(loss, params, part, n_users)
 
@@ -114,11 +138,11 @@ def hessian_vector_product(config, loss: SurrogateLoss, params, train_dataset, b
     return lambda x: distributed.ordered_sum(len(batches), lambda block: hvps[block](x), like=x)
 
 
-def stochastic_hvp(config, loss: SurrogateLoss, params, sample):
+def stochastic_hvp(args: InfluenceArguments, loss: SurrogateLoss, params, sample):
     """LiSSA's stochastic HVP ``(x [m], generator) -> H_B x [m]`` on a batch ``B`` of users drawn by ``sample``, with
     the same Hessian as :func:`hessian_vector_product` (``influence_hessian``), so that the residual LiSSA reports
     (against the full HVP) is of the matrix its steps used."""
-    if config["influence_hessian"] != "gauss_newton":
+    if args.influence_hessian != "gauss_newton":
         return make_stochastic_hvp(loss, params, sample)
 
     def sampler(x: torch.Tensor, generator=None) -> torch.Tensor:
@@ -128,23 +152,25 @@ def stochastic_hvp(config, loss: SurrogateLoss, params, sample):
     return sampler
 
 
-def auto_damping(config: Mapping[str, Any], hvp, m: int, dtype: torch.dtype) -> tuple[float, float]:
+def auto_damping(args: InfluenceArguments, hvp, m: int, dtype: torch.dtype) -> tuple[float, float]:
     """``influence_damping: auto``: (damping, largest eigenvalue of H), damping = ``influence_damping_ratio`` x
     the largest eigenvalue by ``influence_power_iters`` power-iteration HVPs. Relative to the spectrum: a damping
     fixed in absolute terms is far too small for one surrogate (CG stalls) and far too large for another (the
     scores turn into plain gradient dot products)."""
-    top = largest_eigenvalue(hvp, m, iters=config["influence_power_iters"], seed=config["seed"], dtype=dtype)
-    return float(config["influence_damping_ratio"]) * top, top
+    top = largest_eigenvalue(hvp, m, iters=args.influence_power_iters, seed=args.seed, dtype=dtype)
+    return float(args.influence_damping_ratio) * top, top
 
 
 def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_progress: bool = False) -> ScoredUsers:
-    """Influence score of every user with training samples in the surrogate's train data."""
+    """Influence score of every user with training samples in the surrogate's train data (``config``: a run's config,
+    or anything :meth:`InfluenceArguments.from_config` reads)."""
     logger = getLogger()
+    args = config if isinstance(config, InfluenceArguments) else InfluenceArguments.from_config(config)
     model = surrogate.model
-    loss = SurrogateLoss(model, config["influence_user_loss"])
-    params = select_parameters(model.named_parameters(), list(config["influence_params"]))
-    sequence = bool(config["influence_sequence_mode"]) and supports_sequence_mode(model)
-    batches = user_batches(surrogate.train_dataset, config["influence_batch_rows"], sequence=sequence)
+    loss = SurrogateLoss(model, args.influence_user_loss)
+    params = select_parameters(model.named_parameters(), list(args.influence_params))
+    sequence = bool(args.influence_sequence_mode) and supports_sequence_mode(model)
+    batches = user_batches(surrogate.train_dataset, args.influence_batch_rows, sequence=sequence)
     n_users = sum(len(b) for b in batches)
     m = sum(p.numel() for p in params.values())
     n_rows = sum(len(b.segment) for b in batches)
@@ -161,28 +187,28 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
 
     v = distributed.ordered_sum(len(batches), block_mean_gradient, like=torch.zeros(m, dtype=flatten(params).dtype))
     ensure_finite(v, "mean gradient")
-    hvp = hessian_vector_product(config, loss, params, surrogate.train_dataset, batches)
-    solver = str(config["ihvp_solver"]).lower()
-    damping = config["influence_damping"]
+    hvp = hessian_vector_product(args, loss, params, surrogate.train_dataset, batches)
+    solver = str(args.ihvp_solver).lower()
+    damping = args.influence_damping
     if damping == "auto":
-        damping, top = auto_damping(config, hvp, m, v.dtype)
+        damping, top = auto_damping(args, hvp, m, v.dtype)
         logger.info(set_color("[Influence]", "pink") + f" damping {damping:.3e} = influence_damping_ratio "
-                    f"{config['influence_damping_ratio']} x largest Hessian eigenvalue {top:.3e} "
-                    f"({config['influence_power_iters']} power-iteration HVPs)")
+                    f"{args.influence_damping_ratio} x largest Hessian eigenvalue {top:.3e} "
+                    f"({args.influence_power_iters} power-iteration HVPs)")
     damping = float(damping)
     kwargs: dict[str, Any] = {}
     if solver == "cg":
-        kwargs.update(max_iter=config["cg_max_iter"], show_progress=show_progress)
+        kwargs.update(max_iter=args.cg_max_iter, show_progress=show_progress)
     elif solver == "lissa":
-        scale = float(config["lissa_scale"])
-        generator = torch.Generator().manual_seed(int(config["seed"]))
-        kwargs.update(scale=scale, depth=config["lissa_depth"], repeats=config["lissa_repeats"],
+        scale = float(args.lissa_scale)
+        generator = torch.Generator().manual_seed(int(args.seed))
+        kwargs.update(scale=scale, depth=args.lissa_depth, repeats=args.lissa_repeats,
                       generator=generator, show_progress=show_progress,
                       hvp_sampler=stochastic_hvp(
-                          config, loss, params, _user_sampler(user_batches(surrogate.train_dataset, 1, sequence=sequence), config["lissa_batch_users"])
+                          args, loss, params, _user_sampler(user_batches(surrogate.train_dataset, 1, sequence=sequence), args.lissa_batch_users)
                       ))
         damping = lissa_damping_for(damping, scale)
-    result = solve(solver, v, hvp=hvp, damping=damping, tol=config["ihvp_tol"], **kwargs)
+    result = solve(solver, v, hvp=hvp, damping=damping, tol=args.ihvp_tol, **kwargs)
     ensure_finite(result.x, "ihvp")
     logger.info(set_color("[Influence]", "pink") + f" {solver}: relative residual {result.residual}, "
                 f"{result.iterations} iterations, damping {result.effective_damping}")
@@ -206,7 +232,7 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
 class Influence(Signal):
     name = "influence"
     description = "DEALRec Eq. 11: <grad L_u, H^-1 mean gradient> on the trained surrogate"
-    keys = INFLUENCE_KEYS
+    depends_on = ("seed",)
     sharded = True
     uses_surrogate = True
 

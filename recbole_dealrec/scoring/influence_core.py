@@ -25,20 +25,18 @@ moves the optimum by ``~ +(1/n) H^-1 grad L(s)``, so the risk changes by
 from __future__ import annotations
 
 import logging
-import re
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
 from torch import Tensor
 
-from .hessian import HVP, HVPSampler, ensure_finite
+from recbole_dealrec.gradients.params import flatten, unflatten
+
+from .ihvp import HVP, HVPSampler, ensure_finite
 
 __all__ = [
     "LossFn",
     "Batches",
-    "select_parameters",
-    "flatten",
-    "unflatten",
     "mean_gradient",
     "make_hvp",
     "make_stochastic_hvp",
@@ -95,63 +93,6 @@ def _check_like(direction: Params, params: Params) -> None:
                 f"direction['{k}'] has shape {tuple(direction[k].shape)}, "
                 f"param has {tuple(params[k].shape)}"
             )
-
-
-# --------------------------------------------------------------------------- parameters
-
-def select_parameters(
-    named_params: Iterable[Tuple[str, Tensor]], patterns: List[str]
-) -> Params:
-    """Select the scored parameters by regular expression.
-
-    A parameter is selected if ANY pattern matches its name with
-    ``re.search`` (unanchored: ``"item_embedding"`` matches
-    ``"item_embedding.weight"``; anchor with ``^...$`` for exact names).
-    Only parameters with ``requires_grad`` are candidates (frozen ones have no
-    meaningful influence).  Returns ``name -> p.detach()`` (storage-sharing,
-    no grad) in ``named_params`` order.
-
-    Raises ``ValueError`` listing all trainable names if nothing matches.
-    """
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    patterns = list(patterns)
-    if not patterns:
-        raise ValueError("At least one parameter pattern is required.")
-    compiled = [re.compile(p) for p in patterns]
-    available = [(n, p) for n, p in named_params if p.requires_grad]
-    selected: Params = {}
-    hit = [False] * len(compiled)
-    for name, p in available:
-        for i, rx in enumerate(compiled):
-            if rx.search(name):
-                hit[i] = True
-                selected[name] = p.detach()
-        # (a name matched by several patterns is stored once)
-    if not selected:
-        names = ", ".join(n for n, _ in available) or "<none>"
-        raise ValueError(
-            f"Parameter patterns {patterns} (regex, re.search) matched no trainable "
-            f"parameter. Available parameters: {names}"
-        )
-    for pat, h in zip(patterns, hit):
-        if not h:
-            logger.warning("Parameter pattern %r matched no trainable parameter.", pat)
-    return selected
-
-
-def flatten(d: Params) -> Tensor:
-    """Concatenate a dict of tensors into one flat ``[m]`` vector (insertion order)."""
-    return torch.cat([t.reshape(-1) for t in d.values()])
-
-
-def unflatten(vec: Tensor, like: Params) -> Params:
-    """Inverse of :func:`flatten`: split ``vec [m]`` into tensors shaped like ``like``."""
-    sizes = [t.numel() for t in like.values()]
-    if vec.dim() != 1 or vec.numel() != sum(sizes):
-        raise ValueError(f"vector of shape {tuple(vec.shape)} does not match {sum(sizes)} params")
-    parts = torch.split(vec, sizes)
-    return {k: part.view_as(t) for (k, t), part in zip(like.items(), parts)}
 
 
 # --------------------------------------------------------------------------- gradients

@@ -15,7 +15,9 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 import numpy as np
 
 from recbole_dealrec import distributed
-from recbole_dealrec.registry import ConfigError, Registry
+from recbole_dealrec.config import property_file_keys
+from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.registry import Registry, import_submodules
 from recbole_dealrec.scoring.cache import ScoredUsers, UserScores, cached_user_scores
 from recbole_dealrec.utils import StageTimer, dataset_fingerprint, stable_key
 
@@ -81,11 +83,13 @@ class SignalContext:
 
 
 class Signal(abc.ABC):
-    """A per-user signal. ``keys``: the config keys its values depend on (checked, and part of its cache key)."""
+    """A per-user signal. Its values depend on the keys :meth:`key_names` gives (part of its cache key): those of
+    its ``properties/signal/<name>.yaml`` and ``depends_on``."""
 
     name: ClassVar[str]
     description: ClassVar[str]
-    keys: ClassVar[tuple[str, ...]] = ()
+    #: keys declared elsewhere (``seed``, ``dataset``, a dataset's ``title_field``) the values depend on
+    depends_on: ClassVar[tuple[str, ...]] = ()
     uses_surrogate: ClassVar[bool] = False
     #: computed by every rank of a torch.distributed run, each on its share of the users (else rank 0 alone)
     sharded: ClassVar[bool] = False
@@ -101,8 +105,13 @@ class Signal(abc.ABC):
         """Epochs of the main surrogate training whose weights this signal reads (GraNd, EL2N)."""
         return ()
 
+    @classmethod
+    def key_names(cls) -> tuple[str, ...]:
+        """The config keys the values depend on: the signal's property file's, then ``depends_on``."""
+        return property_file_keys("signal", cls.name) + cls.depends_on
+
     def cache_payload(self, ctx: SignalContext) -> dict[str, Any]:
-        payload = {k: ctx.config[k] for k in self.keys}
+        payload = {k: ctx.config[k] for k in self.key_names()}
         payload.update(data=ctx.data_key, users=ctx.users_key)
         if self.uses_surrogate:
             payload["surrogate"] = ctx.surrogate_key
@@ -117,9 +126,9 @@ SIGNALS: Registry[type[Signal]] = Registry("signal")
 
 
 def registered_signals() -> Registry[type[Signal]]:
-    # Each signal module registers itself on import.
-    from recbole_dealrec.scoring import backend_effort, influence, training_dynamics, user_features  # noqa: F401
+    import recbole_dealrec.scoring as package
 
+    import_submodules(package.__name__, package.__path__)  # each signal's module registers it on import
     return SIGNALS
 
 

@@ -23,10 +23,12 @@ from recbole.data.interaction import Interaction
 from tqdm import tqdm
 
 from recbole_dealrec import distributed
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.scoring.cache import ScoredUsers
-from recbole_dealrec.scoring.influence_core import select_parameters
+from recbole_dealrec.gradients.params import select_parameters
 from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
+from recbole_dealrec.data.user_rows import rows_by_user
+from recbole_dealrec.gradients.per_sample import per_sample_squared_grad_norms, squared_norm
 from recbole_dealrec.surrogate import SurrogateLoss, user_batches
 
 
@@ -36,13 +38,12 @@ GRADIENT_FLOATS_PER_CALL = 50_000_000
 
 def _rows_by_user(train_dataset, user_ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """``(users [U] as given, row indices of each user)``; every user must have training rows."""
-    uid = train_dataset.inter_feat[train_dataset.uid_field].numpy()
-    order = np.argsort(uid, kind="stable")
-    users, starts, counts = np.unique(uid[order], return_index=True, return_counts=True)
+    grouped = rows_by_user(train_dataset)
+    users = grouped.users
     position = np.searchsorted(users, user_ids)
     if np.any(position >= len(users)) or np.any(users[np.minimum(position, len(users) - 1)] != user_ids):
         raise ValueError("GraNd/EL2N asked for users without training rows")
-    return user_ids, [order[starts[p]:starts[p] + counts[p]] for p in position]
+    return user_ids, [grouped.rows_of(p) for p in position]
 
 
 def per_user_gradient_norms(
@@ -62,21 +63,16 @@ def per_user_gradient_norms(
     inter = train_dataset.inter_feat
     fixed = {k: v.detach() for k, v in params.items()}
 
-    def norm_sq(p, user_fields):
-        def total(q):
-            return loss.row_losses(q, Interaction(dict(zip(fields, user_fields)))).sum()
+    def user_loss(p, user_fields):
+        return loss.row_losses(p, Interaction(dict(zip(fields, user_fields)))).sum()
 
-        grads = torch.func.grad(total)(p)
-        return sum((g.double() ** 2).sum() for g in grads.values())
-
-    batched = torch.func.vmap(norm_sq, in_dims=(None, 0))
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
 
     def single(user_fields):
         # One user alone (a row count nobody else has): a plain backward, already batched over its rows, is
         # cheaper than vmap's per-sample machinery; the same gradient.
-        total = loss.row_losses(leaves, Interaction(dict(zip(fields, user_fields)))).sum()
-        return sum((g.double() ** 2).sum() for g in torch.autograd.grad(total, list(leaves.values())))
+        grads = torch.autograd.grad(user_loss(leaves, user_fields), list(leaves.values()))
+        return squared_norm(dict(zip(leaves, grads)))
     counts = np.array([len(r) for r in rows])
     n_params = sum(p.numel() for p in params.values())
     out = torch.zeros(len(rows), dtype=torch.float64)
@@ -91,7 +87,7 @@ def per_user_gradient_norms(
         if len(members) == 1:
             out[int(members[0])] = single(tuple(f[0] for f in user_fields)).detach()
         else:
-            out[torch.from_numpy(members)] = batched(fixed, user_fields).detach()
+            out[torch.from_numpy(members)] = per_sample_squared_grad_norms(user_loss, fixed, user_fields).detach()
     return out.sqrt()
 
 
@@ -137,13 +133,24 @@ def _check_epoch_and_seeds(config: Mapping, prefix: str) -> None:
 USER_BLOCK = 512  # users per block of a sharded pass (see distributed.map_blocks)
 
 
+#: GraNd and EL2N score a user's data the way data_diet scores examples: the user's loss is the SUM of its prefix
+#: losses (every training example counted once, as the surrogate was trained), not influence's per-user
+#: ``influence_user_loss`` weighting.
+USER_LOSS = "sum"
+
+
 class _EarlyTrainingSignal(Signal):
     prefix: str
     uses_surrogate = True
+    depends_on = ("influence_batch_rows",)  # rows per batch of the surrogate passes (properties/signal/influence.yaml)
     sharded = True  # each rank scores a contiguous share of the users (the snapshots are trained data-parallel)
 
     def check_config(self, config) -> None:
         _check_epoch_and_seeds(config, self.prefix)
+        rows = config["influence_batch_rows"]
+        if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1:
+            raise ConfigError(f"influence_batch_rows must be an integer >= 1 (rows per batch of {self.name}'s passes), "
+                              f"got {rows!r}")
 
     def snapshot_epochs(self, config) -> tuple[int, ...]:
         return (int(config[f"{self.prefix}_epoch"]),)
@@ -172,7 +179,6 @@ class GraNd(_EarlyTrainingSignal):
     name = "grand"
     prefix = "grand"
     description = "GraNd: per-user loss gradient norm of the surrogate early in training, averaged over seeds"
-    keys = ("grand_epoch", "grand_seeds", "grand_params")
 
     def check_config(self, config) -> None:
         super().check_config(config)
@@ -181,7 +187,7 @@ class GraNd(_EarlyTrainingSignal):
             raise ConfigError(f"grand_params must be a non-empty list of regex patterns, got {patterns!r}")
 
     def score_run(self, ctx, surrogate, user_ids) -> torch.Tensor:
-        loss = SurrogateLoss(surrogate.model)
+        loss = SurrogateLoss(surrogate.model, USER_LOSS)
         params = select_parameters(surrogate.model.named_parameters(), list(ctx.config["grand_params"]))
         return per_user_gradient_norms(loss, params, surrogate.train_dataset, user_ids,
                                        int(ctx.config["influence_batch_rows"]))
@@ -192,8 +198,7 @@ class EL2N(_EarlyTrainingSignal):
     name = "el2n"
     prefix = "el2n"
     description = "EL2N: L2 norm of softmax - one-hot of the surrogate's next-item predictions early in training"
-    keys = ("el2n_epoch", "el2n_seeds")
 
     def score_run(self, ctx, surrogate, user_ids) -> torch.Tensor:
-        return per_user_el2n(SurrogateLoss(surrogate.model), surrogate.train_dataset, user_ids,
+        return per_user_el2n(SurrogateLoss(surrogate.model, USER_LOSS), surrogate.train_dataset, user_ids,
                              int(ctx.config["influence_batch_rows"]))

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from recbole_dealrec import distributed
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.scoring.cache import ScoredUsers
 from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
 from recbole_dealrec.surrogate import user_representations
@@ -48,7 +48,7 @@ class SurrogateEmbedding(Signal):
 class TextEmbedding(Signal):
     name = "text_embedding"
     description = "mean sentence embedding of the titles of the user's training items (content)"
-    keys = ("text_encoder_path", "title_field", "text_encoder_max_length")
+    depends_on = ("title_field",)
     sharded = True  # each rank encodes a contiguous share of the item titles
 
     def check_config(self, config) -> None:

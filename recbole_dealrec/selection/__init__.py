@@ -14,7 +14,9 @@ from recbole_dealrec.selection.base import (
     resolve_budget,
     selection_rng,
 )
-from recbole_dealrec.selection import ccs, dealrec, el2n, file, full, grand, random, recranker, tfdcon  # noqa: F401,E402
+from recbole_dealrec.registry import import_submodules
+
+import_submodules(__name__, __path__)  # every method's module registers it in SAMPLERS
 
 __all__ = [
     "SAMPLERS",

@@ -4,11 +4,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 import numbers
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
-from recbole_dealrec.registry import ConfigError, Registry
+from recbole_dealrec.config import property_file_keys
+from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.registry import Registry
 from recbole_dealrec.scoring.cache import UserScores
 
 
@@ -31,8 +33,8 @@ class SelectionMethod(abc.ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     signals: ClassVar[tuple[str, ...]] = ()
-    #: the method's own config keys (in ``properties/sampler/<name>.yaml``): they name its selection folder
-    keys: ClassVar[tuple[str, ...]] = ()
+    #: the key a grid's ``lambdas`` axis sets for this method (DEALRec's ``dealrec_lambda``), if any
+    lambda_key: ClassVar[Optional[str]] = None
     #: whether the method keeps a subset of the users (``full`` keeps them all: the train data is left as it is)
     prunes: ClassVar[bool] = True
     #: whether the method takes a budget (``selection_num`` / ``selection_ratio``); one that does not sets its own
@@ -48,10 +50,15 @@ class SelectionMethod(abc.ABC):
         """The number of users to keep among ``n_candidates`` (default: ``selection_num`` / ``selection_ratio``)."""
         return resolve_budget(self.config, n_candidates)
 
+    @classmethod
+    def own_keys(cls) -> tuple[str, ...]:
+        """The method's own config keys: those its ``properties/sampler/<name>.yaml`` declares."""
+        return property_file_keys("sampler", cls.name)
+
     def folder_settings(self) -> dict[str, Any]:
-        """What names the method's selection folder besides its signals: its keys' values (override to add e.g.
-        the contents of a file the method reads)."""
-        return {k: self.config[k] for k in self.keys}
+        """What names the method's selection folder besides its signals: its own keys' values (override to add
+        e.g. the contents of a file the method reads)."""
+        return {k: self.config[k] for k in self.own_keys()}
 
     def required_signals(self) -> tuple[str, ...]:
         """Signals this run needs (an ablation may need fewer than ``signals``)."""

@@ -8,7 +8,7 @@ import numbers
 
 import numpy as np
 
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.scoring.cache import UserScores
 from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod, joined_values
 from recbole_dealrec.selection.clustering import warn_constant
@@ -20,7 +20,6 @@ class CCS(SelectionMethod):
     name = "ccs"
     description = "CCS: hard-prune the hardest EL2N users, then coverage-stratified sampling over EL2N strata"
     signals = ("el2n",)
-    keys = ("ccs_beta", "ccs_num_strata")
 
     def check_config(self) -> None:
         beta, strata = self.config["ccs_beta"], self.config["ccs_num_strata"]

@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.scoring.cache import UserScores
 from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod
 from recbole_dealrec.selection.scores import join_by_id, min_max_normalise, overall_score
@@ -25,7 +25,7 @@ class DealRec(SelectionMethod):
     name = "dealrec"
     description = "DEALRec: influence + lambda * effort, then coverage-enhanced stratified selection (Algorithm 2)"
     signals = ("influence", "effort")
-    keys = ("dealrec_lambda", "dealrec_use_influence", "dealrec_selection", "dealrec_num_groups", "dealrec_hard_prune")
+    lambda_key = "dealrec_lambda"
 
     def required_signals(self) -> tuple[str, ...]:
         needed = []

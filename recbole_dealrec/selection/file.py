@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod
 
 
@@ -62,7 +62,6 @@ def read_selection_file(path: Any) -> list[tuple[int, str]]:
 class FileSelection(SelectionMethod):
     name = "file"
     description = "File: exactly the users listed in selection_file (one token per line, or a selection.tsv/.json)"
-    keys = ("selection_file",)
     takes_budget = False
 
     def check_config(self) -> None:

@@ -17,7 +17,7 @@ import numbers
 
 import numpy as np
 
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.scoring.cache import UserScores
 from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod, joined_values
 from recbole_dealrec.selection.clustering import distinct_rows, kmeans, warn_constant
@@ -29,7 +29,6 @@ class RecRanker(SelectionMethod):
     name = "recranker"
     description = "RecRanker: importance (log #interactions) + cluster-proportional sampling with a repetition penalty"
     signals = ("interaction_count", "surrogate_embedding")
-    keys = ("recranker_num_clusters", "recranker_importance_share", "recranker_cluster_share", "recranker_penalty")
 
     def check_config(self) -> None:
         check_num_clusters(self.config, "recranker_num_clusters")

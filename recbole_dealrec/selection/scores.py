@@ -16,12 +16,13 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["min_max_normalise", "join_by_id", "overall_score"]
+__all__ = ["finite_scores", "min_max_normalise", "join_by_id", "overall_score"]
 
 _MAX_EXAMPLES = 5
 
 
-def _finite_1d(x: Any, name: str) -> np.ndarray:
+def finite_scores(x: Any, name: str = "scores") -> np.ndarray:
+    """``x`` [n] as a float64 vector; ``ValueError`` naming ``name`` unless 1-D, real and finite."""
     arr = np.asarray(x)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
@@ -44,7 +45,7 @@ def min_max_normalise(x: np.ndarray) -> np.ndarray:
     every sample is equally (un)informative. Empty input returns an empty
     array. Non-finite input raises ``ValueError``.
     """
-    arr = _finite_1d(x, "x")
+    arr = finite_scores(x, "x")
     if arr.size == 0:
         return arr.copy()
     lo = float(arr.min())
@@ -65,7 +66,7 @@ def _check_ids(ids: Any, scores: Any, side: str) -> tuple[np.ndarray, np.ndarray
     ids_arr = np.asarray(ids)
     if ids_arr.ndim != 1:
         raise ValueError(f"{side}_ids must be 1-D, got shape {ids_arr.shape}")
-    sc = _finite_1d(scores, f"{side}_scores")
+    sc = finite_scores(scores, f"{side}_scores")
     if ids_arr.shape[0] != sc.shape[0]:
         raise ValueError(
             f"{side}_ids has {ids_arr.shape[0]} entries but {side}_scores has {sc.shape[0]}"
@@ -133,8 +134,8 @@ def overall_score(influence: np.ndarray, effort: np.ndarray, lam: float) -> np.n
         raise ValueError(f"`dealrec_lambda` must be a number, got {lam!r}") from exc
     if not math.isfinite(lam_f) or lam_f < 0.0:
         raise ValueError(f"`dealrec_lambda` must be finite and >= 0, got {lam!r}")
-    inf = _finite_1d(influence, "influence")
-    eff = _finite_1d(effort, "effort")
+    inf = finite_scores(influence, "influence")
+    eff = finite_scores(effort, "effort")
     if inf.shape != eff.shape:
         raise ValueError(
             f"influence and effort must have the same shape, got {inf.shape} and {eff.shape}"

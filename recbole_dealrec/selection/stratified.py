@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from recbole_dealrec.selection.scores import finite_scores
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -70,23 +72,10 @@ class StratifiedResult:
 # validation helpers
 # ----------------------------------------------------------------------------
 def _as_scores(scores: Any) -> np.ndarray:
-    arr = np.asarray(scores)
-    if arr.ndim != 1:
-        raise ValueError(f"scores must be a 1-D array, got shape {arr.shape}")
-    if arr.size == 0:
+    """``scores`` as a non-empty finite float64 vector (else ``ValueError``)."""
+    if np.asarray(scores).size == 0:
         raise ValueError("scores must not be empty")
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"scores must be numeric, got dtype {arr.dtype}")
-    if np.iscomplexobj(arr):
-        raise ValueError("scores must be real-valued")
-    arr = arr.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(arr)):
-        bad = np.flatnonzero(~np.isfinite(arr))
-        raise ValueError(
-            f"scores must be finite; {bad.size} non-finite value(s), "
-            f"e.g. at positions {bad[:5].tolist()}"
-        )
-    return arr
+    return finite_scores(scores, "scores")
 
 
 def _as_int(value: Any, name: str) -> int:

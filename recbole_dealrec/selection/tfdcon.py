@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod, joined_values
 from recbole_dealrec.selection.clustering import (
     distinct_rows,
@@ -40,7 +40,6 @@ class TFDCon(SelectionMethod):
     name = "tfdcon"
     description = "TF-DCon: k-means on surrogate + text user representations, proportional picks nearest each centre"
     signals = ("surrogate_embedding", "text_embedding")
-    keys = ("tfdcon_num_clusters", "tfdcon_text_weight")
 
     def check_config(self) -> None:
         check_num_clusters(self.config, "tfdcon_num_clusters")

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from recbole_dealrec.data.user_rows import rows_by_user
+
 #: Allowed values of ``influence_user_loss``: how a user's prefix losses make its loss.
 USER_LOSSES = ("mean", "sum")
 
@@ -108,10 +110,8 @@ def user_batches(train_dataset, max_rows: int, user_ids: Sequence[int] | None = 
     :class:`UserBatch`); the loss is the same, the model runs once per user instead of once per prefix.
     """
     inter = train_dataset.inter_feat
-    uid = inter[train_dataset.uid_field].numpy()
-    order = np.argsort(uid, kind="stable")
-    uid_sorted = uid[order]
-    users, starts, counts = np.unique(uid_sorted, return_index=True, return_counts=True)
+    grouped = rows_by_user(train_dataset)
+    order, users, starts, counts = grouped.order, grouped.users, grouped.starts, grouped.counts
     if user_ids is not None:
         wanted = np.isin(users, np.asarray(user_ids))
         users, starts, counts = users[wanted], starts[wanted], counts[wanted]
@@ -257,7 +257,7 @@ class SurrogateLoss:
         damping); G drops the second-order term of the network and is positive semi-definite, the usual
         choice of influence-function libraries for cross-entropy losses. ``influence_hessian`` picks it.
         """
-        from recbole_dealrec.scoring.influence_core import flatten, unflatten
+        from recbole_dealrec.gradients.params import flatten, unflatten
 
         fixed = {k: v.detach() for k, v in params.items()}
 

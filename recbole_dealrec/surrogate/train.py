@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import tempfile
 from logging import getLogger
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
-from recbole.utils import ModelType, init_seed, set_color
+from recbole.utils import ModelType, get_trainer, init_seed, set_color
 
 from recbole.data.utils import get_dataloader
 
 from recbole_dealrec import distributed
 from recbole_dealrec.config import DealrecConfig, model_only_keys, plugin_keys, user_keys
 from recbole_dealrec.data import create_dataset, data_preparation
-from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.model import get_model, get_trainer
+from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.model import get_model
 from recbole_dealrec.surrogate.loss import (sequence_train_dataset, sequence_training_loss,
                                            supports_sequence_mode)
 from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, stable_key
@@ -99,48 +100,57 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _capture_epochs(trainer, model, paths: dict[int, str]) -> None:
-    """Save the weights after each epoch in ``paths`` (1-based epoch -> file) while ``trainer.fit`` runs.
+class EarlyTrainHooks:
+    """Mixin over a RecBole trainer class (DeepCore's ``EarlyTrain``): the surrogate's one training also yields
+    what the signals need from it, through overridden trainer steps instead of patched ones.
 
-    A hook on the trainer's own epoch step, so the early-epoch snapshots GraNd/EL2N need come from the one
-    surrogate training instead of a second trainer.
+    - ``snapshot_paths`` (1-based epoch -> file): the weights after those epochs are saved as the epoch ends (the
+      early-epoch snapshots GraNd/EL2N declare with ``snapshot_epochs``, so no second trainer repeats them);
+    - ``best_state``: a CPU copy of the weights each time RecBole saves its best model (its checkpoint file holds a
+      pickled config, so it is never loaded back);
+    - ``loss_func``: the training loss in place of ``model.calculate_loss`` (sequence mode), passed the way
+      RecBole's own ``_train_epoch`` takes one.
     """
-    train_epoch = trainer._train_epoch
 
-    def hooked(train_data, epoch_idx, *args, **kwargs):
-        loss = train_epoch(train_data, epoch_idx, *args, **kwargs)
-        path = paths.get(epoch_idx + 1)
+    def __init__(self, config, model, snapshot_paths: Optional[Mapping[int, str]] = None,
+                 loss_func: Optional[Callable] = None):
+        super().__init__(config, model)
+        self.snapshot_paths = dict(snapshot_paths or {})
+        self.loss_func = loss_func
+        self.best_state: Optional[dict[str, torch.Tensor]] = None
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func or self.loss_func,
+                                    show_progress=show_progress)
+        path = self.snapshot_paths.get(epoch_idx + 1)
         if path is not None and distributed.is_main() and not cache_entry_ok(path):
-            _save_state(model, path)
+            _save_state(self.model, path)
         return loss
 
-    trainer._train_epoch = hooked
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        self.best_state = _cpu_state(self.model)
+        return super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
 
 
-def _sequence_mode_loader(scfg, model, train_data):
+def surrogate_trainer(scfg, model, snapshot_paths: Optional[Mapping[int, str]] = None,
+                      loss_func: Optional[Callable] = None):
+    """RecBole's trainer for ``scfg``'s model with :class:`EarlyTrainHooks` over it."""
+    base = get_trainer(scfg["MODEL_TYPE"], scfg["model"])
+    trainer_class = type(f"EarlyTrain{base.__name__}", (EarlyTrainHooks, base), {})
+    return trainer_class(scfg, model, snapshot_paths=snapshot_paths, loss_func=loss_func)
+
+
+def _sequence_mode(scfg, model, train_data) -> tuple[Any, Optional[Callable]]:
     """With ``surrogate_sequence_mode`` and a causal CE surrogate (SASRec): a train loader over one row per user
-    window, the model's loss replaced by :func:`sequence_training_loss` (RecBole's trainer unchanged); else
-    ``train_data`` as it is."""
+    window and :func:`sequence_training_loss` as the training loss (RecBole's trainer unchanged); else
+    ``(train_data, None)``: the prefix rows and the model's own loss."""
     if not scfg["surrogate_sequence_mode"] or not supports_sequence_mode(model) or scfg["loss_type"] != "CE":
-        return train_data
+        return train_data, None
     dataset = sequence_train_dataset(train_data.dataset)
-    model.calculate_loss = lambda interaction: sequence_training_loss(model, interaction)
     getLogger().info(set_color("[Surrogate]", "pink") + f" sequence mode: {len(dataset)} training rows for "
                      f"{len(train_data.dataset)} prefix samples")
-    return get_dataloader(scfg, "train")(scfg, dataset, train_data._sampler, shuffle=scfg["shuffle"])
-
-
-def _capture_best(trainer, model) -> dict:
-    """A dict that holds (key ``state``) a CPU copy of the weights each time RecBole's trainer saves its best model."""
-    best: dict = {}
-    save = trainer._save_checkpoint
-
-    def hooked(*args, **kwargs):
-        best["state"] = _cpu_state(model)
-        return save(*args, **kwargs)
-
-    trainer._save_checkpoint = hooked
-    return best
+    loader = get_dataloader(scfg, "train")(scfg, dataset, train_data._sampler, shuffle=scfg["shuffle"])
+    return loader, functools.partial(sequence_training_loss, model)
 
 
 @contextlib.contextmanager
@@ -185,16 +195,14 @@ def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) 
         else:
             logger.info(set_color("[Surrogate]", "pink") + f" training {scfg['model']} on all training data"
                         + (" (rank 0 alone; the other ranks wait for its cache)" if distributed.active() else ""))
-            fit_data = _sequence_mode_loader(scfg, model, train_data)
+            fit_data, loss_func = _sequence_mode(scfg, model, train_data)
             with distributed.solo(), _private_checkpoint_dir(config, scfg):
-                trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
-                _capture_epochs(trainer, model, {e: _snapshot_path(config, scfg, key, 0, e) for e in snapshot_epochs})
-                best = _capture_best(trainer, model)
+                trainer = surrogate_trainer(scfg, model, loss_func=loss_func, snapshot_paths={
+                    e: _snapshot_path(config, scfg, key, 0, e) for e in snapshot_epochs})
                 trainer.fit(fit_data, valid_data, saved=True, show_progress=scfg["show_progress"])
-                # fit() leaves the LAST epoch's weights in memory; the best-by-validation ones were copied when
-                # RecBole saved them (its checkpoint file holds a pickled config, so it is never loaded back).
-                if best:
-                    model.load_state_dict(best["state"])
+                # fit() leaves the LAST epoch's weights in memory: back to the best-by-validation ones
+                if trainer.best_state is not None:
+                    model.load_state_dict(trainer.best_state)
             _save_state(model, path)
             logger.info(set_color("[Surrogate]", "pink") + f" best epoch by {scfg['valid_metric']} saved to {path}")
     model.eval()
@@ -224,11 +232,10 @@ def surrogate_snapshot(config: DealrecConfig, run: int, epoch: int) -> Surrogate
         elif epoch > 0:
             getLogger().info(set_color("[Surrogate]", "pink") + f" training run {run} (seed {scfg['seed']}) for {epoch} epochs")
             scfg["epochs"], scfg["stopping_step"] = int(epoch), int(epoch) + 1
-            fit_data = _sequence_mode_loader(scfg, model, train_data)
+            fit_data, loss_func = _sequence_mode(scfg, model, train_data)
             # saves nothing, but RecBole's trainer creates the folder
             with distributed.solo(), _private_checkpoint_dir(config, scfg):
-                trainer = get_trainer(scfg["MODEL_TYPE"], scfg["model"])(scfg, model)
-                _capture_epochs(trainer, model, {int(epoch): path})
+                trainer = surrogate_trainer(scfg, model, loss_func=loss_func, snapshot_paths={int(epoch): path})
                 trainer.fit(fit_data, valid_data, saved=False, show_progress=scfg["show_progress"])
         else:
             _save_state(model, path)

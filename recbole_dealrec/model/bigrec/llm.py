@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def add_lora(
 
     Note: a fresh adapter has ``lora_B = 0``, so its output is identical to the
     base model and every ``lora_A`` gradient is exactly zero (see
-    :func:`recbole_dealrec.scoring.effort.effort_scores`).
+    :func:`recbole_dealrec.gradients.lora.effort_scores`).
 
     Returns:
         a ``peft.PeftModel`` whose only trainable parameters are the LoRA ones.

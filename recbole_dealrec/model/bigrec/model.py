@@ -12,7 +12,6 @@ One training sample per user (BIGRec's protocol: ``train_rows = "last"``), fed b
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from logging import getLogger
@@ -36,13 +35,16 @@ from recbole_dealrec.model.bigrec.prompts import DEFAULT_INSTRUCTION, LOSS_ON, b
 from recbole_dealrec.model.backend import GenerativeBackend, check_title_field
 from recbole_dealrec.model.registry import MODELS
 from recbole_dealrec.registry import ConfigError
-from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok
+from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, folder_digest, stable_key
 
 #: Batch size of the (short) item-title embedding passes.
 TITLE_EMB_BATCH = 32
 
 
 def _cfg(config, key, default):
+    """``config[key]``, or ``default`` where the config lacks it: BIGRec built as the effort backend of a run whose
+    model is not BIGRec (a SASRec run's config never loaded properties/model/BIGRec.yaml; the defaults here are
+    that file's values, and a test holds them equal)."""
     value = config[key]
     return default if value is None else value
 
@@ -266,19 +268,14 @@ class BIGRec(GenerativeBackend):
         return self._item_emb
 
     def _item_emb_cache_file(self) -> Optional[str]:
+        """``<bigrec_item_emb_cache>/item_emb-<key>.pt``, keyed (like every cache) by the contents it depends on:
+        the LLM's files, the titles and the pooling."""
         folder = self.item_emb_cache
         if not folder:
             return None
-        digest = hashlib.sha256()
-        for name in sorted(os.listdir(self.llm_path)):  # the LLM's files: names, sizes, mtimes
-            full = os.path.join(self.llm_path, name)
-            if os.path.isfile(full):
-                st = os.stat(full)
-                digest.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
-        digest.update(os.path.abspath(self.llm_path).encode())
-        digest.update("\x1e".join(self.item_titles).encode())
-        digest.update(f"pooling={self.grounding_pooling}".encode())
-        return os.path.join(os.path.expanduser(str(folder)), f"item_emb-{digest.hexdigest()[:20]}.pt")
+        llm = folder_digest(self.llm_path, lambda name: os.path.isfile(os.path.join(self.llm_path, name)))
+        key = stable_key({"llm": llm, "titles": self.item_titles, "pooling": self.grounding_pooling})
+        return os.path.join(os.path.expanduser(str(folder)), f"item_emb-{key}.pt")
 
     @property
     def title_items(self) -> dict[str, list[int]]:
@@ -341,8 +338,8 @@ class BIGRec(GenerativeBackend):
 
     def effort_norms(self, interactions, patterns, show_progress=False) -> torch.Tensor:
         """LoRA gradient norms of each sample's LM loss: one batched backward per batch (hooks + einsum,
-        ``recbole_dealrec.scoring.effort``)."""
-        from recbole_dealrec.scoring.effort import effort_scores
+        ``recbole_dealrec.gradients.lora``)."""
+        from recbole_dealrec.gradients.lora import effort_scores
 
         norms = effort_scores(self.llm, [self.batch_tensors(i) for i in interactions], patterns, show_progress=show_progress)
         self.log_pass("effort scores")

@@ -22,7 +22,7 @@ import torch
 from recbole_dealrec.model.backend import GenerativeBackend
 from recbole_dealrec.model.registry import MODELS
 from recbole_dealrec.model.tiger.semantic_ids import RQVAE_KEYS, cached_semantic_ids, check_rqvae_config
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 
 PAD, EOS, FIRST_CODE = 0, 1, 2
 #: score of items no beam reached: below every beam's log-probability, above the padding item's -inf
@@ -166,10 +166,11 @@ class TIGER(GenerativeBackend):
     def effort_norms(self, interactions, patterns, show_progress=False) -> torch.Tensor:
         """Exact per-sample ``||grad L(s)||`` over the parameters matched by ``patterns`` (default all), with
         one ``vmap(grad)`` per batch (no per-sample backward), in eval mode (no dropout)."""
-        from torch.func import functional_call, grad, vmap
+        from torch.func import functional_call
         from tqdm import tqdm
 
-        from recbole_dealrec.scoring.influence_core import select_parameters
+        from recbole_dealrec.gradients.params import select_parameters
+        from recbole_dealrec.gradients.per_sample import per_sample_squared_grad_norms
 
         params = select_parameters(self.t5.named_parameters(), list(patterns or [".*"]))
         fixed = {k: v.detach() for k, v in self.t5.named_parameters() if k not in params}
@@ -186,16 +187,13 @@ class TIGER(GenerativeBackend):
                 "input_ids": input_ids[None], "attention_mask": mask, "decoder_input_ids": decoder_input_ids})
             return torch.nn.functional.cross_entropy(out.logits[0], labels)
 
-        def norm_sq(p, *sample):
-            return sum((g.double() ** 2).sum() for g in grad(loss)(p, *sample).values())
-
-        batched = vmap(norm_sq, in_dims=(None, 0, 0, 0))
         detached = {k: v.detach() for k, v in params.items()}
         out = []
         try:
             for interaction in tqdm(interactions, desc="effort scores", disable=not show_progress):
                 batch = self.sample_batch(interaction)
-                out.append(batched(detached, batch["input_ids"], batch["attention_mask"], batch["labels"]).sqrt())
+                out.append(per_sample_squared_grad_norms(loss, detached, batch["input_ids"], batch["attention_mask"],
+                                                         batch["labels"]).sqrt())
         finally:
             self.t5.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)

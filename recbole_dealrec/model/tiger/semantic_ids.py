@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, stable_key
 
 RQVAE_KEYS = ("tiger_text_fields", "text_encoder_path", "text_encoder_max_length", "tiger_levels",

@@ -1,4 +1,4 @@
-"""Tests for recbole_dealrec.scoring.hessian: iHVP solvers on real (tiny) Hessians.
+"""Tests for recbole_dealrec.scoring.ihvp: iHVP solvers on real (tiny) Hessians.
 
 Model: L2-regularised multinomial logistic regression, 6 features x 3 classes
 (+ bias) = 21 parameters, 50 samples, float64 -- convex, so its Hessian is
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recbole_dealrec.scoring.hessian import (
+from recbole_dealrec.scoring.ihvp import (
     SolveResult,
     conjugate_gradient,
     deterministic_sampler,
@@ -23,13 +23,8 @@ from recbole_dealrec.scoring.hessian import (
     relative_residual,
     solve,
 )
-from recbole_dealrec.scoring.influence_core import (
-    flatten,
-    make_hvp,
-    make_stochastic_hvp,
-    mean_gradient,
-    unflatten,
-)
+from recbole_dealrec.gradients.params import flatten, unflatten
+from recbole_dealrec.scoring.influence_core import make_hvp, make_stochastic_hvp, mean_gradient
 
 # torch's first forward-mode call scripts its jvp decompositions (torch-internal warning)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from recbole_dealrec.selection import Selection
+from recbole_dealrec.selection.base import Selection
 from recbole_dealrec.utils import atomic_write
 
 
