@@ -28,6 +28,12 @@ if not os.path.isdir(PROPERTIES_DIR):  # source checkout: properties/ sits besid
 
 DEFAULT_DATASET = "ml-100k"
 DEFAULT_SAMPLER = "full"
+#: Keys that change no number a run computes: where outputs go (``data_path``: the data's own digest is keyed
+#: instead), logging, plots, devices and the process layout. Every cache key and the grid's cell key leave them out.
+RESULT_NEUTRAL_KEYS = frozenset({
+    "output_dir", "checkpoint_dir", "data_path", "show_progress", "state", "log_wandb", "wandb_project", "report_plots",
+    "device", "gpu_id", "local_rank", "single_spec", "worker", "save_dataset", "save_dataloaders", "dataset_save_path",
+    "dataloaders_save_path", "distributed_timeout"})
 #: Property file a dataset folder may hold (the importer writes it): the dataset's keys, no hand-written YAML.
 DATASET_PROPERTY_FILE = "recbole_dealrec.yaml"
 #: Keys RecBole's ``Config`` reads that no RecBole property file names.

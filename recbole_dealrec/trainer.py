@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from recbole_dealrec import distributed
 from recbole_dealrec.data.user_rows import rows_by_user
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.utils import atomic_write
 
 CHECKPOINT_FORMAT = "recbole-dealrec/generative-v1"
@@ -68,10 +68,8 @@ def first_rows(dataset) -> np.ndarray:
 def check_trainer_config(config) -> None:
     """The generative trainer's own keys (run by ``check_run_config`` before any data is read, and again here)."""
     grad_accum, warmup = config["gradient_accumulation_steps"], config["warmup_steps"]
-    if grad_accum is not None and (not isinstance(grad_accum, int) or grad_accum < 1):
-        raise ConfigError(f"`gradient_accumulation_steps` must be an int >= 1, got {grad_accum!r}")
-    if warmup is not None and (not isinstance(warmup, int) or warmup < 0):
-        raise ConfigError(f"`warmup_steps` must be an int >= 0, got {warmup!r}")
+    check_integer("gradient_accumulation_steps", grad_accum, 1, none_ok=True)
+    check_integer("warmup_steps", warmup, 0, none_ok=True)
     if (config["lr_schedule"] or "constant") not in LR_SCHEDULES:
         raise ConfigError(f"`lr_schedule` must be one of {list(LR_SCHEDULES)}, got {config['lr_schedule']!r}")
 

@@ -19,12 +19,12 @@ OUT_OF_RANGE = {"epochs": -1, "train_batch_size": 0, "eval_batch_size": 0, "lear
 
 
 def must_fail_before_the_data(key, value, tmp_path, monkeypatch):
-    import recbole_dealrec.quick_start as quick_start
+    import recbole_dealrec.pipeline as pipeline
 
     def no_data(*args, **kwargs):
         raise AssertionError(f"{key}={value!r} was accepted: the data was about to be loaded")
 
-    monkeypatch.setattr(quick_start, "create_dataset", no_data)
+    monkeypatch.setattr(pipeline, "create_dataset", no_data)
     with pytest.raises(ConfigError) as error:
         run_recbole("SASRec", config_dict={"output_dir": str(tmp_path / "out"), key: value})
     message = str(error.value)

@@ -16,7 +16,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from recbole_dealrec.selection.scores import join_by_id, min_max_normalise, overall_score
+from recbole_dealrec.selection.base import UserScores, joined_values
+from recbole_dealrec.selection.scores import min_max_normalise, overall_score
 from recbole_dealrec.selection.stratified import (
     StratifiedResult,
     coverage_stratified_select,
@@ -357,35 +358,33 @@ def test_min_max_normalise():
             min_max_normalise(bad)
 
 
-def test_join_by_id_alignment_is_order_independent():
+def test_joined_values_alignment_is_order_independent():
     rng = np.random.default_rng(5)
     ids = rng.choice(10_000, size=50, replace=False)
     a = rng.normal(size=50)
-    b = rng.normal(size=50)
+    b = rng.normal(size=(50, 3))  # a vector signal (an embedding) aligns the same way
     truth_a = dict(zip(ids.tolist(), a.tolist()))
     truth_b = dict(zip(ids.tolist(), b.tolist()))
+    candidates = np.sort(ids)
     pa, pb = rng.permutation(50), rng.permutation(50)
-    out_ids, aa, bb = join_by_id(ids[pa], a[pa], ids[pb], b[pb])
-    assert out_ids.tolist() == sorted(ids.tolist())
-    assert aa.tolist() == [truth_a[i] for i in out_ids.tolist()]
-    assert bb.tolist() == [truth_b[i] for i in out_ids.tolist()]
+    aa = joined_values(candidates, UserScores(ids[pa], a[pa]), "a")
+    bb = joined_values(candidates, UserScores(ids[pb], b[pb]), "b")
+    assert aa.tolist() == [truth_a[i] for i in candidates.tolist()]
+    assert bb.tolist() == [truth_b[i] for i in candidates.tolist()]
     # another shuffle gives the identical result
-    qa, qb = rng.permutation(50), rng.permutation(50)
-    out2 = join_by_id(ids[qa], a[qa], ids[qb], b[qb])
-    assert all(np.array_equal(x, y) for x, y in zip((out_ids, aa, bb), out2))
+    qa = rng.permutation(50)
+    assert np.array_equal(joined_values(candidates, UserScores(ids[qa], a[qa]), "a"), aa)
 
 
-def test_join_by_id_errors():
-    with pytest.raises(ValueError, match=r"only in a.*\[3\].*only in b.*\[4\]"):
-        join_by_id(np.array([1, 2, 3]), np.zeros(3), np.array([4, 2, 1]), np.zeros(3))
+def test_joined_values_errors():
+    with pytest.raises(ValueError, match=r"differ.*missing, e\.g\. \[3\].*only in the signal, e\.g\. \[4\]"):
+        joined_values(np.array([1, 2, 3]), UserScores(np.array([4, 2, 1]), np.zeros(3)), "x")
     with pytest.raises(ValueError, match="differ"):
-        join_by_id(np.array([1, 2, 3]), np.zeros(3), np.array([2, 1]), np.zeros(2))
+        joined_values(np.array([1, 2, 3]), UserScores(np.array([2, 1]), np.zeros(2)), "x")
     with pytest.raises(ValueError, match="duplicate"):
-        join_by_id(np.array([1, 1, 2]), np.zeros(3), np.array([1, 2, 3]), np.zeros(3))
-    with pytest.raises(ValueError, match="duplicate"):
-        join_by_id(np.array([1, 2, 3]), np.zeros(3), np.array([1, 2, 2]), np.zeros(3))
+        UserScores(np.array([1, 2, 2]), np.zeros(3))
     with pytest.raises(ValueError):
-        join_by_id(np.array([1, 2]), np.zeros(3), np.array([1, 2]), np.zeros(2))
+        UserScores(np.array([1, 2]), np.zeros(3))
 
 
 def test_overall_score():

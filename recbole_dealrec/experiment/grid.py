@@ -33,7 +33,7 @@ import itertools
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-from recbole_dealrec.config import DEFAULT_DATASET, read_property_file
+from recbole_dealrec.config import DEFAULT_DATASET, RESULT_NEUTRAL_KEYS, read_property_file
 from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.utils import folder_digest, stable_key
 
@@ -163,7 +163,7 @@ def _check_keys(where: str, given: Mapping, allowed: frozenset) -> None:
 
 #: Where a cell reads and writes, not what it computes (the data's contents are in the cell's key and in every
 #: cache key by their checksum): left out of the cell's key, so moving data or outputs keeps finished cells.
-UNKEYED_SETTINGS = frozenset({"output_dir", "checkpoint_dir", "data_path", "show_progress", "state", "log_wandb", "report_plots"})
+UNKEYED_SETTINGS = RESULT_NEUTRAL_KEYS
 
 
 def load_grid(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Grid:

@@ -27,7 +27,7 @@ import torch
 from recbole.utils import init_seed
 
 from recbole_dealrec import distributed
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.scoring.cache import ScoredUsers
 from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
 
@@ -52,8 +52,7 @@ def check_effort_config(config: Mapping[str, Any]) -> None:
     patterns = config["effort_params"]
     if patterns is not None and (not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns)):
         raise ConfigError(f"effort_params must be ~ (all trained parameters) or a list of regex patterns, got {patterns!r}")
-    if not isinstance(config["effort_batch_size"], int) or config["effort_batch_size"] < 1:
-        raise ConfigError(f"effort_batch_size must be an integer >= 1, got {config['effort_batch_size']!r}")
+    check_integer("effort_batch_size", config["effort_batch_size"], 1)
     adapter = config["effort_adapter_path"]
     if adapter is not None and not os.path.isfile(adapter):
         raise ConfigError(f"effort_adapter_path {adapter!r} is not a file (a checkpoint of this plugin's trainer or "

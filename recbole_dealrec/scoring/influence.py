@@ -25,7 +25,7 @@ from recbole.utils import set_color
 
 from recbole_dealrec import distributed
 from recbole_dealrec.config import StageArguments
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.scoring.cache import ScoredUsers
 from recbole_dealrec.scoring.ihvp import SOLVERS, ensure_finite, largest_eigenvalue, lissa_damping_for, solve
 from recbole_dealrec.gradients.params import flatten, select_parameters, unflatten
@@ -92,8 +92,7 @@ class InfluenceArguments(StageArguments):
             raise ConfigError(f"influence_hessian_users must be auto, ~ (all users) or an integer >= 1, got {subset!r}")
         for key in ("lissa_depth", "lissa_repeats", "lissa_batch_users", "cg_max_iter", "influence_batch_rows",
                     "influence_power_iters"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
+            check_integer(key, getattr(self, key), 1)
 
 
 def check_influence_config(config: Mapping[str, Any]) -> None:

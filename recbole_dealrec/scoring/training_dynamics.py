@@ -14,7 +14,6 @@ epoch); runs 1 .. ``*_seeds``-1 retrain that many epochs with seed ``seed + run`
 """
 from __future__ import annotations
 
-import numbers
 from typing import Mapping
 
 import numpy as np
@@ -23,7 +22,7 @@ from recbole.data.interaction import Interaction
 from tqdm import tqdm
 
 from recbole_dealrec import distributed
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.scoring.cache import ScoredUsers
 from recbole_dealrec.gradients.params import select_parameters
 from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
@@ -124,10 +123,8 @@ def per_user_el2n(loss: SurrogateLoss, train_dataset, user_ids: np.ndarray, max_
 
 def _check_epoch_and_seeds(config: Mapping, prefix: str) -> None:
     epoch, seeds = config[f"{prefix}_epoch"], config[f"{prefix}_seeds"]
-    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
-        raise ConfigError(f"{prefix}_epoch must be an integer >= 0 (0 = at initialisation), got {epoch!r}")
-    if isinstance(seeds, bool) or not isinstance(seeds, numbers.Integral) or seeds < 1:
-        raise ConfigError(f"{prefix}_seeds must be an integer >= 1 (runs averaged; the original: 10), got {seeds!r}")
+    check_integer(f"{prefix}_epoch", epoch, 0, "0 = at initialisation")
+    check_integer(f"{prefix}_seeds", seeds, 1, "runs averaged; the original: 10")
 
 
 USER_BLOCK = 512  # users per block of a sharded pass (see distributed.map_blocks)
@@ -147,10 +144,7 @@ class _EarlyTrainingSignal(Signal):
 
     def check_config(self, config) -> None:
         _check_epoch_and_seeds(config, self.prefix)
-        rows = config["influence_batch_rows"]
-        if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1:
-            raise ConfigError(f"influence_batch_rows must be an integer >= 1 (rows per batch of {self.name}'s passes), "
-                              f"got {rows!r}")
+        check_integer("influence_batch_rows", config["influence_batch_rows"], 1, f"rows per batch of {self.name}'s passes")
 
     def snapshot_epochs(self, config) -> tuple[int, ...]:
         return (int(config[f"{self.prefix}_epoch"]),)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from recbole_dealrec import distributed
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.scoring.cache import ScoredUsers
 from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
 from recbole_dealrec.surrogate import user_representations
@@ -56,9 +56,7 @@ class TextEmbedding(Signal):
             raise ConfigError("the text_embedding signal needs item titles: set title_field to the item column "
                               "holding them (properties/dataset/<dataset>.yaml or a config file)")
         resolve_text_encoder(config["text_encoder_path"])
-        length = config["text_encoder_max_length"]
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ConfigError(f"text_encoder_max_length must be an integer >= 1, got {length!r}")
+        check_integer("text_encoder_max_length", config["text_encoder_max_length"], 1)
 
     def cache_payload(self, ctx: SignalContext) -> dict:
         # The default encoder's folder moves with the Python install; its name is what the values depend on.

@@ -85,12 +85,15 @@ SAMPLERS: Registry[type[SelectionMethod]] = Registry("sampler")
 
 
 def joined_values(candidates: np.ndarray, signal: UserScores, name: str) -> np.ndarray:
-    """``signal``'s values in the order of ``candidates`` (sorted ids); both must hold the same users."""
+    """``signal``'s values ([n] or [n, d]) in the order of ``candidates`` [n]: the one alignment by user id of every
+    method (never by position); both must hold the same users."""
     position = {u: i for i, u in enumerate(signal.user_ids.tolist())}
     missing = [u for u in candidates.tolist() if u not in position]
-    if missing or len(position) != len(candidates):
-        raise ValueError(f"signal '{name}' covers {len(position)} users, the candidates are {len(candidates)} "
-                         f"({len(missing)} candidates missing, e.g. {missing[:5]}): id sets differ")
+    extra = sorted(set(position) - set(candidates.tolist()))
+    if missing or extra:
+        raise ValueError(f"signal '{name}' covers {len(position)} users, the candidates are {len(candidates)}: id sets "
+                         f"differ ({len(missing)} candidates missing, e.g. {missing[:5]}; {len(extra)} users only in "
+                         f"the signal, e.g. {extra[:5]})")
     return signal.values[[position[u] for u in candidates.tolist()]]
 
 

@@ -8,7 +8,7 @@ import numbers
 
 import numpy as np
 
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.scoring.cache import UserScores
 from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod, joined_values
 from recbole_dealrec.selection.clustering import warn_constant
@@ -25,8 +25,7 @@ class CCS(SelectionMethod):
         beta, strata = self.config["ccs_beta"], self.config["ccs_num_strata"]
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 1:
             raise ConfigError(f"ccs_beta must be a number in [0, 1) (CCS: 0.3 at 90% pruning), got {beta!r}")
-        if isinstance(strata, bool) or not isinstance(strata, numbers.Integral) or strata < 1:
-            raise ConfigError(f"ccs_num_strata must be an integer >= 1 (CCS: 50; paper grid 25, 50, 75), got {strata!r}")
+        check_integer("ccs_num_strata", strata, 1, "CCS: 50; paper grid 25, 50, 75")
 
     def check_budget(self, budget: int, n_candidates: int) -> None:
         left = n_candidates - hard_prune_count(n_candidates, self.config["ccs_beta"])

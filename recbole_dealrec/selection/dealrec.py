@@ -11,10 +11,10 @@ import numbers
 
 import numpy as np
 
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.scoring.cache import UserScores
-from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod
-from recbole_dealrec.selection.scores import join_by_id, min_max_normalise, overall_score
+from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod, joined_values
+from recbole_dealrec.selection.scores import min_max_normalise, overall_score
 from recbole_dealrec.selection.stratified import coverage_stratified_select, greedy_top, hard_prune_count
 
 SELECTIONS = ("stratified", "greedy")
@@ -39,8 +39,7 @@ class DealRec(SelectionMethod):
         lam, groups, prune = (self.config[k] for k in ("dealrec_lambda", "dealrec_num_groups", "dealrec_hard_prune"))
         if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not np.isfinite(lam) or lam < 0:
             raise ConfigError(f"dealrec_lambda must be a number >= 0 (paper grid 0.1, 0.3, 0.5, 1.0, 2.0), got {lam!r}")
-        if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
-            raise ConfigError(f"dealrec_num_groups must be an integer >= 1 (paper: 25, 50, 75), got {groups!r}")
+        check_integer("dealrec_num_groups", groups, 1, "paper: 25, 50, 75")
         if isinstance(prune, bool) or not isinstance(prune, numbers.Real) or not 0 <= prune < 1:
             raise ConfigError(f"dealrec_hard_prune must be a number in [0, 1) (paper's code: 0.1), got {prune!r}")
         if self.config["dealrec_selection"] not in SELECTIONS:
@@ -66,8 +65,7 @@ class DealRec(SelectionMethod):
         ids = np.sort(candidates)
         used: dict[str, UserScores] = {}
         for name in needed:
-            joined_ids, _, values = join_by_id(ids, np.zeros(len(ids)), signals[name].user_ids, signals[name].values)
-            used[name] = UserScores(joined_ids, values)
+            used[name] = UserScores(ids, joined_values(ids, signals[name], name))
         if needed == ("influence", "effort"):
             overall = overall_score(used["influence"].values, used["effort"].values, self.config["dealrec_lambda"])
         else:  # one signal: lambda = 0 (influence only) or the w/o-influence ablation (effort only)

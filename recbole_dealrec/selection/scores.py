@@ -3,7 +3,7 @@
 DEALRec's overall score per user is ``minmax(influence) + lam * minmax(effort)``
 (config ``dealrec_lambda``). Influence and effort are computed by different
 code paths, possibly over differently ordered user lists, so they are always
-aligned by user id (:func:`join_by_id`), never by position.
+aligned by user id (``selection.base.joined_values``), never by position.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finite_scores", "min_max_normalise", "join_by_id", "overall_score"]
+__all__ = ["finite_scores", "min_max_normalise", "overall_score"]
 
 _MAX_EXAMPLES = 5
 
@@ -62,68 +62,11 @@ def min_max_normalise(x: np.ndarray) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def _check_ids(ids: Any, scores: Any, side: str) -> tuple[np.ndarray, np.ndarray]:
-    ids_arr = np.asarray(ids)
-    if ids_arr.ndim != 1:
-        raise ValueError(f"{side}_ids must be 1-D, got shape {ids_arr.shape}")
-    sc = finite_scores(scores, f"{side}_scores")
-    if ids_arr.shape[0] != sc.shape[0]:
-        raise ValueError(
-            f"{side}_ids has {ids_arr.shape[0]} entries but {side}_scores has {sc.shape[0]}"
-        )
-    uniq, counts = np.unique(ids_arr, return_counts=True)
-    if uniq.shape[0] != ids_arr.shape[0]:
-        dups = uniq[counts > 1]
-        raise ValueError(
-            f"{side}_ids contains {dups.shape[0]} duplicated id(s), "
-            f"e.g. {dups[:_MAX_EXAMPLES].tolist()}"
-        )
-    return ids_arr, sc
-
-
-def join_by_id(
-    a_ids: np.ndarray,
-    a_scores: np.ndarray,
-    b_ids: np.ndarray,
-    b_scores: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Align two per-id score vectors by id.
-
-    Args:
-        a_ids, a_scores: ``[n]`` ids (unique) and their float scores.
-        b_ids, b_scores: ``[n]`` the same ids in any order, and their scores.
-
-    Returns:
-        ``(ids [n] sorted ascending, a_aligned [n], b_aligned [n])`` with
-        ``a_aligned[i]``/``b_aligned[i]`` the scores of ``ids[i]``.
-
-    Raises:
-        ValueError: duplicate ids on either side, length mismatch, non-finite
-            scores, or different id sets (counts and examples reported).
-    """
-    a_ids_arr, a_sc = _check_ids(a_ids, a_scores, "a")
-    b_ids_arr, b_sc = _check_ids(b_ids, b_scores, "b")
-    a_order = np.argsort(a_ids_arr, kind="stable")
-    b_order = np.argsort(b_ids_arr, kind="stable")
-    a_sorted = a_ids_arr[a_order]
-    b_sorted = b_ids_arr[b_order]
-    if a_sorted.shape != b_sorted.shape or not np.array_equal(a_sorted, b_sorted):
-        only_a = np.setdiff1d(a_sorted, b_sorted)
-        only_b = np.setdiff1d(b_sorted, a_sorted)
-        raise ValueError(
-            "id sets differ: "
-            f"{only_a.shape[0]} id(s) only in a (e.g. {only_a[:_MAX_EXAMPLES].tolist()}), "
-            f"{only_b.shape[0]} id(s) only in b (e.g. {only_b[:_MAX_EXAMPLES].tolist()}); "
-            f"|a|={a_sorted.shape[0]}, |b|={b_sorted.shape[0]}"
-        )
-    return a_sorted.copy(), a_sc[a_order], b_sc[b_order]
-
-
 def overall_score(influence: np.ndarray, effort: np.ndarray, lam: float) -> np.ndarray:
     """DEALRec overall score ``minmax(influence) + lam * minmax(effort)``.
 
     ``influence`` and ``effort`` are float ``[n]`` aligned by position (use
-    :func:`join_by_id` first); returns float64 ``[n]`` in ``[0, 1 + lam]``.
+    ``selection.base.joined_values`` first); returns float64 ``[n]`` in ``[0, 1 + lam]``.
     ``lam`` (config ``dealrec_lambda``) must be finite and ``>= 0``.
     """
     if isinstance(lam, (bool, np.bool_)):

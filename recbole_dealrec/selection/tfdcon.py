@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod, joined_values
 from recbole_dealrec.selection.clustering import (
     distinct_rows,
@@ -25,9 +25,7 @@ from recbole_dealrec.selection.clustering import (
 
 
 def check_num_clusters(config, key: str) -> None:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ConfigError(f"{key} must be an integer >= 1 (paper grid 25, 50, 75), got {value!r}")
+    check_integer(key, config[key], 1, "paper grid 25, 50, 75")
 
 
 def check_clusters_fit(config, key: str, n_candidates: int) -> None:

@@ -24,7 +24,8 @@ from recbole.utils import ModelType, get_trainer, init_seed, set_color
 from recbole.data.utils import get_dataloader
 
 from recbole_dealrec import distributed
-from recbole_dealrec.config import DealrecConfig, model_only_keys, plugin_keys, user_keys
+from recbole_dealrec.config import (RESULT_NEUTRAL_KEYS, DealrecConfig, model_only_keys, plugin_keys, recbole_keys,
+                                    user_keys)
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.model import get_model
@@ -32,13 +33,9 @@ from recbole_dealrec.surrogate.loss import (sequence_train_dataset, sequence_tra
                                            supports_sequence_mode)
 from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, stable_key
 
-# Keys that never change the trained weights (paths, logging, devices) or belong to later stages.
-_NOT_IN_KEY = {"checkpoint_dir", "output_dir", "show_progress", "device", "gpu_id", "state", "local_rank",
-               "single_spec", "log_wandb", "wandb_project", "worker", "save_dataset", "save_dataloaders",
-               "dataset_save_path", "dataloaders_save_path", "data_path", "surrogate_config",
-               "test_user_results_file", "test_user_loss", "distributed_timeout"}
-_LATER_STAGE_PREFIXES = ("selection_", "sampler", "influence_", "ihvp_", "lissa_", "cg_", "effort_", "llm_",
-                         "lora_", "dealrec_", "report_", "reference_")
+#: The plugin keys of the data and surrogate stages, the only plugin keys the trained weights depend on (every other
+#: plugin key belongs to a later stage; RecBole's keys all count).
+SURROGATE_PLUGIN_KEYS = ("split_field", "surrogate_sequence_mode")
 
 
 @dataclasses.dataclass
@@ -72,11 +69,14 @@ def surrogate_config(config: DealrecConfig) -> DealrecConfig:
 
 
 def config_key(config: DealrecConfig) -> str:
-    """Key of everything in ``config`` that can change the trained weights, plus the dataset files."""
-    _, selection_keys, _ = plugin_keys()  # every sampler's and signal's keys: later stages
+    """Key of everything in ``config`` that can change the trained weights, plus the dataset files: RecBole's keys
+    (and the ones RecBole derives, which no plugin property file declares) and :data:`SURROGATE_PLUGIN_KEYS`, without
+    :data:`RESULT_NEUTRAL_KEYS` (``surrogate_config`` is in the config already)."""
+    declared, _, _ = plugin_keys()
+    plugin_only = declared - recbole_keys()
     relevant = {
         k: v for k, v in config.final_config_dict.items()
-        if k not in _NOT_IN_KEY and k not in selection_keys and not k.startswith(_LATER_STAGE_PREFIXES)
+        if k not in RESULT_NEUTRAL_KEYS and k != "surrogate_config" and (k not in plugin_only or k in SURROGATE_PLUGIN_KEYS)
     }
     return stable_key({"config": relevant, "data": dataset_fingerprint(config)})
 

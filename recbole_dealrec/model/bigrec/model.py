@@ -34,7 +34,7 @@ from recbole_dealrec.model.bigrec.llm import add_lora, beam_prompt_cache, check_
 from recbole_dealrec.model.bigrec.prompts import DEFAULT_INSTRUCTION, LOSS_ON, build_prompt, format_response, tokenize_samples
 from recbole_dealrec.model.backend import GenerativeBackend, check_title_field
 from recbole_dealrec.model.registry import MODELS
-from recbole_dealrec.registry import ConfigError
+from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, folder_digest, stable_key
 
 #: Batch size of the (short) item-title embedding passes.
@@ -69,8 +69,7 @@ class BIGRec(GenerativeBackend):
             if config[key] is not None and config[key] not in allowed:
                 raise ConfigError(f"`{key}` must be one of {list(allowed)}, got {config[key]!r}")
         for key in ("num_beams", "max_new_tokens"):
-            if config[key] is not None and (not isinstance(config[key], int) or config[key] < 1):
-                raise ConfigError(f"`{key}` must be an integer >= 1, got {config[key]!r}")
+            check_integer(key, config[key], 1, none_ok=True)
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)

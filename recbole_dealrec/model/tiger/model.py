@@ -22,7 +22,7 @@ import torch
 from recbole_dealrec.model.backend import GenerativeBackend
 from recbole_dealrec.model.registry import MODELS
 from recbole_dealrec.model.tiger.semantic_ids import RQVAE_KEYS, cached_semantic_ids, check_rqvae_config
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import ConfigError, check_integer
 
 PAD, EOS, FIRST_CODE = 0, 1, 2
 #: score of items no beam reached: below every beam's log-probability, above the padding item's -inf
@@ -36,12 +36,8 @@ def check_tiger_config(config) -> None:
     """The model keys that can be checked before any data is read."""
     check_rqvae_config(config)
     for key in (*T5_KEYS[:-1], "tiger_max_history"):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
-    users = config["tiger_user_tokens"]
-    if isinstance(users, bool) or not isinstance(users, int) or users < 0:
-        raise ConfigError(f"tiger_user_tokens must be an integer >= 0 (0 = no user tokens; TIGER: 2000), got {users!r}")
+        check_integer(key, config[key], 1)
+    check_integer("tiger_user_tokens", config["tiger_user_tokens"], 0, "0 = no user tokens; TIGER: 2000")
     beams, topk = config["tiger_num_beams"], max(config["topk"])
     if beams is not None and (isinstance(beams, bool) or not isinstance(beams, int) or beams < topk):
         raise ConfigError(f"tiger_num_beams must be an integer >= max(topk) = {topk} (every ranked item comes from "

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, stable_key
 
 RQVAE_KEYS = ("tiger_text_fields", "text_encoder_path", "text_encoder_max_length", "tiger_levels",
@@ -133,9 +133,7 @@ def add_collision_level(codes: np.ndarray, codebook_size: int, key: str = "tiger
 def check_rqvae_config(config: Mapping[str, Any], n_items: int | None = None) -> None:
     """Validate the RQ-VAE keys (and, given ``n_items``, that the ID space can hold every item)."""
     for key in ("tiger_levels", "tiger_codebook_size", "tiger_rqvae_latent", "tiger_rqvae_epochs", "tiger_rqvae_batch_size"):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
+        check_integer(key, config[key], 1)
     if config["tiger_codebook_size"] < 2:
         raise ConfigError(f"tiger_codebook_size must be >= 2, got {config['tiger_codebook_size']!r}")
     hidden = config["tiger_rqvae_hidden"]
