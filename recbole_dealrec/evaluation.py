@@ -111,8 +111,40 @@ def save_user_results(path: str, results: dict, dataset) -> None:
         arrays["target_item"] = dataset.id2token(dataset.iid_field, results["target_item"]).astype(str)
     if "loss" in results:
         arrays["loss"] = results["loss"]
+    if "target_train_count" in results:
+        arrays["target_train_count"] = results["target_train_count"]
     with atomic_write(path, "wb") as handle:
         np.savez_compressed(handle, **arrays)  # hits are mostly zeros: a tenth of the size
+
+
+def target_train_counts(train_dataset, target_items: np.ndarray) -> np.ndarray:
+    """[n] int64: how often each user's target item occurs in ``train_dataset`` (every user's training rows;
+    0 = a cold target, which no ranking learnt from the training data can place by its interactions)."""
+    counts = np.bincount(train_dataset.inter_feat[train_dataset.iid_field].numpy(), minlength=train_dataset.item_num)
+    return counts[np.asarray(target_items, dtype=np.int64)].astype(np.int64)
+
+
+def sensitivity(users: dict, k: int) -> dict[str, float]:
+    """The two sensitivity figures of per-user results ``users`` (as saved: ``hits`` [n, >=k], ``n_targets``,
+    ``target_item``, optionally ``target_train_count``) at cut-off ``k``:
+
+    - ``top_target_share@k``: the share of the hits that come from the single most-hit target item (near 1: the
+      metric is one item's popularity, not the ranking's quality); NaN without hits;
+    - ``recall@k_warm``: Recall@k over the users whose target occurs in training (cold targets left out); NaN when
+      the results do not carry ``target_train_count`` (runs before it was saved) or every target is cold.
+    """
+    hit_counts = users["hits"][:, :k].sum(1)
+    out = {f"top_target_share@{k}": math.nan, f"recall@{k}_warm": math.nan}
+    if hit_counts.sum() > 0 and "target_item" in users:
+        _, inverse = np.unique(users["target_item"], return_inverse=True)
+        per_target = np.bincount(inverse, weights=hit_counts)
+        out[f"top_target_share@{k}"] = float(per_target.max() / hit_counts.sum())
+    if "target_train_count" in users:
+        warm = np.asarray(users["target_train_count"]) > 0
+        if warm.any():
+            recall = per_user_metrics(users["hits"], users["n_targets"], k)[f"recall@{k}"]
+            out[f"recall@{k}_warm"] = float(recall[warm].mean())
+    return out
 
 
 def load_user_results(path: str) -> dict[str, np.ndarray]:

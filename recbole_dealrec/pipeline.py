@@ -21,7 +21,8 @@ from recbole_dealrec import distributed
 from recbole_dealrec.config import DealrecConfig, user_keys
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
 from recbole_dealrec.errors import ConfigError
-from recbole_dealrec.evaluation import capture_user_results, reference_results, save_user_results, with_user_results
+from recbole_dealrec.evaluation import (capture_user_results, reference_results, save_user_results, target_train_counts,
+                                        with_user_results)
 from recbole_dealrec.export import export_path, export_selection, save_selection, selection_dir
 from recbole_dealrec.model.backend import GenerativeBackend
 from recbole_dealrec.scoring.signals import compute_signals
@@ -216,6 +217,8 @@ def test_model(setup: RunSetup, data: RunData, selected: SelectedUsers, tuned: F
         test_result = tuned.trainer.evaluate(data.test_data, load_best_model=saved,
                                              show_progress=config["show_progress"])
     per_user = policy.all_users(per_user)
+    if "target_item" in per_user:  # the sensitivity columns need to know which targets are cold
+        per_user["target_train_count"] = target_train_counts(data.train_data.dataset, per_user["target_item"])
     references = {}
     if policy.writes_outputs:
         if user_results_file:

@@ -292,6 +292,7 @@ def test_smoke_grid_end_to_end(tmp_path, monkeypatch):
     assert "| GRU4Rec |" in text and "## Figure 6" in text and "figure6_groups" in text
     # the statistics against the reference method and the reference rows (every cell ranked its own test users)
     assert "### Against the reference method" in text and "sign-flip p" in text and "MDE (80% power)" in text
+    assert "top-target share@10" in text and "recall@10 w/o cold targets" in text  # the sensitivity columns
     for name in ("popularity", "recent_popularity", "random"):
         assert f"| *{name}* (reference) |" in text
         assert all(set(r["references"][name]) == set(r["test"]) for r in records)

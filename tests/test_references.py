@@ -112,3 +112,34 @@ def test_bad_reference_keys_fail_before_the_data(keys, message):
 
     with pytest.raises(ConfigError, match=message):
         check_run_config(DealrecConfig("SASRec", "ml-100k", config_dict=keys))
+
+
+def test_sensitivity_columns_equal_a_hand_count():
+    from recbole_dealrec.evaluation import sensitivity
+
+    users = {"hits": np.array([[1, 0], [0, 1], [1, 0], [0, 0]], dtype=bool), "n_targets": np.ones(4, dtype=np.int64),
+             "target_item": np.array(["a", "a", "b", "c"]), "target_train_count": np.array([5, 5, 0, 2])}
+    at2 = sensitivity(users, 2)  # hits: a (users 0, 1), b (user 2): a holds 2 of 3; warm users 0, 1, 3 recall 1, 1, 0
+    assert at2 == {"top_target_share@2": pytest.approx(2 / 3), "recall@2_warm": pytest.approx(2 / 3)}
+    at1 = sensitivity(users, 1)  # hits: a (user 0), b (user 2): 1 of 2; warm recalls 1, 0, 0
+    assert at1 == {"top_target_share@1": pytest.approx(1 / 2), "recall@1_warm": pytest.approx(1 / 3)}
+    no_hits = sensitivity({**users, "hits": np.zeros((4, 2), dtype=bool)}, 2)
+    assert np.isnan(no_hits["top_target_share@2"]) and no_hits["recall@2_warm"] == 0.0
+    older = {k: v for k, v in users.items() if k != "target_train_count"}  # saved before the counts were
+    assert np.isnan(sensitivity(older, 2)["recall@2_warm"])
+
+
+def test_a_runs_per_user_results_carry_each_targets_training_count(tiny_config, tmp_path):
+    from recbole_dealrec.evaluation import load_user_results
+
+    path = str(tmp_path / "users.npz")
+    run_recbole("SASRec", config_dict={**tiny_config, "sampler": "random", "selection_num": 100,
+                                       "test_user_results_file": path})
+    users = load_user_results(path)
+    config = DealrecConfig("SASRec", "ml-100k", config_dict=tiny_config)
+    train, _, _ = data_preparation(config, create_dataset(config))
+    dataset = train.dataset  # every user's training rows (the selection prunes the loader, not these counts)
+    items = dataset.inter_feat[dataset.iid_field].numpy()
+    tokens = dataset.id2token(dataset.iid_field, items).astype(str)
+    by_hand = Counter(tokens.tolist())
+    assert users["target_train_count"].tolist() == [by_hand.get(t, 0) for t in users["target_item"].tolist()]

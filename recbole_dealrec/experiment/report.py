@@ -135,6 +135,18 @@ def _separated(above: dict, below: dict, level: float = 0.95) -> bool:
     return low > 0
 
 
+def _cached_user_results(record: dict, results_dir: str, cache: dict):
+    """The record's per-user results (read once per path into ``cache``), or why they cannot be read (a str)."""
+    path = os.path.join(results_dir, record["user_results"])
+    if path not in cache:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                cache[path] = {key: data[key] for key in data.files}
+        except OSError as error:
+            cache[path] = f"cannot read {record['user_results']}: {type(error).__name__}"
+    return cache[path]
+
+
 def _user_values(records: Sequence[dict], metric: str, results_dir: str, cache: dict) -> tuple[dict, Optional[str]]:
     """``{seed: (per-user metric [users], target item per user [users], user ids [users])}`` of one method's
     records that carry per-user results (users sorted by ``user_id``), and why some could not be used."""
@@ -145,14 +157,7 @@ def _user_values(records: Sequence[dict], metric: str, results_dir: str, cache: 
     for r in records:
         if not r.get("user_results"):
             continue
-        path = os.path.join(results_dir, r["user_results"])
-        if path not in cache:
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    cache[path] = {key: data[key] for key in data.files}
-            except OSError as error:
-                cache[path] = f"cannot read {r['user_results']}: {type(error).__name__}"
-        users = cache[path]
+        users = _cached_user_results(r, results_dir, cache)
         if isinstance(users, str):
             note = users
             continue
@@ -256,6 +261,29 @@ def reference_rows(group: Sequence[dict], metrics: Sequence[str]) -> dict[str, l
     return out
 
 
+def sensitivity_k(metrics: Sequence[str]) -> Optional[int]:
+    """The cut-off of the sensitivity columns: the first Recall@K of the table's metrics (None without one)."""
+    return next((int(m.split("@")[1]) for m in metrics if m.startswith("recall@") and m.split("@")[1].isdigit()), None)
+
+
+def sensitivity_cells(records: Sequence[dict], k: int, results_dir: str, cache: dict) -> list[str]:
+    """``[top-target share@k, Recall@k without cold targets]`` of one method's cells, each "mean (n)" over the
+    cells whose per-user results allow it (``evaluation.sensitivity``), "-" where none does."""
+    from recbole_dealrec.evaluation import sensitivity
+
+    values: dict[str, list[float]] = {f"top_target_share@{k}": [], f"recall@{k}_warm": []}
+    for r in records:
+        if not r.get("user_results"):
+            continue
+        users = _cached_user_results(r, results_dir, cache)
+        if isinstance(users, str) or users["hits"].shape[1] < k:
+            continue
+        for name, value in sensitivity(users, k).items():
+            if np.isfinite(value):
+                values[name].append(value)
+    return [f"{np.mean(v):.3f} ({len(v)})" if v else "-" for v in values.values()]
+
+
 def table2(records: Sequence[dict], results_dir: str = ".") -> tuple[str, list[dict]]:
     """Markdown and the facts behind it (per group and metric: best, second, the paper's p-value, whether the
     best is separated from every other method, the methods tied for best, the comparison with the reference).
@@ -300,7 +328,9 @@ def table2(records: Sequence[dict], results_dir: str = ".") -> tuple[str, list[d
         facts += group_facts
         if block:
             blocks.append(block)
-        header = ["dataset", "model", "budget", "method", "seeds", *metrics]
+        k_sens = sensitivity_k(metrics)
+        sens_header = [f"top-target share@{k_sens}", f"recall@{k_sens} w/o cold targets"] if k_sens else []
+        header = ["dataset", "model", "budget", "method", "seeds", *metrics, *sens_header]
         for method in by_method:
             cells = []
             for k in metrics:
@@ -313,9 +343,11 @@ def table2(records: Sequence[dict], results_dir: str = ".") -> tuple[str, list[d
                 text = f"**{text}**" if mark == "best" else f"<u>{text}</u>" if mark == "second" else (
                     f"{text} (tie)" if mark == "tie" else text)
                 cells.append(text)
-            rows_out.append([dataset, model, budget, method, len(by_method[method]), *cells])
+            sens = sensitivity_cells(by_method[method], k_sens, results_dir, cache) if k_sens else []
+            rows_out.append([dataset, model, budget, method, len(by_method[method]), *cells, *sens])
         for name, cells_of in reference_rows(group, metrics).items():
-            rows_out.append([dataset, model, budget, f"*{name}* (reference)", cells_of[0], *cells_of[1:]])
+            rows_out.append([dataset, model, budget, f"*{name}* (reference)", cells_of[0], *cells_of[1:],
+                             *(["-"] * len(sens_header))])
     if not rows_out:
         return "", facts
     text = replicate_modes_line(chosen) + "\n\n" + _markdown(header, rows_out)
@@ -326,7 +358,11 @@ def table2(records: Sequence[dict], results_dir: str = ".") -> tuple[str, list[d
              "marked (tie); equal means are ties, whatever their order. *Reference* rows (the cells' runs rank "
              "their own test users by training popularity, by popularity over the recent window, and at random; "
              "seeds = cells) say what a trivial ranking reaches on the same users; cells run before the plugin "
-             "reported them have none.")
+             "reported them have none. Sensitivity columns, mean over the cells (n) whose per-user results allow "
+             "them: *top-target share*, the share of the hits that come from the single most-hit target item (near "
+             "1: the number measures one item's popularity); *recall w/o cold targets*, Recall without the test "
+             "users whose target never occurs in training (cells run before the plugin saved each target's "
+             "training count show -).")
     tested = [f for f in facts if f.get("p_value") is not None]
     if tested:
         text += "\n\n" + _markdown(["dataset", "model", "budget", "metric", "best", "second",

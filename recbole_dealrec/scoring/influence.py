@@ -25,7 +25,7 @@ from recbole.utils import set_color
 
 from recbole_dealrec import distributed
 from recbole_dealrec.config import StageArguments
-from recbole_dealrec.errors import ConfigError, check_integer
+from recbole_dealrec.errors import ConfigError, check_integer, check_number
 from recbole_dealrec.scoring.cache import ScoredUsers
 from recbole_dealrec.scoring.ihvp import SOLVERS, ensure_finite, largest_eigenvalue, lissa_damping_for, solve
 from recbole_dealrec.gradients.params import flatten, select_parameters, unflatten
@@ -85,8 +85,7 @@ class InfluenceArguments(StageArguments):
         if damping != "auto" and (not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0):
             raise ConfigError(f"influence_damping must be auto or a number >= 0, got {damping!r}")
         for key in ("influence_damping_ratio", "lissa_scale", "ihvp_tol"):
-            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be a positive number, got {getattr(self, key)!r}")
+            check_number(key, getattr(self, key), 0, low_open=True)
         subset = self.influence_hessian_users
         if subset not in (None, "auto") and (not isinstance(subset, int) or subset < 1):
             raise ConfigError(f"influence_hessian_users must be auto, ~ (all users) or an integer >= 1, got {subset!r}")

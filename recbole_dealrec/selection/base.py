@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Mapping, Optional
 import numpy as np
 
 from recbole_dealrec.config import property_file_keys
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import ConfigError, check_number
 from recbole_dealrec.registry import Registry
 from recbole_dealrec.scoring.cache import UserScores
 
@@ -133,10 +133,7 @@ def check_selection_config(config: Mapping[str, Any]) -> SelectionMethod:
         raise ConfigError(
             f"give either selection_ratio or selection_num, not both (got {ratio!r} and {num!r})"
         )
-    if ratio is not None and (
-        isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1
-    ):
-        raise ConfigError(f"selection_ratio must be a number in (0, 1], got {ratio!r}")
+    check_number("selection_ratio", ratio, 0, 1, low_open=True, high_open=False, none_ok=True)
     if num is not None and (not _is_int(num) or num < 1):
         raise ConfigError(f"selection_num must be an integer >= 1, got {num!r}")
     if method.takes_budget and ratio is None and num is None:

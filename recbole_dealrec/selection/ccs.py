@@ -4,11 +4,10 @@ equal-width EL2N strata, smallest stratum first (the same allocation as DEALRec'
 function)."""
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 
-from recbole_dealrec.errors import ConfigError, check_integer
+from recbole_dealrec.errors import ConfigError, check_integer, check_number
 from recbole_dealrec.scoring.cache import UserScores
 from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod, joined_values
 from recbole_dealrec.selection.clustering import warn_constant
@@ -23,8 +22,7 @@ class CCS(SelectionMethod):
 
     def check_config(self) -> None:
         beta, strata = self.config["ccs_beta"], self.config["ccs_num_strata"]
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 1:
-            raise ConfigError(f"ccs_beta must be a number in [0, 1) (CCS: 0.3 at 90% pruning), got {beta!r}")
+        check_number("ccs_beta", beta, 0, 1, note="CCS: 0.3 at 90% pruning")
         check_integer("ccs_num_strata", strata, 1, "CCS: 50; paper grid 25, 50, 75")
 
     def check_budget(self, budget: int, n_candidates: int) -> None:

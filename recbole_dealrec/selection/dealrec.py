@@ -7,11 +7,10 @@ score), ``dealrec_num_groups`` (K), ``dealrec_hard_prune`` (fraction of highest 
 """
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 
-from recbole_dealrec.errors import ConfigError, check_integer
+from recbole_dealrec.errors import ConfigError, check_integer, check_number
 from recbole_dealrec.scoring.cache import UserScores
 from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod, joined_values
 from recbole_dealrec.selection.scores import min_max_normalise, overall_score
@@ -37,11 +36,9 @@ class DealRec(SelectionMethod):
 
     def check_config(self) -> None:
         lam, groups, prune = (self.config[k] for k in ("dealrec_lambda", "dealrec_num_groups", "dealrec_hard_prune"))
-        if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not np.isfinite(lam) or lam < 0:
-            raise ConfigError(f"dealrec_lambda must be a number >= 0 (paper grid 0.1, 0.3, 0.5, 1.0, 2.0), got {lam!r}")
+        check_number("dealrec_lambda", lam, 0, note="paper grid 0.1, 0.3, 0.5, 1.0, 2.0")
         check_integer("dealrec_num_groups", groups, 1, "paper: 25, 50, 75")
-        if isinstance(prune, bool) or not isinstance(prune, numbers.Real) or not 0 <= prune < 1:
-            raise ConfigError(f"dealrec_hard_prune must be a number in [0, 1) (paper's code: 0.1), got {prune!r}")
+        check_number("dealrec_hard_prune", prune, 0, 1, note="paper's code: 0.1")
         if self.config["dealrec_selection"] not in SELECTIONS:
             raise ConfigError(
                 f"dealrec_selection must be one of {', '.join(SELECTIONS)}, got {self.config['dealrec_selection']!r}"

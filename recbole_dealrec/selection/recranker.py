@@ -13,11 +13,10 @@ distinct users than the budget, both draws are repeated with twice the size unti
 """
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import check_number
 from recbole_dealrec.scoring.cache import UserScores
 from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod, joined_values
 from recbole_dealrec.selection.clustering import distinct_rows, kmeans, warn_constant
@@ -33,12 +32,9 @@ class RecRanker(SelectionMethod):
     def check_config(self) -> None:
         check_num_clusters(self.config, "recranker_num_clusters")
         for key in ("recranker_importance_share", "recranker_cluster_share"):
-            value = self.config[key]
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
-                raise ConfigError(f"{key} must be a number > 0 (RecRanker: 0.6), got {value!r}")
+            check_number(key, self.config[key], 0, low_open=True, note="RecRanker: 0.6")
         penalty = self.config["recranker_penalty"]
-        if isinstance(penalty, bool) or not isinstance(penalty, numbers.Real) or not 0 < penalty <= 1:
-            raise ConfigError(f"recranker_penalty must be a number in (0, 1] (RecRanker: 0.95), got {penalty!r}")
+        check_number("recranker_penalty", penalty, 0, 1, low_open=True, high_open=False, note="RecRanker: 0.95")
 
     def check_budget(self, budget: int, n_candidates: int) -> None:
         check_clusters_fit(self.config, "recranker_num_clusters", n_candidates)

@@ -8,11 +8,10 @@ views, ``tfdcon_text_weight`` scaling the content view) and the per-cluster pick
 """
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 
-from recbole_dealrec.errors import ConfigError, check_integer
+from recbole_dealrec.errors import ConfigError, check_integer, check_number
 from recbole_dealrec.selection.base import SAMPLERS, Selection, SelectionMethod, joined_values
 from recbole_dealrec.selection.clustering import (
     distinct_rows,
@@ -42,8 +41,7 @@ class TFDCon(SelectionMethod):
     def check_config(self) -> None:
         check_num_clusters(self.config, "tfdcon_num_clusters")
         weight = self.config["tfdcon_text_weight"]
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or weight < 0:
-            raise ConfigError(f"tfdcon_text_weight must be a number >= 0, got {weight!r}")
+        check_number("tfdcon_text_weight", weight, 0)
 
     def check_budget(self, budget: int, n_candidates: int) -> None:
         check_clusters_fit(self.config, "tfdcon_num_clusters", n_candidates)

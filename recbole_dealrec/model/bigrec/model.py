@@ -34,7 +34,7 @@ from recbole_dealrec.model.bigrec.llm import add_lora, beam_prompt_cache, check_
 from recbole_dealrec.model.bigrec.prompts import DEFAULT_INSTRUCTION, LOSS_ON, build_prompt, format_response, tokenize_samples
 from recbole_dealrec.model.backend import GenerativeBackend, check_title_field
 from recbole_dealrec.model.registry import MODELS
-from recbole_dealrec.errors import ConfigError, check_integer
+from recbole_dealrec.errors import ConfigError, check_integer, check_number
 from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, folder_digest, stable_key
 
 #: Batch size of the (short) item-title embedding passes.
@@ -62,8 +62,7 @@ class BIGRec(GenerativeBackend):
         check_title_field(config, "BIGRec")
         check_llm_path(config["llm_path"])
         gamma = config["bigrec_popularity_gamma"]
-        if gamma is not None and (not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma < 0):
-            raise ConfigError(f"`bigrec_popularity_gamma` must be a number >= 0, got {gamma!r}")
+        check_number("bigrec_popularity_gamma", gamma, 0, none_ok=True)
         for key, allowed in (("bigrec_loss_on", LOSS_ON), ("bigrec_grounding_beams", GROUNDING_BEAMS),
                              ("bigrec_grounding_pooling", POOLINGS)):
             if config[key] is not None and config[key] not in allowed:
