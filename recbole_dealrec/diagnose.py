@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from recbole.utils import init_logger, init_seed, set_color
 
-from recbole_dealrec.config import PROPERTIES_DIR, DealrecConfig, StageArguments, read_property_file
+from recbole_dealrec.config import PROPERTIES_DIR, DealrecConfig, StageArguments, check_known_keys, read_property_file
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
 from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.model import get_model
@@ -257,6 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         # the run's config (SASRec as the run's model: its surrogate and influence keys are what is checked)
         config = DealrecConfig("SASRec", known.dataset, files, config_dict={"sampler": "dealrec"}, argv=rest)
+        check_known_keys(config)  # a misspelled key fails here, not after the retrainings
         args = CheckArguments.from_config({**defaults, **{k: config[k] for k in defaults if config[k] is not None},
                                            "seed": config["seed"]})
         init_logger(config)
