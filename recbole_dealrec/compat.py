@@ -31,7 +31,19 @@ def _numpy_aliases() -> None:
             setattr(np, alias, target)
 
 
-class _PandasProxy(types.ModuleType):
+class _ModuleProxy(types.ModuleType):
+    """A module as one RecBole module sees it: every name of ``wrapped``, except those the subclass defines."""
+
+    wrapped: types.ModuleType
+
+    def __init__(self) -> None:
+        super().__init__(self.wrapped.__name__)
+
+    def __getattr__(self, name: str):
+        return getattr(self.wrapped, name)
+
+
+class _PandasProxy(_ModuleProxy):
     """``pandas`` as seen by ``recbole.data.dataset.dataset``, with a fixed ``read_csv``.
 
     Atomic files are never quoted, but pandas' default quoting would swallow tabs up to the next ``"`` in
@@ -40,11 +52,7 @@ class _PandasProxy(types.ModuleType):
     Filling the ``*seq`` columns right after reading gives RecBole the strings it expects.
     """
 
-    def __init__(self) -> None:
-        super().__init__("pandas")
-
-    def __getattr__(self, name: str):
-        return getattr(pd, name)
+    wrapped = pd
 
     @staticmethod
     def read_csv(*args, **kwargs):
@@ -102,7 +110,7 @@ def _remap(self, remap_list) -> None:
             feat[field] = pd.Series(np.split(new_ids, split_point), index=feat.index, dtype=object)
 
 
-class _TorchProxy(types.ModuleType):
+class _TorchProxy(_ModuleProxy):
     """``torch`` as seen by ``recbole.trainer.trainer``: ``load`` reads tensors only (``weights_only=True``).
 
     RecBole pickles its whole ``Config`` into every checkpoint and reloads it with ``torch.load``, which would run
@@ -110,11 +118,7 @@ class _TorchProxy(types.ModuleType):
     best-model reload and ``resume_checkpoint`` need nothing but tensors and numbers.
     """
 
-    def __init__(self) -> None:
-        super().__init__("torch")
-
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
+    wrapped = torch
 
     @staticmethod
     def load(*args, **kwargs):

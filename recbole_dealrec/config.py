@@ -323,7 +323,8 @@ def declared_key_types() -> dict[str, tuple[str, bool, frozenset]]:
     """``key -> (declared type, whether None is allowed, words allowed besides the type)`` of every top-level key of
     the plugin's property files, from the ``# (type)`` comment that documents it (``int``, ``float``, ``bool``,
     ``str``, ``list``, ``dict``, or ``A or B``): the property file is the one place a key and its type are declared.
-    None is allowed where some file's default is ``~`` and for every ``str`` key (unset: none); a word default of a
+    None is allowed where some file's default is ``~``, where the comment documents ``~ = ...``, and for every
+    ``str`` key (unset: none); a word default of a
     numeric key (``auto``) is allowed too."""
     kinds: dict[str, str] = {}
     none_ok: dict[str, bool] = {}
@@ -340,7 +341,9 @@ def declared_key_types() -> dict[str, tuple[str, bool, frozenset]]:
                     key, default, kind = match.group(1), yaml.safe_load(match.group(2)), match.group(3)
                     kinds[key] = kind
                     # an unset str key means "none" (title_field: ~ = no titles); a number must be a number
-                    none_ok[key] = none_ok.get(key, False) or default is None or kind == "str"
+                    # ... and a key whose comment documents "~ = ..." (influence_hessian_users: ~ = all users)
+                    none_ok[key] = (none_ok.get(key, False) or default is None or kind == "str"
+                                    or "~ =" in line[match.end():])
                     if isinstance(default, str) and "str" not in kind.split(" or "):
                         words.setdefault(key, set()).add(default)
     return {key: (kind, none_ok[key], frozenset(words.get(key, ()))) for key, kind in kinds.items()}

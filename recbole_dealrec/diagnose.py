@@ -7,9 +7,11 @@ all training users from a seeded initialisation; its influence scores are the ru
 ``check_groups`` random groups of ``check_group_size`` users, and the top and the bottom that many by score, are
 each removed and the surrogate retrained from the same initialisation for the same epochs
 (``check_retrain: fixed_epochs``) or with RecBole's early stopping on validation (``early_stopping``). For each
-group the prediction ``sum_{u in S} I(u) / n`` (DEALRec Eq. 11: removing ``u`` changes the risk by about
-``+I(u)/n``) is set against the measured change of the empirical risk ``R = (1/n) sum_u L_u`` over ALL training
-users (``influence_user_loss`` makes ``L_u``). The seed noise floor is the standard deviation of ``R`` over
+group the prediction ``sum_{u in S} I(u) / n`` (DEALRec Eq. 11: removing ``u`` changes the target by about
+``+I(u)/n``) is set against the measured change of the target the scores are of (``influence_target``): the
+empirical risk ``R = (1/n) sum_u L_u`` over ALL training users (``train``; ``influence_user_loss`` makes ``L_u``)
+or the mean loss of the users' validation rows (``validation``). The seed noise floor is the standard deviation of
+the target over
 ``check_seeds`` retrainings on all users with other seeds. Written to ``FOLDER``: ``influence_check.json``,
 ``influence_check.md`` and a scatter plot.
 """
@@ -134,17 +136,20 @@ def influence_check(config: DealrecConfig, args: CheckArguments,
     init_seed(args.seed, scfg["reproducibility"])
     train_data, valid_data, _ = data_preparation(scfg, create_dataset(scfg))
     full_dataset = train_data.dataset
-    sequence = bool(influence.influence_sequence_mode)
+    # the quantity the scores predict the change of: the training risk over all users, or the validation loss
+    validation = influence.influence_target == "validation"
+    target_dataset = valid_data.dataset if validation else full_dataset
+    sequence = bool(influence.influence_sequence_mode) and not validation
 
     def risk(model) -> float:
-        return empirical_risk(model, full_dataset, influence.influence_user_loss, influence.influence_batch_rows,
+        return empirical_risk(model, target_dataset, influence.influence_user_loss, influence.influence_batch_rows,
                               sequence)
 
     say(f"training the surrogate on all users (seed {args.seed}, {args.check_retrain})")
     full_model = retrain(scfg, config, train_data, valid_data, args.check_retrain, args.seed)
     base_risk = risk(full_model)
     scored = influence_scores(influence, SurrogateRun(config=scfg, model=full_model, train_dataset=full_dataset,
-                                                      key="influence-check"))
+                                                      key="influence-check", valid_dataset=valid_data.dataset))
     users = np.asarray(full_dataset.token2id(full_dataset.uid_field, list(scored.tokens)), dtype=np.int64)
     scores = np.asarray(scored.scores, dtype=np.float64)
     n = len(training_user_ids(full_dataset))
@@ -175,7 +180,8 @@ def influence_check(config: DealrecConfig, args: CheckArguments,
 
     return {
         "surrogate": scfg["model"], "dataset": config["dataset"], "retrain": args.check_retrain, "seed": args.seed,
-        "n_users": n, "group_size": size, "user_loss": influence.influence_user_loss, "risk_all_users": base_risk,
+        "n_users": n, "group_size": size, "user_loss": influence.influence_user_loss,
+        "target": influence.influence_target, "risk_all_users": base_risk,
         "groups": rows,
         "agreement": removal_agreement([r["predicted"] for r in rows], [r["measured"] for r in rows], args.seed),
         "agreement_random_groups": removal_agreement([r["predicted"] for r in rows if r["group"].startswith("random")],
@@ -205,8 +211,9 @@ def write_check_report(report: Mapping[str, Any], out: str) -> dict[str, str]:
 
     lines = [f"# Influence retraining check: {report['surrogate']} on {report['dataset']}", "",
              f"{report['n_users']} training users; groups of {report['group_size']} removed, the surrogate retrained "
-             f"({report['retrain']}, seed {report['seed']}); risk R over all users with the `{report['user_loss']}` "
-             f"per-user loss: {report['risk_all_users']:.6f}; seed noise floor of R (SD over "
+             f"({report['retrain']}, seed {report['seed']}); influence target `{report.get('target', 'train')}`: R = the "
+             f"{'validation loss' if report.get('target') == 'validation' else 'training risk over all users'} with "
+             f"the `{report['user_loss']}` per-user loss: {report['risk_all_users']:.6f}; seed noise floor of R (SD over "
              f"{report['noise_seeds'] + 1} seeds): {report['noise_sd']:.2e}.", "",
              "| group | predicted change of R | measured change of R | measured / noise SD |", "|---|---|---|---|"]
     for r in report["groups"]:

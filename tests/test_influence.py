@@ -312,3 +312,42 @@ def test_sequence_mode_training_loss_covers_the_same_prefix_samples():
         total = sequence_training_loss(model, seq.inter_feat) * n_targets
         expected = model.calculate_loss(small.inter_feat) * len(small)
     torch.testing.assert_close(total, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("target", ["train", "validation"])
+def test_scores_on_each_target_equal_a_per_user_loop(run_config, target):
+    """influence_target: the batched scores (v by fixed blocks, CG, jvp) equal a plain reference: v as the mean of
+    per-user gradients of the target's loss (each user's training prefixes, or its one validation row), x by the
+    exact inverse of the dense Gauss-Newton Hessian, and one backward per training user."""
+    from recbole_dealrec.scoring.ihvp import dense_hessian, exact_solve
+
+    pattern = [r"trm_encoder\.layer\.0\.multi_head_attention\.dense\.bias$"]  # 16 parameters: a dense H is cheap
+    config = DealrecConfig("SASRec", "ml-100k", config_dict={
+        **{k: run_config[k] for k in ("output_dir", "checkpoint_dir")}, **TINY, "surrogate_config": {**TINY, "epochs": 2},
+        "influence_params": pattern, "influence_target": target, "influence_damping": 0.01, "cg_max_iter": 32,
+        "ihvp_tol": 1e-6, "influence_hessian_users": None, "influence_sequence_mode": False})
+    surrogate = train_surrogate(config)
+    scored = influence_scores(config, surrogate)
+    assert scored.meta["target"] == target
+    model = surrogate.model.double()
+    loss = SurrogateLoss(model, "mean")
+    params = select_parameters(model.named_parameters(), pattern)
+    train_batches = user_batches(surrogate.train_dataset, 4096)
+    n_train = sum(len(b) for b in train_batches)
+
+    def per_user_gradients(batches):
+        out = []
+        for batch in batches:
+            for single in batch.split():
+                leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+                (g,) = torch.autograd.grad(loss(leaves, single).sum(), list(leaves.values()))
+                out.append(g.reshape(-1).double())
+        return torch.stack(out)
+
+    train_gradients = per_user_gradients(train_batches)  # [users, 16]
+    v = (per_user_gradients(user_batches(surrogate.valid_dataset, 4096)) if target == "validation"
+         else train_gradients).mean(0)
+    dense = dense_hessian(loss.gauss_newton_hvp(params, train_batches, n_train), v.numel())
+    expected = train_gradients @ exact_solve(dense, v, 0.01)
+    torch.testing.assert_close(torch.as_tensor(scored.scores, dtype=torch.float64), expected, rtol=1e-4, atol=1e-7)
+    assert expected.abs().max() > 1e-4

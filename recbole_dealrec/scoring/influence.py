@@ -41,6 +41,9 @@ from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, UserBatch, us
 from recbole_dealrec.surrogate.loss import USER_LOSSES, concat_user_batches, supports_sequence_mode
 from recbole_dealrec.surrogate.train import surrogate_config
 
+#: Allowed values of ``influence_target``: whose loss the scores are the influence on (``v`` of ``H^-1 v``).
+TARGETS = ("train", "validation")
+
 #: Users the Hessian is estimated on with ``influence_hessian_users: auto``.
 AUTO_HESSIAN_USERS = 2000
 
@@ -69,6 +72,7 @@ class InfluenceArguments(StageArguments):
     lissa_repeats: int
     lissa_batch_users: int
     influence_batch_rows: int
+    influence_target: str
     seed: int
 
     def check(self) -> None:
@@ -79,6 +83,8 @@ class InfluenceArguments(StageArguments):
             raise ConfigError(f"influence_params must be a non-empty list of regex patterns, got {patterns!r}")
         if self.influence_user_loss not in USER_LOSSES:
             raise ConfigError(f"influence_user_loss must be one of {list(USER_LOSSES)}, got {self.influence_user_loss!r}")
+        if self.influence_target not in TARGETS:
+            raise ConfigError(f"influence_target must be one of {list(TARGETS)}, got {self.influence_target!r}")
         if self.influence_hessian not in ("gauss_newton", "exact"):
             raise ConfigError(f"influence_hessian must be gauss_newton or exact, got {self.influence_hessian!r}")
         damping = self.influence_damping
@@ -159,6 +165,19 @@ def auto_damping(args: InfluenceArguments, hvp, m: int, dtype: torch.dtype) -> t
     return float(args.influence_damping_ratio) * top, top
 
 
+def _mean_gradient(loss: SurrogateLoss, params, batches: list[UserBatch], m: int) -> torch.Tensor:
+    """``grad (1/n) sum_u L_u`` [m] over the users of ``batches``, in fixed blocks added in block order (the same
+    bits for any number of processes)."""
+    n_users = sum(len(b) for b in batches)
+
+    def block_mean_gradient(block: range) -> torch.Tensor:
+        part = [batches[i] for i in block]
+        n_part = sum(len(b) for b in part)
+        return flatten(mean_gradient(loss, params, part, n_part)) * (n_part / n_users)
+
+    return distributed.ordered_sum(len(batches), block_mean_gradient, like=torch.zeros(m, dtype=flatten(params).dtype))
+
+
 def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_progress: bool = False) -> ScoredUsers:
     """Influence score of every user with training samples in the surrogate's train data (``config``: a run's config,
     or anything :meth:`InfluenceArguments.from_config` reads)."""
@@ -178,12 +197,13 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     # Under torch.distributed every pass over the users is sharded in fixed blocks of user batches: the blocks'
     # sums are added in block order (v, every HVP) and the per-user scores gathered in batch order, so that the
     # scores are the same bits for any number of processes; the solver's steps then run identically on every rank.
-    def block_mean_gradient(block: range) -> torch.Tensor:
-        part = [batches[i] for i in block]
-        n_part = sum(len(b) for b in part)
-        return flatten(mean_gradient(loss, params, part, n_part)) * (n_part / n_users)
-
-    v = distributed.ordered_sum(len(batches), block_mean_gradient, like=torch.zeros(m, dtype=flatten(params).dtype))
+    if args.influence_target == "validation":  # the held-out loss: one validation row per user, its own loss
+        if surrogate.valid_dataset is None:
+            raise ValueError("influence_target: validation needs the surrogate's validation dataset")
+        target_batches = user_batches(surrogate.valid_dataset, args.influence_batch_rows, sequence=False)
+    else:
+        target_batches = batches
+    v = _mean_gradient(loss, params, target_batches, m)
     ensure_finite(v, "mean gradient")
     hvp = hessian_vector_product(args, loss, params, surrogate.train_dataset, batches)
     solver = str(args.ihvp_solver).lower()
@@ -219,7 +239,7 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     if distributed.active():
         logger.info(set_color("[Influence]", "pink") + f" rank {distributed.rank()} scored {n_local} of {len(batches)} user batches")
     tokens = surrogate.train_dataset.id2token(surrogate.train_dataset.uid_field, user_ids)
-    meta = {"solver": solver, "residual": result.residual, "iterations": result.iterations,
+    meta = {"target": args.influence_target, "solver": solver, "residual": result.residual, "iterations": result.iterations,
             "effective_damping": result.effective_damping, "damping": damping, "converged": result.converged,
             "scored_parameters": m, "parameter_names": list(params), "n_users": n_users,
             "mode": "sequence" if sequence else "prefix", "world_size": distributed.world_size()}

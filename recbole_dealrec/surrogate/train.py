@@ -40,12 +40,14 @@ SURROGATE_PLUGIN_KEYS = ("split_field", "surrogate_sequence_mode")
 
 @dataclasses.dataclass
 class SurrogateRun:
-    """A trained surrogate with the RecBole config and train dataset it was trained on."""
+    """A trained surrogate with the RecBole config and train dataset it was trained on, and the validation dataset
+    of the same split (one row per user: the held-out target of ``influence_target: validation``)."""
 
     config: DealrecConfig
     model: torch.nn.Module
     train_dataset: Any
     key: str
+    valid_dataset: Any = None
 
 
 def surrogate_config(config: DealrecConfig) -> DealrecConfig:
@@ -206,7 +208,8 @@ def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) 
             _save_state(model, path)
             logger.info(set_color("[Surrogate]", "pink") + f" best epoch by {scfg['valid_metric']} saved to {path}")
     model.eval()
-    return SurrogateRun(config=scfg, model=model, train_dataset=train_data.dataset, key=key)
+    return SurrogateRun(config=scfg, model=model, train_dataset=train_data.dataset, key=key,
+                        valid_dataset=valid_data.dataset)
 
 
 def surrogate_snapshot(config: DealrecConfig, run: int, epoch: int) -> SurrogateRun:
@@ -240,4 +243,5 @@ def surrogate_snapshot(config: DealrecConfig, run: int, epoch: int) -> Surrogate
         else:
             _save_state(model, path)
     model.eval()
-    return SurrogateRun(config=scfg, model=model, train_dataset=train_data.dataset, key=f"{key}-run{run}-epoch{epoch}")
+    return SurrogateRun(config=scfg, model=model, train_dataset=train_data.dataset, key=f"{key}-run{run}-epoch{epoch}",
+                        valid_dataset=valid_data.dataset)
