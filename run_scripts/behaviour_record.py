@@ -71,9 +71,17 @@ def grid_record(records: list[dict], output_dir: str, root: str) -> dict[str, An
 
 
 def run_smoke_grid(workdir: str) -> dict[str, Any]:
-    """Run the smoke grid in ``workdir`` (a fresh folder) and return its behaviour record."""
+    """Run the smoke grid in ``workdir`` (a fresh folder) and return its behaviour record.
+
+    With one torch thread, as the test suite runs (``tests/conftest.py``): the number of intra-op threads changes
+    how float sums are split, so a record is of one thread count.
+    """
+    import torch
+
     from recbole_dealrec.experiment.__main__ import main as experiment_main
     from recbole_dealrec.experiment.runner import read_results
+
+    torch.set_num_threads(1)
 
     results, output_dir = os.path.join(workdir, "smoke.jsonl"), os.path.join(workdir, "out")
     cwd = os.getcwd()
@@ -137,7 +145,7 @@ def main(argv=None) -> None:
               f"{sum(map(len, current['smoke']['signals'].values()))} signals" + (", main job" if args.main_job else ""))
         return
     record = json.load(open(args.record))
-    diffs = differences({k: record[k] for k in current}, current)
+    diffs = differences({k: record[k] for k in current}, current)  # the "about" entry says how each was made
     print("\n".join(diffs) if diffs else "behaviour identical to the record")
     raise SystemExit(1 if diffs else 0)
 
