@@ -29,14 +29,15 @@ import numpy as np
 import torch
 from recbole.utils import init_logger, init_seed, set_color
 
-from recbole_dealrec.config import PROPERTIES_DIR, DealrecConfig, StageArguments, check_known_keys, read_property_file
+from recbole_dealrec.config import (PROPERTIES_DIR, DealrecConfig, StageArguments, check_known_keys, read_property_file,
+                                    user_keys)
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
 from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.model import get_model
 from recbole_dealrec.scoring.influence import InfluenceArguments, influence_scores
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, user_batches
 from recbole_dealrec.surrogate.loss import supports_sequence_mode
-from recbole_dealrec.surrogate.train import _private_checkpoint_dir, _sequence_mode, surrogate_config, surrogate_trainer
+from recbole_dealrec.surrogate.train import private_checkpoint_dir, training_data_and_loss, surrogate_config, surrogate_trainer
 from recbole_dealrec.utils import atomic_write
 
 RETRAIN_MODES = ("fixed_epochs", "early_stopping")
@@ -106,24 +107,19 @@ def retrain(scfg: DealrecConfig, config, train_data, valid_data, mode: str, seed
     """The surrogate trained on ``train_data`` from the initialisation of ``seed`` (the same weights and the same
     shuffling stream for every group), for ``epochs`` epochs (``fixed_epochs``) or with early stopping on
     validation, keeping the best epoch (``early_stopping``); returned in eval mode."""
-    scfg = DealrecConfig(scfg["model"], scfg["dataset"], config_dict={**_user_keys(scfg), "seed": seed})
+    given = {k: v for k, v in user_keys(scfg).items() if k != "model"}
+    scfg = DealrecConfig(scfg["model"], scfg["dataset"], config_dict={**given, "seed": seed})
     if mode == "fixed_epochs":
         scfg["stopping_step"] = int(scfg["epochs"]) + 1
     init_seed(seed, scfg["reproducibility"])
     model = get_model(scfg["model"])(scfg, train_data.dataset).to(scfg["device"])
-    fit_data, loss_func = _sequence_mode(scfg, model, train_data)
-    with _private_checkpoint_dir(config, scfg):
+    fit_data, loss_func = training_data_and_loss(scfg, model, train_data)
+    with private_checkpoint_dir(config, scfg):
         trainer = surrogate_trainer(scfg, model, loss_func=loss_func)
         trainer.fit(fit_data, valid_data, saved=mode == "early_stopping", show_progress=False)
         if mode == "early_stopping" and trainer.best_state is not None:
             model.load_state_dict(trainer.best_state)
     return model.eval()
-
-
-def _user_keys(config) -> dict:
-    from recbole_dealrec.config import user_keys
-
-    return {k: v for k, v in user_keys(config).items() if k != "model"}
 
 
 def influence_check(config: DealrecConfig, args: CheckArguments,

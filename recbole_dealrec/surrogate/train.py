@@ -142,7 +142,7 @@ def surrogate_trainer(scfg, model, snapshot_paths: Optional[Mapping[int, str]] =
     return trainer_class(scfg, model, snapshot_paths=snapshot_paths, loss_func=loss_func)
 
 
-def _sequence_mode(scfg, model, train_data) -> tuple[Any, Optional[Callable]]:
+def training_data_and_loss(scfg, model, train_data) -> tuple[Any, Optional[Callable]]:
     """With ``surrogate_sequence_mode`` and a causal CE surrogate (SASRec): a train loader over one row per user
     window and :func:`sequence_training_loss` as the training loss (RecBole's trainer unchanged); else
     ``(train_data, None)``: the prefix rows and the model's own loss."""
@@ -156,7 +156,7 @@ def _sequence_mode(scfg, model, train_data) -> tuple[Any, Optional[Callable]]:
 
 
 @contextlib.contextmanager
-def _private_checkpoint_dir(config, scfg) -> Iterator[None]:
+def private_checkpoint_dir(config, scfg) -> Iterator[None]:
     """Point ``scfg``'s trainer at a fresh folder under the cache, removed afterwards: RecBole names its
     checkpoint <Model>-<date to the second>.pth in checkpoint_dir, which two runs in the same second would share."""
     os.makedirs(cache_dir(config), exist_ok=True)
@@ -197,8 +197,8 @@ def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) 
         else:
             logger.info(set_color("[Surrogate]", "pink") + f" training {scfg['model']} on all training data"
                         + (" (rank 0 alone; the other ranks wait for its cache)" if distributed.active() else ""))
-            fit_data, loss_func = _sequence_mode(scfg, model, train_data)
-            with distributed.solo(), _private_checkpoint_dir(config, scfg):
+            fit_data, loss_func = training_data_and_loss(scfg, model, train_data)
+            with distributed.solo(), private_checkpoint_dir(config, scfg):
                 trainer = surrogate_trainer(scfg, model, loss_func=loss_func, snapshot_paths={
                     e: _snapshot_path(config, scfg, key, 0, e) for e in snapshot_epochs})
                 trainer.fit(fit_data, valid_data, saved=True, show_progress=scfg["show_progress"])
@@ -235,9 +235,9 @@ def surrogate_snapshot(config: DealrecConfig, run: int, epoch: int) -> Surrogate
         elif epoch > 0:
             getLogger().info(set_color("[Surrogate]", "pink") + f" training run {run} (seed {scfg['seed']}) for {epoch} epochs")
             scfg["epochs"], scfg["stopping_step"] = int(epoch), int(epoch) + 1
-            fit_data, loss_func = _sequence_mode(scfg, model, train_data)
+            fit_data, loss_func = training_data_and_loss(scfg, model, train_data)
             # saves nothing, but RecBole's trainer creates the folder
-            with distributed.solo(), _private_checkpoint_dir(config, scfg):
+            with distributed.solo(), private_checkpoint_dir(config, scfg):
                 trainer = surrogate_trainer(scfg, model, loss_func=loss_func, snapshot_paths={int(epoch): path})
                 trainer.fit(fit_data, valid_data, saved=False, show_progress=scfg["show_progress"])
         else:
