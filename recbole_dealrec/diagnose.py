@@ -148,7 +148,8 @@ def influence_check(config: DealrecConfig, args: CheckArguments,
                                                       key="influence-check", valid_dataset=valid_data.dataset))
     users = np.asarray(full_dataset.token2id(full_dataset.uid_field, list(scored.tokens)), dtype=np.int64)
     scores = np.asarray(scored.scores, dtype=np.float64)
-    n = len(training_user_ids(full_dataset))
+    everyone = training_user_ids(full_dataset)
+    n = len(everyone)
     size = args.check_group_size
     if 2 * size > n or args.check_groups * size > n:
         raise ConfigError(f"check_group_size={size}: groups of that size do not fit in the {n} training users")
@@ -159,7 +160,7 @@ def influence_check(config: DealrecConfig, args: CheckArguments,
     score_of = dict(zip(users.tolist(), scores.tolist()))
     rows = []
     for name, removed in groups.items():
-        kept = np.setdiff1d(training_user_ids(full_dataset), removed)
+        kept = np.setdiff1d(everyone, removed)
         say(f"group {name}: retraining without its {size} users")
         model = retrain(scfg, config, prune_train_data(scfg, train_data, kept), valid_data, args.check_retrain, args.seed)
         rows.append({"group": name, "predicted": float(sum(score_of[u] for u in removed.tolist()) / n),
