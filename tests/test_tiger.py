@@ -82,6 +82,88 @@ def test_constrained_beam_search_only_returns_valid_ids(tiger_setup):
     assert any(c not in model.item_of for c in codes)
 
 
+def test_semantic_id_trie_tensors_match_the_prefix_dict(tiger_setup):
+    _, _, model = tiger_setup
+    trie = model.id_trie
+    assert trie.n_ids == model.n_items - 1
+    nodes = {(): 0}  # prefix -> node id at its depth, walking the tensor trie
+    for depth in range(trie.length):
+        child = trie.child[depth]
+        for prefix, node in [(p, n) for p, n in nodes.items() if len(p) == depth]:
+            allowed = (child[node] >= 0).nonzero().view(-1) + trie.first_token[depth]
+            assert allowed.tolist() == model.trie[prefix]
+            for token in allowed.tolist():
+                target = int(child[node, token - trie.first_token[depth]])
+                if depth == trie.length - 1:
+                    assert model.item_of[prefix + (token,)] == target
+                else:
+                    nodes[prefix + (token,)] = target
+
+
+@pytest.fixture(scope="module")
+def trained_tiger(tmp_path_factory):
+    """TINY_TIGER trained for 40 steps (its beams far from uniform), 40 beams (more than any prefix's children, so
+    beams exhaust branches and move to others), and the collision level's codes 0 and 1 given one embedding (tied
+    output rows): two items that differ only there score exactly alike (exact ties)."""
+    tmp = tmp_path_factory.mktemp("tiger_trained")
+    config = DealrecConfig("TIGER", "ml-100k", config_dict={**TINY_TIGER, "output_dir": str(tmp / "out"),
+                                                             "tiger_num_beams": 40})
+    train, _, _ = data_preparation(config, create_dataset(config))
+    torch.manual_seed(0)
+    model = TIGER(config, train.dataset)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        rows = torch.randint(len(train.dataset.inter_feat), (256,), generator=generator)
+        loss = model.calculate_loss(train.dataset.inter_feat[rows])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    last = model.id_trie.first_token[-1]
+    with torch.no_grad():
+        model.t5.shared.weight[last + 1] = model.t5.shared.weight[last]
+    return train, model
+
+
+def test_tensor_beam_search_equals_the_hf_path(trained_tiger):
+    train, model = trained_tiger
+    interaction = train.dataset.inter_feat[torch.arange(0, 6000, 60)]
+    fast_items, fast_scores = model.generate(interaction)
+    slow_items, slow_scores = model.generate_reference(interaction)
+    assert fast_items.shape == slow_items.shape == (100, 40)
+    # the same scores, rank by rank (float rounding: the cross-attention is batched differently)
+    torch.testing.assert_close(fast_scores, slow_scores, rtol=0, atol=1e-5)
+    # the same items with the same scores; the order within a tie is neither path's to define, and an item tied
+    # with the last kept score may be kept by one path and its twin by the other
+    differing = 0
+    for user in range(100):
+        fast = dict(zip(fast_items[user].tolist(), fast_scores[user].tolist()))
+        slow = dict(zip(slow_items[user].tolist(), slow_scores[user].tolist()))
+        for item in fast.keys() & slow.keys():
+            assert abs(fast[item] - slow[item]) < 1e-5
+        for item in fast.keys() ^ slow.keys():
+            assert abs(fast.get(item, slow.get(item)) - float(slow_scores[user, -1])) < 1e-5
+            differing += 1
+    assert differing < 0.02 * fast_items.numel()
+    # the cases this is about happened: exact ties, and beams that took every item of a last-level prefix
+    assert (slow_scores[:, :-1] == slow_scores[:, 1:]).any()
+    prefix_items = {}
+    for codes, item in model.item_of.items():
+        prefix_items.setdefault(codes[:-1], set()).add(item)
+    exhausted = sum(any(items <= set(row.tolist()) for items in prefix_items.values() if len(items) > 1)
+                    for row in slow_items)
+    assert exhausted > 0
+
+
+def test_more_beams_than_items_is_a_clear_error(tmp_path):
+    config = DealrecConfig("TIGER", "ml-100k", config_dict={**TINY_TIGER, "output_dir": str(tmp_path),
+                                                             "tiger_num_beams": 5000})
+    train, _, _ = data_preparation(config, create_dataset(config))
+    with pytest.raises(ConfigError, match="tiger_num_beams must be at most the number of items"):
+        TIGER(config, train.dataset)
+
+
 def test_full_sort_predict_orders_beams_first_unreached_after_padding_last(tiger_setup):
     _, train, model = tiger_setup
     interaction = train.dataset.inter_feat[torch.arange(0, 800, 100)]

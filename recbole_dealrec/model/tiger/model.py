@@ -9,7 +9,7 @@
   ``tiger_max_history`` history items (with the user's token first when enabled), target = the next item's
   codes; loss = mean token cross-entropy;
 - ranking (``full_sort_predict``): beam search (``tiger_num_beams`` >= max(topk)) constrained by a prefix trie
-  to valid IDs, so no invalid item comes out; the beams' items get their sequence log-probabilities, every
+  to valid IDs (tensor ops over all users' beams, ``beam_search.py``), so no invalid item comes out; the beams' items get their sequence log-probabilities, every
   other item ranks below them, the padding item lowest.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from recbole_dealrec.model.backend import GenerativeBackend
 from recbole_dealrec.model.registry import MODELS
+from recbole_dealrec.model.tiger.beam_search import SemanticIdTrie, constrained_beam_search
 from recbole_dealrec.model.tiger.semantic_ids import RQVAE_KEYS, cached_semantic_ids, check_rqvae_config
 from recbole_dealrec.errors import ConfigError, check_integer
 
@@ -78,7 +79,11 @@ class TIGER(GenerativeBackend):
             self.register_buffer("user_bins", torch.from_numpy(bins), persistent=False)
         self.max_history = int(config["tiger_max_history"])
         self.num_beams = int(config["tiger_num_beams"] or max(config["topk"]))
-        # prefix trie of every valid ID: prefix (tuple of tokens) -> allowed next tokens
+        # the valid IDs: a prefix trie as tensors (the beam search) and as a dict (the reference HF path)
+        self.id_trie = SemanticIdTrie.from_item_tokens(tokens, size, FIRST_CODE)
+        if self.id_trie.n_ids < self.num_beams:
+            raise ConfigError(f"tiger_num_beams must be at most the number of items ({self.id_trie.n_ids}), "
+                              f"got {self.num_beams}")
         self.trie: dict[tuple, list[int]] = {}
         for row in tokens[1:]:
             for depth in range(levels):
@@ -125,7 +130,22 @@ class TIGER(GenerativeBackend):
 
     @torch.no_grad()
     def generate(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
-        """Constrained beam search: ``(items [B, beams], log-probabilities [B, beams])``; every item valid."""
+        """Constrained beam search: ``(items [B, beams], log-probabilities [B, beams])``, best first; every item
+        valid. Tensor ops over all users' beams (``beam_search.py``); equal to ``generate_reference``."""
+        input_ids, attention_mask = self.encoder_inputs(interaction)
+        was_training = self.t5.training
+        self.t5.eval()
+        try:
+            items, scores = constrained_beam_search(self.t5, self.id_trie, input_ids, attention_mask,
+                                                    self.num_beams, start_token=PAD)
+        finally:
+            self.t5.train(was_training)
+        return items.cpu(), scores.float().cpu()
+
+    @torch.no_grad()
+    def generate_reference(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same search through Hugging Face ``generate`` with ``prefix_allowed_tokens_fn`` (a Python call per
+        beam per step): the plain reference ``generate`` is tested and benchmarked against."""
         input_ids, attention_mask = self.encoder_inputs(interaction)
         trie = self.trie
 
