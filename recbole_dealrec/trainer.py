@@ -72,6 +72,51 @@ def check_trainer_config(config) -> None:
     check_integer("warmup_steps", warmup, 0, none_ok=True)
     if (config["lr_schedule"] or "constant") not in LR_SCHEDULES:
         raise ConfigError(f"`lr_schedule` must be one of {list(LR_SCHEDULES)}, got {config['lr_schedule']!r}")
+    check_integer("length_grouped_batches", config["length_grouped_batches"], 0,
+                  "0 = RecBole's shuffled batches", none_ok=True)
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, group: int,
+                           generator: np.random.Generator) -> list[np.ndarray]:
+    """Batches of row positions (``[<= batch_size]`` each) covering ``range(len(lengths))`` once: the rows
+    shuffled, then each window of ``group`` batches' worth of rows sorted by ``lengths`` (longest first, stable)
+    and cut into batches, the window's batches in shuffled order (as Hugging Face's LengthGroupedSampler). A
+    window keeps the rows a plain shuffle would give it, so with ``group`` = the gradient-accumulation steps each
+    optimizer step sums the same rows' gradients; only the padding inside each batch shrinks."""
+    order = generator.permutation(len(lengths))
+    window = batch_size * group
+    batches = []
+    for start in range(0, len(order), window):
+        rows = order[start:start + window]
+        rows = rows[np.argsort(-lengths[rows], kind="stable")]
+        cut = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        batches.extend(cut[i] for i in generator.permutation(len(cut)))
+    return batches
+
+
+class LengthGroupedLoader:
+    """A RecBole train loader's rows in batches of similar length (:func:`length_grouped_batches`), seeded by
+    ``(seed, epoch)``: the same batches in every run and every rank, and after a resume. Everything else (the
+    dataset, the collate step) is the wrapped loader's."""
+
+    def __init__(self, loader, lengths: np.ndarray, group: int, seed: int):
+        self.loader, self.lengths, self.group, self.seed = loader, np.asarray(lengths), group, seed
+        self.batch_size = int(loader.step)
+        self.epoch = 0
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        generator = np.random.default_rng([self.seed, self.epoch])
+        for rows in length_grouped_batches(self.lengths, self.batch_size, self.group, generator):
+            yield self.loader.collate_fn(rows.tolist())
 
 
 class RankMergingEvaluator(Evaluator):
@@ -119,24 +164,34 @@ class GenerativeTrainer(Trainer):
         return base + "-last" + (ext or ".pth")
 
     def training_loader(self, train_data):
-        """A train loader over the backend's ``training_rows`` (BIGRec: each user's last training row)."""
+        """A train loader over the backend's ``training_rows`` (BIGRec: each user's last training row), in batches
+        of similar length when ``length_grouped_batches`` > 0 and the backend pads (its ``sample_lengths``)."""
         dataset = train_data.dataset
         rows = self.model.training_rows(dataset)
-        if rows is None or len(rows) == len(dataset):
+        if rows is not None and len(rows) != len(dataset):
+            kept = dataset.copy(dataset.inter_feat[torch.from_numpy(rows)])
+            self.logger.info(
+                set_color(f"[{self.config['model']}]", "pink")
+                + f" one sample per user: {len(rows)} training samples (each user's last) of {len(dataset)} rows"
+            )
+            train_data = get_dataloader(self.config, "train")(
+                self.config, kept, train_data._sampler, shuffle=self.config["shuffle"]
+            )
+        group = int(self.config["length_grouped_batches"] or 0)
+        if not group or not self.config["shuffle"]:
             return train_data
-        kept = dataset.copy(dataset.inter_feat[torch.from_numpy(rows)])
-        self.logger.info(
-            set_color(f"[{self.config['model']}]", "pink")
-            + f" one sample per user: {len(rows)} training samples (each user's last) of {len(dataset)} rows"
-        )
-        return get_dataloader(self.config, "train")(
-            self.config, kept, train_data._sampler, shuffle=self.config["shuffle"]
-        )
+        dataset = train_data.dataset
+        lengths = self.model.sample_lengths(dataset, np.arange(len(dataset)))
+        if lengths is None:
+            return train_data
+        return LengthGroupedLoader(train_data, lengths, group, int(self.config["seed"]))
 
     # ------------------------------------------------------------------ training
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         self.model.train()
+        if isinstance(train_data, LengthGroupedLoader):
+            train_data.set_epoch(epoch_idx)
         loss_func = loss_func or self.model.calculate_loss
         iter_data = (
             tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))

@@ -44,6 +44,12 @@ class GenerativeBackend(SequentialRecommender, abc.ABC):
         prompts of similar length together: less padding in each generation batch)."""
         return None
 
+    def sample_lengths(self, dataset, rows: np.ndarray) -> Optional[np.ndarray]:
+        """Tokens each of ``rows`` (train ``dataset`` rows) takes in a training batch, which pads to its longest
+        row: ``[len(rows)]`` int, used to group rows of similar length into batches (``length_grouped_batches``);
+        ``None`` = the backend does not pad (no grouping)."""
+        return None
+
     def training_rows(self, dataset) -> Optional[np.ndarray]:
         """Rows of the train ``dataset`` the trainer feeds; ``None`` = all of them."""
         return last_rows(dataset) if self.train_rows == "last" else None

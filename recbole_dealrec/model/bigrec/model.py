@@ -126,6 +126,14 @@ class BIGRec(GenerativeBackend):
         self.n_prompts, self.n_truncated = n_prompts, n_truncated  # these prompts are counted when generated
         return rows[np.argsort(np.asarray(lengths), kind="stable")]
 
+    def sample_lengths(self, dataset, rows: np.ndarray) -> np.ndarray:
+        """Tokens of each row's training sample (prompt + response, cut to ``llm_max_length``)."""
+        n_prompts, n_truncated = self.n_prompts, self.n_truncated
+        lengths = [self.batch_tensors(dataset.inter_feat[torch.from_numpy(rows[i:i + 256])])["attention_mask"].sum(1)
+                   for i in range(0, len(rows), 256)]
+        self.n_prompts, self.n_truncated = n_prompts, n_truncated  # these prompts are counted when trained on
+        return torch.cat(lengths).numpy() if lengths else np.zeros(0, dtype=np.int64)
+
     def prompts(self, histories: Sequence[Sequence[str]], targets: Optional[Sequence[str]] = None) -> list[str]:
         """Prompt texts (with responses when ``targets`` is given), cut to ``llm_max_length`` tokens."""
         texts = []

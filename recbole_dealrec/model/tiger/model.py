@@ -105,9 +105,10 @@ class TIGER(GenerativeBackend):
 
     def encoder_inputs(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids [B, T], attention_mask [B, T])``: the codes of the last ``tiger_max_history`` history
-        items (oldest first), after the user's token when enabled; right-padded."""
+        items (oldest first), after the user's token when enabled; right-padded to the batch's longest row (more
+        padding would change nothing but the cost: padded positions are masked and positions are relative)."""
         seq, length = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        width = min(seq.shape[1], self.max_history)
+        width = max(1, min(seq.shape[1], self.max_history, int(length.max()) if len(length) else 1))
         position = torch.arange(width, device=seq.device)[None, :]
         start = (length - width).clamp(min=0)[:, None]
         items = seq.gather(1, (start + position).clamp(max=seq.shape[1] - 1))
@@ -117,6 +118,11 @@ class TIGER(GenerativeBackend):
             users = self.user_token_base + self.user_bins[interaction[self.USER_ID]]
             ids = torch.cat([users[:, None], ids], dim=1)
         return ids, (ids != PAD).long()
+
+    def sample_lengths(self, dataset, rows: np.ndarray) -> np.ndarray:
+        """Encoder tokens of each row: its last ``tiger_max_history`` items' codes (+ the user token)."""
+        length = dataset.inter_feat[self.ITEM_SEQ_LEN].numpy()[rows]
+        return np.minimum(length, self.max_history) * self.id_length + int(self.n_user_tokens > 0)
 
     def sample_batch(self, interaction) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = self.encoder_inputs(interaction)

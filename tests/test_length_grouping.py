@@ -1,0 +1,116 @@
+"""Training batches grouped by length (``length_grouped_batches``): every row once, each window the rows a plain
+shuffle gives it, seeded, less padding; and an epoch's summed loss equal to the ungrouped batches' (TIGER, BIGRec)."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_TIGER, tiny_bigrec_config
+from recbole_dealrec.config import DealrecConfig
+from recbole_dealrec.data import create_dataset, data_preparation
+from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.model.tiger.model import TIGER
+from recbole_dealrec.trainer import GenerativeTrainer, LengthGroupedLoader, length_grouped_batches
+
+
+@pytest.mark.parametrize("n, batch, group", [(1000, 32, 5), (257, 16, 4), (10, 4, 50), (64, 8, 1)])
+def test_grouped_batches_cover_every_row_once_window_by_window(n, batch, group):
+    lengths = np.random.default_rng(1).integers(1, 40, size=n)
+    batches = length_grouped_batches(lengths, batch, group, np.random.default_rng(7))
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(n)) and all(len(b) <= batch for b in batches)
+    # window w holds exactly the rows the same seeded shuffle puts there
+    plain = np.random.default_rng(7).permutation(n)
+    window = batch * group
+    for start in range(0, n, window):
+        assert sorted(rows[start:start + window].tolist()) == sorted(plain[start:start + window].tolist())
+    # seeded: the same generator state gives the same batches; another seed others
+    again = length_grouped_batches(lengths, batch, group, np.random.default_rng(7))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+    if group > 1 and n > window:
+        padded = sum(len(b) * lengths[b].max() for b in batches)
+        plain_padded = sum(len(b) * lengths[b].max() for b in np.array_split(plain, -(-n // batch)))
+        assert padded < plain_padded
+
+
+def trainer_and_loaders(model_name, settings, model_class):
+    config = DealrecConfig(model_name, "ml-100k", config_dict=settings)
+    train, _, _ = data_preparation(config, create_dataset(config))
+    torch.manual_seed(0)
+    model = model_class(config, train.dataset).eval()
+    grouped = GenerativeTrainer(config, model).training_loader(train)
+    plain = GenerativeTrainer(DealrecConfig(model_name, "ml-100k", config_dict={**settings,
+                                                                                "length_grouped_batches": 0}),
+                              model).training_loader(train)
+    return model, grouped, plain
+
+
+def summed_loss(model, loader) -> tuple[float, int, int]:
+    """``(sum over the epoch's batches of loss x loss terms, rows, padded tokens)``."""
+    total, rows = 0.0, 0
+    with torch.no_grad():
+        for interaction in loader:
+            loss, terms = model.loss_and_count(interaction)
+            total += float(loss) * terms
+            rows += len(interaction)
+    return total, rows
+
+
+def test_tiger_epoch_loss_is_the_ungrouped_one(tmp_path):
+    settings = {**TINY_TIGER, "output_dir": str(tmp_path), "train_batch_size": 64}
+    model, grouped, plain = trainer_and_loaders("TIGER", settings, TIGER)
+    assert isinstance(grouped, LengthGroupedLoader) and not isinstance(plain, LengthGroupedLoader)
+    grouped_total, grouped_rows = summed_loss(model, grouped)
+    plain_total, plain_rows = summed_loss(model, plain)
+    assert grouped_rows == plain_rows == len(plain.dataset)
+    assert grouped_total == pytest.approx(plain_total, rel=1e-6)
+    # seeded by (seed, epoch): the same batches again for an epoch, others for the next
+    grouped.set_epoch(3)
+    first = [b["item_id"].tolist() for b in grouped]
+    second = [b["item_id"].tolist() for b in grouped]
+    grouped.set_epoch(4)
+    assert first == second != [b["item_id"].tolist() for b in grouped]
+
+
+def test_grouped_tiger_batches_pad_to_little_more_than_the_rows_own_tokens(tmp_path):
+    settings = {**TINY_TIGER, "output_dir": str(tmp_path), "train_batch_size": 64, "tiger_max_history": 50}
+    model, grouped, plain = trainer_and_loaders("TIGER", settings, TIGER)
+    own = int(model.sample_lengths(plain.dataset, np.arange(len(plain.dataset))).sum())
+
+    def encoder_tokens(loader):
+        return sum(model.encoder_inputs(b)[0].numel() for b in loader)
+    grouped_tokens, plain_tokens = encoder_tokens(grouped), encoder_tokens(plain)
+    assert grouped_tokens < 1.02 * own < plain_tokens
+
+
+def test_trimmed_tiger_inputs_give_the_padded_losses(tmp_path):
+    """The batch pads to its longest row, not to tiger_max_history: the per-row losses are unchanged."""
+    model, _, plain = trainer_and_loaders("TIGER", {**TINY_TIGER, "output_dir": str(tmp_path)}, TIGER)
+    interaction = next(iter(plain))
+    ids, mask = model.encoder_inputs(interaction)
+    assert ids.shape[1] == min(int(interaction["item_length"].max()), model.max_history) * model.id_length
+    width = model.max_history * model.id_length
+    padded = torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
+    labels = model.item_tokens[interaction[model.POS_ITEM_ID]]
+    with torch.no_grad():
+        short = model.t5(input_ids=ids, attention_mask=mask, labels=labels).logits
+        long = model.t5(input_ids=padded, attention_mask=(padded != 0).long(), labels=labels).logits
+    torch.testing.assert_close(short, long, rtol=1e-5, atol=1e-5)
+
+
+def test_bigrec_epoch_loss_is_the_ungrouped_one(tiny_llm_path, tmp_path):
+    from recbole_dealrec.model.bigrec import BIGRec
+
+    settings = {**tiny_bigrec_config(tiny_llm_path, tmp_path), "llm_max_length": 160,
+                "length_grouped_batches": 4, "train_batch_size": 4}
+    model, grouped, plain = trainer_and_loaders("BIGRec", settings, BIGRec)
+    assert isinstance(grouped, LengthGroupedLoader)
+    grouped_total, grouped_rows = summed_loss(model, grouped)
+    plain_total, plain_rows = summed_loss(model, plain)
+    assert grouped_rows == plain_rows
+    assert grouped_total == pytest.approx(plain_total, rel=1e-5)
+
+
+def test_bad_group_size_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="length_grouped_batches"):
+        trainer_and_loaders("TIGER", {**TINY_TIGER, "output_dir": str(tmp_path), "length_grouped_batches": -1},
+                            TIGER)
