@@ -42,6 +42,7 @@ from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_dealrec import distributed
+from recbole_dealrec.data.batching import LengthGroupedLoader
 from recbole_dealrec.data.user_rows import rows_by_user
 from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.utils import atomic_write
@@ -74,49 +75,6 @@ def check_trainer_config(config) -> None:
         raise ConfigError(f"`lr_schedule` must be one of {list(LR_SCHEDULES)}, got {config['lr_schedule']!r}")
     check_integer("length_grouped_batches", config["length_grouped_batches"], 0,
                   "0 = RecBole's shuffled batches", none_ok=True)
-
-
-def length_grouped_batches(lengths: np.ndarray, batch_size: int, group: int,
-                           generator: np.random.Generator) -> list[np.ndarray]:
-    """Batches of row positions (``[<= batch_size]`` each) covering ``range(len(lengths))`` once: the rows
-    shuffled, then each window of ``group`` batches' worth of rows sorted by ``lengths`` (longest first, stable)
-    and cut into batches, the window's batches in shuffled order (as Hugging Face's LengthGroupedSampler). A
-    window keeps the rows a plain shuffle would give it, so with ``group`` = the gradient-accumulation steps each
-    optimizer step sums the same rows' gradients; only the padding inside each batch shrinks."""
-    order = generator.permutation(len(lengths))
-    window = batch_size * group
-    batches = []
-    for start in range(0, len(order), window):
-        rows = order[start:start + window]
-        rows = rows[np.argsort(-lengths[rows], kind="stable")]
-        cut = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-        batches.extend(cut[i] for i in generator.permutation(len(cut)))
-    return batches
-
-
-class LengthGroupedLoader:
-    """A RecBole train loader's rows in batches of similar length (:func:`length_grouped_batches`), seeded by
-    ``(seed, epoch)``: the same batches in every run and every rank, and after a resume. Everything else (the
-    dataset, the collate step) is the wrapped loader's."""
-
-    def __init__(self, loader, lengths: np.ndarray, group: int, seed: int):
-        self.loader, self.lengths, self.group, self.seed = loader, np.asarray(lengths), group, seed
-        self.batch_size = int(loader.step)
-        self.epoch = 0
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
-
-    def __iter__(self):
-        generator = np.random.default_rng([self.seed, self.epoch])
-        for rows in length_grouped_batches(self.lengths, self.batch_size, self.group, generator):
-            yield self.loader.collate_fn(rows.tolist())
 
 
 class RankMergingEvaluator(Evaluator):

@@ -25,7 +25,7 @@ import recbole_dealrec  # noqa: F401
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.model.tiger.model import TIGER
-from recbole_dealrec.trainer import length_grouped_batches
+from recbole_dealrec.data.batching import length_grouped_batches
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_tiger_decoding import CPU_GRID_TIGER  # noqa: E402

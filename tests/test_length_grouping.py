@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TIGER, tiny_bigrec_config
+from conftest import TINY_SURROGATE, TINY_TIGER, tiny_bigrec_config
 from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.model.tiger.model import TIGER
-from recbole_dealrec.trainer import GenerativeTrainer, LengthGroupedLoader, length_grouped_batches
+from recbole_dealrec.data.batching import LengthGroupedLoader, length_grouped_batches
+from recbole_dealrec.trainer import GenerativeTrainer
 
 
 @pytest.mark.parametrize("n, batch, group", [(1000, 32, 5), (257, 16, 4), (10, 4, 50), (64, 8, 1)])
@@ -114,3 +115,38 @@ def test_bad_group_size_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="length_grouped_batches"):
         trainer_and_loaders("TIGER", {**TINY_TIGER, "output_dir": str(tmp_path), "length_grouped_batches": -1},
                             TIGER)
+
+
+def test_surrogate_sequence_loss_cut_to_the_longest_row_and_grouped_equals_the_padded_one(tmp_path):
+    from recbole.utils import get_model
+
+    from recbole_dealrec.surrogate.loss import TARGET_SEQ_FIELD, _SequencePredict, sequence_training_loss
+    from recbole_dealrec.surrogate.train import surrogate_config, training_data_and_loss
+
+    settings = {"surrogate_config": {**TINY_SURROGATE, "MAX_ITEM_LIST_LENGTH": 50, "train_batch_size": 64},
+                "output_dir": str(tmp_path), "show_progress": False}
+    scfg = surrogate_config(DealrecConfig("SASRec", "ml-100k", config_dict=settings))
+    train, _, _ = data_preparation(scfg, create_dataset(scfg))
+    torch.manual_seed(0)
+    model = get_model("SASRec")(scfg, train.dataset).eval()
+    plain, _ = training_data_and_loss(scfg, model, train)
+    scfg["surrogate_length_grouped_batches"] = 1000  # one window: the shortest rows share batches
+    grouped, _ = training_data_and_loss(scfg, model, train)
+    assert isinstance(grouped, LengthGroupedLoader) and not isinstance(plain, LengthGroupedLoader)
+
+    def padded_loss(interaction):  # every position of the row, as before the cut
+        target_seq = interaction[TARGET_SEQ_FIELD]
+        rows, positions = torch.nonzero(target_seq, as_tuple=True)
+        logits = _SequencePredict(model)(interaction[model.ITEM_SEQ], rows, positions)
+        return torch.nn.functional.cross_entropy(logits, target_seq[rows, positions], reduction="sum")
+
+    with torch.no_grad():
+        batch = min(grouped, key=lambda b: int(b[model.ITEM_SEQ_LEN].max()))  # its shortest batch: cut the most
+        assert int(batch[model.ITEM_SEQ_LEN].max()) < batch[model.ITEM_SEQ].shape[1]
+        targets = int((batch[TARGET_SEQ_FIELD] > 0).sum())
+        torch.testing.assert_close(sequence_training_loss(model, batch) * targets, padded_loss(batch))
+        totals = []
+        for loader in (plain, grouped):
+            totals.append(sum(float(sequence_training_loss(model, b)) * int((b[TARGET_SEQ_FIELD] > 0).sum())
+                              for b in loader))
+    assert totals[0] == pytest.approx(totals[1], rel=1e-6)

@@ -185,10 +185,19 @@ def sequence_train_dataset(train_dataset):
 def sequence_training_loss(model: torch.nn.Module, interaction) -> torch.Tensor:
     """Mean full-softmax cross-entropy over every target of sequence-mode rows (:func:`sequence_train_dataset`):
     the CE loss RecBole's SASRec trains with, over the same prefix samples, in train mode (dropout on)."""
-    target_seq = interaction[TARGET_SEQ_FIELD]
+    # The batch is cut to its longest row: trailing padding changes no real position's output (causal attention,
+    # positions counted from the start, padded keys masked), only the cost.
+    width = max(1, int(interaction[model.ITEM_SEQ_LEN].max()))
+    target_seq = interaction[TARGET_SEQ_FIELD][:, :width]
     rows, positions = torch.nonzero(target_seq, as_tuple=True)
-    logits = _SequencePredict(model)(interaction[model.ITEM_SEQ], rows, positions)
+    logits = _SequencePredict(model)(interaction[model.ITEM_SEQ][:, :width], rows, positions)
     return F.cross_entropy(logits, target_seq[rows, positions])
+
+
+def sequence_row_lengths(dataset) -> np.ndarray:
+    """Items in each row of a sequence-mode training ``dataset`` (:func:`sequence_train_dataset`): what its
+    batch pads to. ``[rows]`` int."""
+    return dataset.inter_feat[dataset.item_list_length_field].numpy()
 
 
 class _SequencePredict(torch.nn.Module):

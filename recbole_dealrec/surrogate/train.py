@@ -29,13 +29,14 @@ from recbole_dealrec.config import (RESULT_NEUTRAL_KEYS, DealrecConfig, model_on
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.model import get_model
-from recbole_dealrec.surrogate.loss import (sequence_train_dataset, sequence_training_loss,
+from recbole_dealrec.data.batching import LengthGroupedLoader
+from recbole_dealrec.surrogate.loss import (sequence_row_lengths, sequence_train_dataset, sequence_training_loss,
                                            supports_sequence_mode)
 from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, stable_key
 
 #: The plugin keys of the data and surrogate stages, the only plugin keys the trained weights depend on (every other
 #: plugin key belongs to a later stage; RecBole's keys all count).
-SURROGATE_PLUGIN_KEYS = ("split_field", "surrogate_sequence_mode")
+SURROGATE_PLUGIN_KEYS = ("split_field", "surrogate_sequence_mode", "surrogate_length_grouped_batches")
 
 
 @dataclasses.dataclass
@@ -122,6 +123,8 @@ class EarlyTrainHooks:
         self.best_state: Optional[dict[str, torch.Tensor]] = None
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if isinstance(train_data, LengthGroupedLoader):
+            train_data.set_epoch(epoch_idx)
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func or self.loss_func,
                                     show_progress=show_progress)
         path = self.snapshot_paths.get(epoch_idx + 1)
@@ -152,6 +155,9 @@ def training_data_and_loss(scfg, model, train_data) -> tuple[Any, Optional[Calla
     getLogger().info(set_color("[Surrogate]", "pink") + f" sequence mode: {len(dataset)} training rows for "
                      f"{len(train_data.dataset)} prefix samples")
     loader = get_dataloader(scfg, "train")(scfg, dataset, train_data._sampler, shuffle=scfg["shuffle"])
+    group = int(scfg["surrogate_length_grouped_batches"] or 0)
+    if group and scfg["shuffle"]:
+        loader = LengthGroupedLoader(loader, sequence_row_lengths(dataset), group, int(scfg["seed"]))
     return loader, functools.partial(sequence_training_loss, model)
 
 
