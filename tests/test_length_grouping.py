@@ -150,3 +150,20 @@ def test_surrogate_sequence_loss_cut_to_the_longest_row_and_grouped_equals_the_p
             totals.append(sum(float(sequence_training_loss(model, b)) * int((b[TARGET_SEQ_FIELD] > 0).sum())
                               for b in loader))
     assert totals[0] == pytest.approx(totals[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("n, chunk", [(37, 8), (37, 64), (1, 1), (200, 1024)])
+def test_fused_linear_cross_entropy_equals_the_plain_one(n, chunk):
+    from recbole_dealrec.surrogate.loss import fused_linear_cross_entropy
+
+    generator = torch.Generator().manual_seed(n)
+    hidden = torch.randn(n, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(50, (n,), generator=generator)
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
+    fused = fused_linear_cross_entropy(hidden, weight, targets, chunk)
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(torch.autograd.grad(3.0 * fused, (hidden, weight)), torch.autograd.grad(3.0 * plain, (hidden, weight))):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, targets, chunk), plain.detach())

@@ -190,8 +190,59 @@ def sequence_training_loss(model: torch.nn.Module, interaction) -> torch.Tensor:
     width = max(1, int(interaction[model.ITEM_SEQ_LEN].max()))
     target_seq = interaction[TARGET_SEQ_FIELD][:, :width]
     rows, positions = torch.nonzero(target_seq, as_tuple=True)
-    logits = _SequencePredict(model)(interaction[model.ITEM_SEQ][:, :width], rows, positions)
-    return F.cross_entropy(logits, target_seq[rows, positions])
+    hidden = _SequencePredict(model).hidden(interaction[model.ITEM_SEQ][:, :width], rows, positions)
+    return fused_linear_cross_entropy(hidden, model.item_embedding.weight, target_seq[rows, positions])
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, without the ``[targets, classes]`` logits
+    ever existing whole: chunk by chunk, the forward takes the logits, their log-sum-exp and at once the
+    gradient (softmax minus one-hot), accumulating the gradients of ``hidden`` and ``weight``; the backward only
+    scales them. The full softmax's memory traffic (logits, log-softmax and its backward over 17k items per
+    target on Games) was most of a surrogate epoch."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        n = len(targets)
+        total = hidden.new_zeros(())
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight) if needs_grad else None
+        for start in range(0, n, chunk):
+            h = hidden[start:start + chunk]
+            t = targets[start:start + chunk]
+            logits = h @ weight.t()  # [c, classes]
+            lse = torch.logsumexp(logits, dim=1)
+            total = total + (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            if needs_grad:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad_hidden[start:start + chunk] = grad @ weight
+                grad_weight.addmm_(grad.t(), h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.n = n
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output / ctx.n
+        return (grad_hidden * scale if ctx.needs_input_grad[0] else None,
+                grad_weight * scale if ctx.needs_input_grad[1] else None, None, None)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               chunk: int = 1024) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T, targets)`` (mean), in chunks of ``chunk`` targets: ``hidden``
+    ``[targets, d]``, ``weight`` ``[classes, d]``, ``targets`` long ``[targets]``; a scalar. Once-differentiable
+    (the gradient is taken in the forward)."""
+    if len(targets) == 0:
+        return (hidden.sum() + weight.sum()) * 0.0 / 0.0
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    total = sum(F.cross_entropy(hidden[i:i + chunk] @ weight.t(), targets[i:i + chunk], reduction="sum")
+                for i in range(0, len(targets), chunk))
+    return total / len(targets)
 
 
 def sequence_row_lengths(dataset) -> np.ndarray:
@@ -206,13 +257,17 @@ class _SequencePredict(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, item_seq, rows, positions) -> torch.Tensor:
+    def hidden(self, item_seq, rows, positions) -> torch.Tensor:
+        """The encoder's output at each asked ``(row, position)``: ``[targets, hidden]``."""
         m = self.model
         position_ids = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
         input_emb = m.item_embedding(item_seq) + m.position_embedding(position_ids.unsqueeze(0).expand_as(item_seq))
         input_emb = m.dropout(m.LayerNorm(input_emb))
         output = m.trm_encoder(input_emb, m.get_attention_mask(item_seq), output_all_encoded_layers=True)[-1]
-        return output[rows, positions] @ m.item_embedding.weight.transpose(0, 1)  # [targets, n_items]
+        return output[rows, positions]
+
+    def forward(self, item_seq, rows, positions) -> torch.Tensor:
+        return self.hidden(item_seq, rows, positions) @ self.model.item_embedding.weight.transpose(0, 1)  # [targets, n_items]
 
 
 class SurrogateLoss:
