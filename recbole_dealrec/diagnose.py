@@ -34,7 +34,7 @@ from recbole_dealrec.config import (PROPERTIES_DIR, DealrecConfig, StageArgument
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
 from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.model import get_model
-from recbole_dealrec.scoring.influence import InfluenceArguments, influence_scores
+from recbole_dealrec.scoring.influence import InfluenceArguments, influence_scores, record_influence_check
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, user_batches
 from recbole_dealrec.surrogate.loss import supports_sequence_mode
 from recbole_dealrec.surrogate.train import private_checkpoint_dir, training_data_and_loss, surrogate_config, surrogate_trainer
@@ -269,6 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     paths = write_check_report(report, known.out)
+    # the selection reports of runs on this surrogate with these influence keys show it (influence_check)
+    paths["recorded"] = record_influence_check(config, report, os.path.abspath(known.out))
     print(json.dumps({"agreement": report["agreement"], "top_vs_bottom": report["top_vs_bottom"], **paths}, indent=1))
 
 

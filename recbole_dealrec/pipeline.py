@@ -25,6 +25,7 @@ from recbole_dealrec.evaluation import (capture_user_results, reference_results,
                                         with_user_results)
 from recbole_dealrec.export import export_path, export_selection, save_selection, selection_dir
 from recbole_dealrec.model.backend import GenerativeBackend
+from recbole_dealrec.scoring.influence import recorded_influence_check
 from recbole_dealrec.scoring.signals import compute_signals
 from recbole_dealrec.selection import SelectionMethod, selection_rng
 from recbole_dealrec.selection.base import Selection
@@ -173,7 +174,9 @@ def select_users(setup: RunSetup, data: RunData) -> SelectedUsers:
     elif setup.policy.writes_outputs:
         summary = save_selection(folder, selection, train_data.dataset, facts,
                                  run_config={"model": config["model"], **user_keys(config)})
-        summary["report"] = write_report(folder, selection, data.train_data.dataset, plots=bool(config["report_plots"]))
+        check = recorded_influence_check(config) if "influence" in selection.scores else None
+        summary["report"] = write_report(folder, selection, data.train_data.dataset, plots=bool(config["report_plots"]),
+                                         influence_check=check)
         logger.info(set_color("[Selection]", "pink") + f" saved to {folder}")
     else:
         summary = {**facts, "selected_users": int(len(selection.user_ids))}

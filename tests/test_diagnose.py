@@ -1,5 +1,7 @@
 """The influence retraining check: its statistics, the influence machinery against exact leave-group-out retraining
 on a convex model, and the check on a tiny surrogate (deterministic under a seed)."""
+import json
+import os
 import numpy as np
 import pytest
 import torch
@@ -109,11 +111,12 @@ def test_bad_check_keys(keys, message):
 def test_the_check_on_a_tiny_surrogate_is_deterministic(tiny_config, tmp_path):
     from recbole_dealrec.config import DealrecConfig
 
-    config = DealrecConfig("SASRec", "ml-100k", config_dict={
+    settings = {
         **tiny_config, "sampler": "dealrec", "influence_hessian_users": 100, "cg_max_iter": 5,
         "influence_power_iters": 3, "show_progress": False,
         "surrogate_config": {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1,
-                             "MAX_ITEM_LIST_LENGTH": 6, "epochs": 1, "train_batch_size": 1024}})
+                             "MAX_ITEM_LIST_LENGTH": 6, "epochs": 1, "train_batch_size": 1024}}
+    config = DealrecConfig("SASRec", "ml-100k", config_dict=settings)
     args = CheckArguments(check_groups=3, check_group_size=20, check_seeds=2, check_retrain="fixed_epochs", seed=7)
     first = influence_check(config, args)
     assert influence_check(config, args) == first  # same seed, same report, bit for bit
@@ -122,3 +125,19 @@ def test_the_check_on_a_tiny_surrogate_is_deterministic(tiny_config, tmp_path):
     assert {"pearson", "spearman", "pearson_95", "spearman_95"} <= set(first["agreement"])
     paths = write_check_report(first, str(tmp_path / "check"))
     assert "Spearman" in open(paths["md"]).read() and open(paths["png"], "rb").read(4) == b"\x89PNG"
+
+    # recorded under the surrogate's and the influence keys' key; a DEALRec selection on them reports it
+    from recbole_dealrec.quick_start import run_recbole
+    from recbole_dealrec.scoring.influence import record_influence_check, recorded_influence_check
+
+    assert recorded_influence_check(config) is None
+    record_influence_check(config, first, str(tmp_path / "check"))
+    recorded = recorded_influence_check(config)
+    assert recorded["agreement"] == first["agreement"] and recorded["top_vs_bottom"] == first["top_vs_bottom"]
+    other = DealrecConfig("SASRec", "ml-100k", config_dict={**settings, "influence_user_loss": "sum"})
+    assert recorded_influence_check(other) is None  # other scores: not this check's
+    result = run_recbole("SASRec", config_dict={**settings,
+                                                "selection_num": 50, "dealrec_lambda": 0, "epochs": 1,
+                                                "show_progress": False, "report_plots": False}, saved=False)
+    report = json.load(open(os.path.join(result["selection"]["folder"], "report.json")))
+    assert report["influence_check"]["agreement"] == first["agreement"]

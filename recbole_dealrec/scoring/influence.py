@@ -16,8 +16,10 @@ by double backprop, indefinite on a trained SASRec; the paper's choice with LiSS
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from logging import getLogger
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -39,7 +41,8 @@ from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
 from recbole_dealrec.model import get_model
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, UserBatch, user_batches
 from recbole_dealrec.surrogate.loss import USER_LOSSES, concat_user_batches, supports_sequence_mode
-from recbole_dealrec.surrogate.train import surrogate_config
+from recbole_dealrec.surrogate.train import surrogate_config, surrogate_key
+from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, stable_key
 
 #: Allowed values of ``influence_target``: whose loss the scores are the influence on (``v`` of ``H^-1 v``).
 TARGETS = ("train", "validation")
@@ -268,3 +271,36 @@ class Influence(Signal):
 
     def compute(self, ctx: SignalContext) -> ScoredUsers:
         return influence_scores(ctx.config, ctx.surrogate(), show_progress=bool(ctx.config["show_progress"]))
+
+
+#: What the selection report shows of a recorded retraining check (``python -m recbole_dealrec.diagnose influence``).
+CHECK_SUMMARY_KEYS = ("target", "user_loss", "retrain", "group_size", "agreement", "agreement_random_groups",
+                      "top_vs_bottom", "noise_sd", "spearman_score_history_length")
+
+
+def influence_check_path(config) -> str:
+    """The cache entry recording the retraining check of this config's surrogate and influence keys."""
+    key = stable_key({"surrogate": surrogate_key(config),
+                      "influence": dataclasses.asdict(InfluenceArguments.from_config(config))})
+    return os.path.join(cache_dir(config), f"influence-check-{key}.json")
+
+
+def record_influence_check(config, report: Mapping[str, Any], out: Optional[str] = None) -> str:
+    """Keep the check's summary under :func:`influence_check_path`, for the selection reports of later runs."""
+    path = influence_check_path(config)
+    summary = {k: report[k] for k in CHECK_SUMMARY_KEYS if k in report}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_write(path, checksum=True, encoding="utf-8") as handle:
+        json.dump({**summary, "report_folder": out}, handle, indent=2)
+    return path
+
+
+def recorded_influence_check(config) -> Optional[dict[str, Any]]:
+    """The recorded check of this config's surrogate and influence keys (:func:`record_influence_check`), or
+    ``None`` when none was run."""
+    path = influence_check_path(config)
+    if not cache_entry_ok(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+

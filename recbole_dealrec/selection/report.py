@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -49,8 +49,11 @@ def coverage(train_dataset, selected: np.ndarray) -> tuple[dict[str, Any], dict[
     return summary, arrays
 
 
-def write_report(folder: str, selection: Selection, train_dataset, plots: bool = True) -> dict[str, Any]:
-    """Write ``report.json`` (and PNGs when ``plots``) into ``folder``; return the JSON content."""
+def write_report(folder: str, selection: Selection, train_dataset, plots: bool = True,
+                 influence_check: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Write ``report.json`` (and PNGs when ``plots``) into ``folder``; return the JSON content.
+    ``influence_check``: the recorded retraining check of the influence scores behind the selection (how well
+    they predicted removal), shown as ``influence_check``."""
     cover, arrays = coverage(train_dataset, selection.user_ids)
     scores = {}
     for name, user_scores in selection.scores.items():
@@ -58,6 +61,8 @@ def write_report(folder: str, selection: Selection, train_dataset, plots: bool =
         scores[name] = {"all": _stats(user_scores.values), "selected": _stats(user_scores.values[picked])}
     groups = {k: np.asarray(selection.info[k]).tolist() for k in ("bin_edges", "bin_sizes", "bin_picks") if k in selection.info}
     summary = {"selected_users": int(len(selection.user_ids)), "scores": scores, "groups": groups, "coverage": cover}
+    if influence_check is not None:
+        summary["influence_check"] = dict(influence_check)
     with atomic_write(os.path.join(folder, "report.json")) as handle:
         json.dump(summary, handle, indent=2)
     if plots:
