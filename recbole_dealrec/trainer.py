@@ -135,7 +135,8 @@ class GenerativeTrainer(Trainer):
             train_data = get_dataloader(self.config, "train")(
                 self.config, kept, train_data._sampler, shuffle=self.config["shuffle"]
             )
-        group = int(self.config["length_grouped_batches"] or 0)
+        group = self.config["length_grouped_batches"]
+        group = self.grad_accum if group is None else int(group)  # ~: one window per optimizer step
         if not group or not self.config["shuffle"]:
             return train_data
         dataset = train_data.dataset

@@ -134,7 +134,8 @@ def test_the_check_on_a_tiny_surrogate_is_deterministic(tiny_config, tmp_path):
     record_influence_check(config, first, str(tmp_path / "check"))
     recorded = recorded_influence_check(config)
     assert recorded["agreement"] == first["agreement"] and recorded["top_vs_bottom"] == first["top_vs_bottom"]
-    other = DealrecConfig("SASRec", "ml-100k", config_dict={**settings, "influence_user_loss": "sum"})
+    flipped = {"sum": "mean", "mean": "sum"}[config["influence_user_loss"]]
+    other = DealrecConfig("SASRec", "ml-100k", config_dict={**settings, "influence_user_loss": flipped})
     assert recorded_influence_check(other) is None  # other scores: not this check's
     result = run_recbole("SASRec", config_dict={**settings,
                                                 "selection_num": 50, "dealrec_lambda": 0, "epochs": 1,

@@ -129,6 +129,7 @@ def test_surrogate_sequence_loss_cut_to_the_longest_row_and_grouped_equals_the_p
     train, _, _ = data_preparation(scfg, create_dataset(scfg))
     torch.manual_seed(0)
     model = get_model("SASRec")(scfg, train.dataset).eval()
+    scfg["surrogate_length_grouped_batches"] = 0
     plain, _ = training_data_and_loss(scfg, model, train)
     scfg["surrogate_length_grouped_batches"] = 1000  # one window: the shortest rows share batches
     grouped, _ = training_data_and_loss(scfg, model, train)
