@@ -137,7 +137,7 @@ class GenerativeTrainer(Trainer):
             )
         group = self.config["length_grouped_batches"]
         group = self.grad_accum if group is None else int(group)  # ~: one window per optimizer step
-        if not group or not self.config["shuffle"]:
+        if group <= 1 or not self.config["shuffle"]:  # a window of one batch keeps its rows and its padding
             return train_data
         dataset = train_data.dataset
         lengths = self.model.sample_lengths(dataset, np.arange(len(dataset)))

@@ -124,7 +124,7 @@ def test_training_loader(ml100k):
             assert len(histories[pos[u]]) == len(vhist) - 1
 
     trainer = BIGRecTrainer.__new__(BIGRecTrainer)  # only the loader helper is needed
-    trainer.config, trainer.logger = config, logging.getLogger()
+    trainer.config, trainer.logger, trainer.grad_accum = config, logging.getLogger(), 1
     trainer.model = BIGRec.__new__(BIGRec)  # training_rows reads only the class's protocol
     one = trainer.training_loader(train)
     assert len(one.dataset) == len(users)
