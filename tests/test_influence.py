@@ -330,7 +330,7 @@ def test_scores_on_each_target_equal_a_per_user_loop(run_config, target):
     scored = influence_scores(config, surrogate)
     assert scored.meta["target"] == target
     model = surrogate.model.double()
-    loss = SurrogateLoss(model, "mean")
+    loss = SurrogateLoss(model, config["influence_user_loss"])
     params = select_parameters(model.named_parameters(), pattern)
     train_batches = user_batches(surrogate.train_dataset, 4096)
     n_train = sum(len(b) for b in train_batches)
