@@ -162,9 +162,45 @@ def test_fused_linear_cross_entropy_equals_the_plain_one(n, chunk):
     weight = torch.randn(50, 16, generator=generator, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(50, (n,), generator=generator)
     plain = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
-    fused = fused_linear_cross_entropy(hidden, weight, targets, chunk)
+    fused = fused_linear_cross_entropy(hidden, weight, targets, chunk=chunk)
     torch.testing.assert_close(fused, plain)
     for a, b in zip(torch.autograd.grad(3.0 * fused, (hidden, weight)), torch.autograd.grad(3.0 * plain, (hidden, weight))):
         torch.testing.assert_close(a, b)
     with torch.no_grad():
-        torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, targets, chunk), plain.detach())
+        torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, targets, chunk=chunk), plain.detach())
+    # weighted: sum(w * ce) / sum(w), its gradient included
+    w = torch.rand(n, generator=generator, dtype=torch.float64) + 0.1
+    plain = (torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none") * w).sum() / w.sum()
+    fused = fused_linear_cross_entropy(hidden, weight, targets, w, chunk=chunk)
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(torch.autograd.grad(fused, (hidden, weight)), torch.autograd.grad(plain, (hidden, weight))):
+        torch.testing.assert_close(a, b)
+
+
+def test_surrogate_user_weighting_equals_a_hand_computation(tmp_path):
+    """surrogate_user_weighting: user = sum_t ce_t / c_u(t) / sum_t 1 / c_u(t), with c_u = the user's number of
+    prefix samples (its training rows); prefix = the plain mean over the targets."""
+    from recbole.utils import get_model
+
+    from recbole_dealrec.surrogate.loss import TARGET_SEQ_FIELD, _SequencePredict, sequence_training_loss
+    from recbole_dealrec.surrogate.train import surrogate_config, training_data_and_loss
+
+    settings = {"surrogate_config": {**TINY_SURROGATE, "MAX_ITEM_LIST_LENGTH": 20, "train_batch_size": 50},
+                "output_dir": str(tmp_path), "show_progress": False, "surrogate_user_weighting": "user"}
+    scfg = surrogate_config(DealrecConfig("SASRec", "ml-100k", config_dict=settings))
+    train, _, _ = data_preparation(scfg, create_dataset(scfg))
+    torch.manual_seed(0)
+    model = get_model("SASRec")(scfg, train.dataset).eval()
+    loader, loss_func = training_data_and_loss(scfg, model, train)
+    prefixes = np.bincount(train.dataset.inter_feat["user_id"].numpy())  # c_u: the user's prefix samples
+    batch = next(iter(loader))
+    with torch.no_grad():
+        rows, positions = torch.nonzero(batch[TARGET_SEQ_FIELD], as_tuple=True)
+        logits = _SequencePredict(model)(batch[model.ITEM_SEQ], rows, positions)
+        ce = torch.nn.functional.cross_entropy(logits, batch[TARGET_SEQ_FIELD][rows, positions], reduction="none")
+        w = 1.0 / torch.from_numpy(prefixes[batch["user_id"][rows].numpy()]).float()
+        torch.testing.assert_close(loss_func(batch), (ce * w).sum() / w.sum())
+        torch.testing.assert_close(sequence_training_loss(model, batch, "prefix"), ce.mean())
+    with pytest.raises(ConfigError, match="surrogate_user_weighting must be one of"):
+        scfg["surrogate_user_weighting"] = "users"
+        training_data_and_loss(scfg, model, train)

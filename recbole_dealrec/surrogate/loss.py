@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from recbole_dealrec.data.user_rows import rows_by_user
+from recbole_dealrec.errors import ConfigError
 
 #: Allowed values of ``influence_user_loss``: how a user's prefix losses make its loss.
 USER_LOSSES = ("mean", "sum")
@@ -168,6 +169,10 @@ class _Predict(torch.nn.Module):
 
 #: Field of a sequence-mode training row holding the next-item target at every position (0 = no target).
 TARGET_SEQ_FIELD = "target_seq"
+#: Field of a sequence-mode training row: how many prefix samples (targets) its user has in all.
+USER_TARGETS_FIELD = "user_targets"
+#: Allowed values of ``surrogate_user_weighting``: how the surrogate's training loss weights a target.
+USER_WEIGHTINGS = ("prefix", "user")
 
 
 def sequence_train_dataset(train_dataset):
@@ -179,19 +184,29 @@ def sequence_train_dataset(train_dataset):
     target_seq = torch.zeros_like(rows[train_dataset.item_id_list_field])
     target_seq[batch.target_rows, batch.positions] = batch.targets
     rows[TARGET_SEQ_FIELD] = target_seq
+    per_user = torch.bincount(batch.segment[batch.target_rows], minlength=len(batch.user_ids))
+    rows[USER_TARGETS_FIELD] = per_user[batch.segment]
     return train_dataset.copy(rows)
 
 
-def sequence_training_loss(model: torch.nn.Module, interaction) -> torch.Tensor:
-    """Mean full-softmax cross-entropy over every target of sequence-mode rows (:func:`sequence_train_dataset`):
-    the CE loss RecBole's SASRec trains with, over the same prefix samples, in train mode (dropout on)."""
+def sequence_training_loss(model: torch.nn.Module, interaction, user_weighting: str = "prefix") -> torch.Tensor:
+    """Full-softmax cross-entropy over every target of sequence-mode rows (:func:`sequence_train_dataset`), in
+    train mode (dropout on). ``user_weighting``: ``prefix`` = the mean over the targets, the CE loss RecBole's
+    SASRec trains with over the same prefix samples; ``user`` = each target weighted 1 / its user's number of
+    prefix samples (the weighted mean), so that every user counts alike: the objective of
+    ``influence_user_loss: mean``."""
     # The batch is cut to its longest row: trailing padding changes no real position's output (causal attention,
     # positions counted from the start, padded keys masked), only the cost.
     width = max(1, int(interaction[model.ITEM_SEQ_LEN].max()))
     target_seq = interaction[TARGET_SEQ_FIELD][:, :width]
     rows, positions = torch.nonzero(target_seq, as_tuple=True)
     hidden = _SequencePredict(model).hidden(interaction[model.ITEM_SEQ][:, :width], rows, positions)
-    return fused_linear_cross_entropy(hidden, model.item_embedding.weight, target_seq[rows, positions])
+    weights = None
+    if user_weighting == "user":
+        weights = 1.0 / interaction[USER_TARGETS_FIELD][rows].to(hidden.dtype)
+    elif user_weighting != "prefix":
+        raise ConfigError(f"surrogate_user_weighting must be one of {list(USER_WEIGHTINGS)}, got {user_weighting!r}")
+    return fused_linear_cross_entropy(hidden, model.item_embedding.weight, target_seq[rows, positions], weights)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -202,7 +217,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     target on Games) was most of a surrogate epoch."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, sample_weights):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         n = len(targets)
         total = hidden.new_zeros(())
@@ -213,36 +228,45 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             t = targets[start:start + chunk]
             logits = h @ weight.t()  # [c, classes]
             lse = torch.logsumexp(logits, dim=1)
-            total = total + (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            losses = lse - logits.gather(1, t[:, None])[:, 0]
+            w = None if sample_weights is None else sample_weights[start:start + chunk]
+            total = total + (losses.sum() if w is None else (losses * w).sum())
             if needs_grad:
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 grad[torch.arange(len(t), device=t.device), t] -= 1.0
+                if w is not None:
+                    grad.mul_(w[:, None])
                 grad_hidden[start:start + chunk] = grad @ weight
                 grad_weight.addmm_(grad.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.n = n
-        return total / n
+        ctx.n = n if sample_weights is None else sample_weights.sum()  # the mean's denominator
+        return total / ctx.n
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output / ctx.n
         return (grad_hidden * scale if ctx.needs_input_grad[0] else None,
-                grad_weight * scale if ctx.needs_input_grad[1] else None, None, None)
+                grad_weight * scale if ctx.needs_input_grad[1] else None, None, None, None)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               chunk: int = 1024) -> torch.Tensor:
-    """``F.cross_entropy(hidden @ weight.T, targets)`` (mean), in chunks of ``chunk`` targets: ``hidden``
-    ``[targets, d]``, ``weight`` ``[classes, d]``, ``targets`` long ``[targets]``; a scalar. Once-differentiable
-    (the gradient is taken in the forward)."""
+                               sample_weights: Optional[torch.Tensor] = None, chunk: int = 1024) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T, targets)`` (mean; with ``sample_weights`` ``[targets]`` the weighted
+    mean ``sum(w * ce) / sum(w)``), in chunks of ``chunk`` targets: ``hidden`` ``[targets, d]``, ``weight``
+    ``[classes, d]``, ``targets`` long ``[targets]``; a scalar. Once-differentiable (the gradient is taken in the
+    forward)."""
     if len(targets) == 0:
         return (hidden.sum() + weight.sum()) * 0.0 / 0.0
+    if sample_weights is not None:
+        sample_weights = sample_weights.detach().to(hidden.dtype)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
-    total = sum(F.cross_entropy(hidden[i:i + chunk] @ weight.t(), targets[i:i + chunk], reduction="sum")
-                for i in range(0, len(targets), chunk))
-    return total / len(targets)
+        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk, sample_weights)
+    total = hidden.new_zeros(())
+    for i in range(0, len(targets), chunk):
+        losses = F.cross_entropy(hidden[i:i + chunk] @ weight.t(), targets[i:i + chunk], reduction="none")
+        total = total + (losses.sum() if sample_weights is None else (losses * sample_weights[i:i + chunk]).sum())
+    return total / (len(targets) if sample_weights is None else sample_weights.sum())
 
 
 def sequence_row_lengths(dataset) -> np.ndarray:

@@ -30,13 +30,14 @@ from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.model import get_model
 from recbole_dealrec.data.batching import LengthGroupedLoader
-from recbole_dealrec.surrogate.loss import (sequence_row_lengths, sequence_train_dataset, sequence_training_loss,
-                                           supports_sequence_mode)
+from recbole_dealrec.surrogate.loss import (USER_WEIGHTINGS, sequence_row_lengths, sequence_train_dataset,
+                                           sequence_training_loss, supports_sequence_mode)
 from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, stable_key
 
 #: The plugin keys of the data and surrogate stages, the only plugin keys the trained weights depend on (every other
 #: plugin key belongs to a later stage; RecBole's keys all count).
-SURROGATE_PLUGIN_KEYS = ("split_field", "surrogate_sequence_mode", "surrogate_length_grouped_batches")
+SURROGATE_PLUGIN_KEYS = ("split_field", "surrogate_sequence_mode", "surrogate_length_grouped_batches",
+                         "surrogate_user_weighting")
 
 
 @dataclasses.dataclass
@@ -149,7 +150,13 @@ def training_data_and_loss(scfg, model, train_data) -> tuple[Any, Optional[Calla
     """With ``surrogate_sequence_mode`` and a causal CE surrogate (SASRec): a train loader over one row per user
     window and :func:`sequence_training_loss` as the training loss (RecBole's trainer unchanged); else
     ``(train_data, None)``: the prefix rows and the model's own loss."""
+    weighting = scfg["surrogate_user_weighting"] or "prefix"
+    if weighting not in USER_WEIGHTINGS:
+        raise ConfigError(f"surrogate_user_weighting must be one of {list(USER_WEIGHTINGS)}, got {weighting!r}")
     if not scfg["surrogate_sequence_mode"] or not supports_sequence_mode(model) or scfg["loss_type"] != "CE":
+        if weighting != "prefix":
+            raise ConfigError("surrogate_user_weighting: user needs surrogate_sequence_mode: True and a SASRec "
+                              f"surrogate with loss_type CE (got {scfg['model']}, loss_type {scfg['loss_type']})")
         return train_data, None
     dataset = sequence_train_dataset(train_data.dataset)
     getLogger().info(set_color("[Surrogate]", "pink") + f" sequence mode: {len(dataset)} training rows for "
@@ -158,7 +165,7 @@ def training_data_and_loss(scfg, model, train_data) -> tuple[Any, Optional[Calla
     group = int(scfg["surrogate_length_grouped_batches"] or 0)
     if group and scfg["shuffle"]:
         loader = LengthGroupedLoader(loader, sequence_row_lengths(dataset), group, int(scfg["seed"]))
-    return loader, functools.partial(sequence_training_loss, model)
+    return loader, functools.partial(sequence_training_loss, model, user_weighting=weighting)
 
 
 @contextlib.contextmanager
