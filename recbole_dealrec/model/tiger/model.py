@@ -9,8 +9,8 @@
   ``tiger_max_history`` history items (with the user's token first when enabled), target = the next item's
   codes; loss = mean token cross-entropy;
 - ranking (``full_sort_predict``): beam search (``tiger_num_beams`` >= max(topk)) constrained by a prefix trie
-  to valid IDs (tensor ops over all users' beams, ``beam_search.py``), so no invalid item comes out; the beams' items get their sequence log-probabilities, every
-  other item ranks below them, the padding item lowest.
+  to valid IDs (tensor ops over all users' beams, ``beam_search.py``), so no invalid item comes out; the
+  beams' items get their sequence log-probabilities, every other item ranks below them, the padding item lowest.
 """
 from __future__ import annotations
 
