@@ -42,7 +42,7 @@ from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_dealrec import distributed
-from recbole_dealrec.data.batching import LengthGroupedLoader
+from recbole_dealrec.data.batching import LengthGroupedLoader, grouped_by_length
 from recbole_dealrec.data.user_rows import rows_by_user
 from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.utils import atomic_write
@@ -137,13 +137,9 @@ class GenerativeTrainer(Trainer):
             )
         group = self.config["length_grouped_batches"]
         group = self.grad_accum if group is None else int(group)  # ~: one window per optimizer step
-        if group <= 1 or not self.config["shuffle"]:  # a window of one batch keeps its rows and its padding
-            return train_data
         dataset = train_data.dataset
-        lengths = self.model.sample_lengths(dataset, np.arange(len(dataset)))
-        if lengths is None:
-            return train_data
-        return LengthGroupedLoader(train_data, lengths, group, int(self.config["seed"]))
+        return grouped_by_length(train_data, group, int(self.config["seed"]), bool(self.config["shuffle"]),
+                                 lambda: self.model.sample_lengths(dataset, np.arange(len(dataset))))
 
     # ------------------------------------------------------------------ training
 

@@ -3,6 +3,8 @@ removes most of the padding (Hugging Face's ``group_by_length``), seeded so that
 the generative trainer (``length_grouped_batches``) and the surrogate (``surrogate_length_grouped_batches``)."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import numpy as np
 
 
@@ -47,3 +49,14 @@ class LengthGroupedLoader:
         generator = np.random.default_rng([self.seed, self.epoch])
         for rows in length_grouped_batches(self.lengths, self.batch_size, self.group, generator):
             yield self.loader.collate_fn(rows.tolist())
+
+
+def grouped_by_length(loader, group: int, seed: int, shuffle: bool,
+                      lengths: Callable[[], Optional[np.ndarray]]):
+    """``loader`` in batches grouped by length (:class:`LengthGroupedLoader`), or ``loader`` itself where grouping
+    cannot shrink a batch's padding: a window of at most one batch, no shuffling, or ``lengths()`` (each row's
+    tokens, asked only when needed: BIGRec tokenises for it) is ``None``."""
+    if group <= 1 or not shuffle:
+        return loader
+    values = lengths()
+    return loader if values is None else LengthGroupedLoader(loader, values, group, seed)

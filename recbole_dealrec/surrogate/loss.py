@@ -175,6 +175,14 @@ USER_TARGETS_FIELD = "user_targets"
 USER_WEIGHTINGS = ("prefix", "user")
 
 
+def check_user_weighting(value) -> str:
+    """``surrogate_user_weighting`` (``None`` = ``prefix``), or a ConfigError naming the allowed values."""
+    value = value or "prefix"
+    if value not in USER_WEIGHTINGS:
+        raise ConfigError(f"surrogate_user_weighting must be one of {list(USER_WEIGHTINGS)}, got {value!r}")
+    return value
+
+
 def sequence_train_dataset(train_dataset):
     """The surrogate's training rows in sequence mode: a copy of ``train_dataset`` with one row per user window
     (plus one per prefix beyond it, as :func:`user_batches`) and a ``target_seq`` field [rows, L] holding each
@@ -202,10 +210,8 @@ def sequence_training_loss(model: torch.nn.Module, interaction, user_weighting: 
     rows, positions = torch.nonzero(target_seq, as_tuple=True)
     hidden = _SequencePredict(model).hidden(interaction[model.ITEM_SEQ][:, :width], rows, positions)
     weights = None
-    if user_weighting == "user":
+    if check_user_weighting(user_weighting) == "user":
         weights = 1.0 / interaction[USER_TARGETS_FIELD][rows].to(hidden.dtype)
-    elif user_weighting != "prefix":
-        raise ConfigError(f"surrogate_user_weighting must be one of {list(USER_WEIGHTINGS)}, got {user_weighting!r}")
     return fused_linear_cross_entropy(hidden, model.item_embedding.weight, target_seq[rows, positions], weights)
 
 

@@ -29,8 +29,8 @@ from recbole_dealrec.config import (RESULT_NEUTRAL_KEYS, DealrecConfig, model_on
 from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.model import get_model
-from recbole_dealrec.data.batching import LengthGroupedLoader
-from recbole_dealrec.surrogate.loss import (USER_WEIGHTINGS, sequence_row_lengths, sequence_train_dataset,
+from recbole_dealrec.data.batching import LengthGroupedLoader, grouped_by_length
+from recbole_dealrec.surrogate.loss import (check_user_weighting, sequence_row_lengths, sequence_train_dataset,
                                            sequence_training_loss, supports_sequence_mode)
 from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, stable_key
 
@@ -150,9 +150,7 @@ def training_data_and_loss(scfg, model, train_data) -> tuple[Any, Optional[Calla
     """With ``surrogate_sequence_mode`` and a causal CE surrogate (SASRec): a train loader over one row per user
     window and :func:`sequence_training_loss` as the training loss (RecBole's trainer unchanged); else
     ``(train_data, None)``: the prefix rows and the model's own loss."""
-    weighting = scfg["surrogate_user_weighting"] or "prefix"
-    if weighting not in USER_WEIGHTINGS:
-        raise ConfigError(f"surrogate_user_weighting must be one of {list(USER_WEIGHTINGS)}, got {weighting!r}")
+    weighting = check_user_weighting(scfg["surrogate_user_weighting"])
     if not scfg["surrogate_sequence_mode"] or not supports_sequence_mode(model) or scfg["loss_type"] != "CE":
         if weighting != "prefix":
             raise ConfigError("surrogate_user_weighting: user needs surrogate_sequence_mode: True and a SASRec "
@@ -162,9 +160,8 @@ def training_data_and_loss(scfg, model, train_data) -> tuple[Any, Optional[Calla
     getLogger().info(set_color("[Surrogate]", "pink") + f" sequence mode: {len(dataset)} training rows for "
                      f"{len(train_data.dataset)} prefix samples")
     loader = get_dataloader(scfg, "train")(scfg, dataset, train_data._sampler, shuffle=scfg["shuffle"])
-    group = int(scfg["surrogate_length_grouped_batches"] or 0)
-    if group and scfg["shuffle"]:
-        loader = LengthGroupedLoader(loader, sequence_row_lengths(dataset), group, int(scfg["seed"]))
+    loader = grouped_by_length(loader, int(scfg["surrogate_length_grouped_batches"] or 0), int(scfg["seed"]),
+                               bool(scfg["shuffle"]), lambda: sequence_row_lengths(dataset))
     return loader, functools.partial(sequence_training_loss, model, user_weighting=weighting)
 
 

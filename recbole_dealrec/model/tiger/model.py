@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import functools
 import zlib
 from logging import getLogger
 import numpy as np
@@ -79,17 +80,11 @@ class TIGER(GenerativeBackend):
             self.register_buffer("user_bins", torch.from_numpy(bins), persistent=False)
         self.max_history = int(config["tiger_max_history"])
         self.num_beams = int(config["tiger_num_beams"] or max(config["topk"]))
-        # the valid IDs: a prefix trie as tensors (the beam search) and as a dict (the reference HF path)
+        # the valid IDs as a prefix trie of tensors (the beam search; the reference path's dicts are built on use)
         self.id_trie = SemanticIdTrie.from_item_tokens(tokens, size, FIRST_CODE)
         if self.id_trie.n_ids < self.num_beams:
             raise ConfigError(f"tiger_num_beams must be at most the number of items ({self.id_trie.n_ids}), "
                               f"got {self.num_beams}")
-        self.trie: dict[tuple, list[int]] = {}
-        for row in tokens[1:]:
-            for depth in range(levels):
-                self.trie.setdefault(tuple(row[:depth].tolist()), set()).add(int(row[depth]))
-        self.trie = {k: sorted(v) for k, v in self.trie.items()}
-        self.item_of = {tuple(row.tolist()): i for i, row in enumerate(tokens) if i > 0}
         t5 = T5Config(
             vocab_size=self.user_token_base + self.n_user_tokens, d_model=int(config["tiger_d_model"]),
             d_kv=int(config["tiger_d_kv"]), d_ff=int(config["tiger_d_ff"]), num_layers=int(config["tiger_num_layers"]),
@@ -100,6 +95,20 @@ class TIGER(GenerativeBackend):
         # Eager attention: SDPA has no vmap batching rule (the exact per-sample effort norms run under vmap).
         t5._attn_implementation = "eager"
         self.t5 = T5ForConditionalGeneration(t5)
+
+    @functools.cached_property
+    def trie(self) -> dict[tuple, list[int]]:
+        """Prefix (tuple of tokens) -> its allowed next tokens, sorted: the reference path's constraint."""
+        trie: dict[tuple, set[int]] = {}
+        for row in self.item_tokens[1:].tolist():
+            for depth in range(self.id_length):
+                trie.setdefault(tuple(row[:depth]), set()).add(row[depth])
+        return {k: sorted(v) for k, v in trie.items()}
+
+    @functools.cached_property
+    def item_of(self) -> dict[tuple, int]:
+        """Full ID (tuple of tokens) -> item id."""
+        return {tuple(row): i for i, row in enumerate(self.item_tokens.tolist()) if i > 0}
 
     # ------------------------------------------------------------------ samples
 
