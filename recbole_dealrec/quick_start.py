@@ -21,6 +21,7 @@ from recbole_dealrec.model import get_model
 from recbole_dealrec.model.backend import GenerativeBackend
 from recbole_dealrec.scoring.signals import check_signal_config
 from recbole_dealrec.selection import SAMPLERS, check_selection_config
+from recbole_dealrec.surrogate.train import check_surrogate_config
 from recbole_dealrec.trainer import check_trainer_config
 
 
@@ -68,6 +69,7 @@ def check_run_config(config: DealrecConfig):
         if "@" in valid_metric and int(valid_metric.split("@")[1]) not in config["topk"]:
             raise ConfigError(f"valid_metric={valid_metric} needs its cut-off in topk={config['topk']}; set both")
     check_signal_config(method.required_signals(), config)
+    check_surrogate_config(config)
     check_export_config(config)
     check_reference_config(config)
     check_outputs_writable(config)

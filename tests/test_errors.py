@@ -29,6 +29,10 @@ def run(tmp_path, **config):
         ({"sampler": "random", "selection_num": 10, "selection_ratio": 0.1}, r"either selection_ratio or selection_num"),
         ({"sampler": "random"}, r"needs a budget: set selection_num"),
         ({"sampler": "full", "selection_num": 10}, r"sampler 'full' sets its own budget"),
+        ({"sampler": "random", "selection_num": 10, "surrogate_user_weighting": "users"},
+         r"surrogate_user_weighting must be one of \['prefix', 'user'\], got 'users'"),
+        ({"sampler": "random", "selection_num": 10, "surrogate_length_grouped_batches": -1},
+         r"surrogate_length_grouped_batches must be an integer >= 0"),
     ],
 )
 def test_bad_config_values(tmp_path, config, message):

@@ -27,7 +27,7 @@ from recbole_dealrec import distributed
 from recbole_dealrec.config import (RESULT_NEUTRAL_KEYS, DealrecConfig, model_only_keys, plugin_keys, recbole_keys,
                                     user_keys)
 from recbole_dealrec.data import create_dataset, data_preparation
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.model import get_model
 from recbole_dealrec.data.batching import LengthGroupedLoader, grouped_by_length
 from recbole_dealrec.surrogate.loss import (check_user_weighting, sequence_row_lengths, sequence_train_dataset,
@@ -144,6 +144,13 @@ def surrogate_trainer(scfg, model, snapshot_paths: Optional[Mapping[int, str]] =
     base = get_trainer(scfg["MODEL_TYPE"], scfg["model"])
     trainer_class = type(f"EarlyTrain{base.__name__}", (EarlyTrainHooks, base), {})
     return trainer_class(scfg, model, snapshot_paths=snapshot_paths, loss_func=loss_func)
+
+
+def check_surrogate_config(config) -> None:
+    """The surrogate-stage plugin keys that need no data (run by ``check_run_config`` before any data is read)."""
+    check_user_weighting(config["surrogate_user_weighting"])
+    check_integer("surrogate_length_grouped_batches", config["surrogate_length_grouped_batches"], 0,
+                  "0 or 1 = RecBole's shuffled batches", none_ok=True)
 
 
 def training_data_and_loss(scfg, model, train_data) -> tuple[Any, Optional[Callable]]:
