@@ -256,6 +256,20 @@ def test_report_writes_tables_and_figures(tmp_path):
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_of_a_grid_leaves_out_cells_no_longer_in_it(tmp_path):
+    """A sampler whose keys changed since its cells ran: under the grid's current cells its old records stay in the
+    file but out of the tables (one label never pairs two settings' seeds), and the report says how many."""
+    old = synthetic("DEALRec", [0.1, 0.1, 0.1], influence_target="train")
+    new = synthetic("DEALRec", [0.3, 0.31, 0.32], influence_target="validation")
+    both = old + new + synthetic("Random", [0.2, 0.21, 0.22])
+    mixed = open(write_report(both, str(tmp_path / "mixed"))["report"]).read()
+    assert "two records of seed 0 (two settings under one label), cannot pair" in mixed
+    current = {r["cell"] for r in both if r not in old}
+    text = open(write_report(both, str(tmp_path / "rep"), cell_keys=current)["report"]).read()
+    assert "3 records of cells no longer in the grid" in text and "cannot pair" not in text
+    assert "0.3100" in [line for line in text.splitlines() if "| DEALRec |" in line][0]
+
+
 def _behaviour_record_tool():
     import importlib.util
 

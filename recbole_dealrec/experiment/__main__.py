@@ -44,6 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     report = commands.add_parser("report", help="tables and figures from a results file")
     report.add_argument("results", help="results file (JSON lines)")
     report.add_argument("--out", required=True, help="output folder (report.md + PNG figures)")
+    report.add_argument("--grid", default=None,
+                        help="report only this grid file's current cells (as `run --report` does)")
     args = parser.parse_args(argv)
 
     from recbole_dealrec.experiment import load_grid, read_results, run_grid, write_report
@@ -61,7 +63,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             blocks = [b for b in (args.blocks or "").split(",") if b] or None
             appended = run_grid(grid, results, retry_failed=not args.no_retry_failed, only_blocks=blocks)
             if args.report:
-                print(write_report(read_results(results), args.report, os.path.dirname(os.path.abspath(results)))["report"])
+                # the grid's current cells only: a sampler whose keys changed keeps its old records out of its row
+                print(write_report(read_results(results), args.report, os.path.dirname(os.path.abspath(results)),
+                                   cell_keys={cell.key for cell in grid.cells})["report"])
             failed = [r for r in appended if r.get("status") != "ok"]
             if failed:  # a grid with failed cells is not a success, whatever the report shows
                 parser.exit(1, f"experiment: {len(failed)} of {len(appended)} cells run failed (their errors are in "
@@ -73,7 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if not any(r.get("status") == "ok" for r in records):
                 raise ConfigError(f"results file {args.results!r} holds no finished cell ({len(records)} records): "
                                   "nothing to report")
-            print(write_report(records, args.out, os.path.dirname(os.path.abspath(args.results)))["report"])
+            cell_keys = {cell.key for cell in load_grid(args.grid).cells} if args.grid else None
+            print(write_report(records, args.out, os.path.dirname(os.path.abspath(args.results)),
+                               cell_keys=cell_keys)["report"])
     except ConfigError as error:
         parser.exit(2, f"experiment: error: {error}\n")
 

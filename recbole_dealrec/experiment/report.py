@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Collection, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -586,10 +586,18 @@ def figure6(rows: Sequence[dict], out_dir: str) -> tuple[str, list[str]]:
     return text, paths
 
 
-def write_report(records: Sequence[dict], out_dir: str, results_dir: str = ".") -> dict:
+def write_report(records: Sequence[dict], out_dir: str, results_dir: str = ".",
+                 cell_keys: Optional[Collection[str]] = None) -> dict:
     """Write ``report.md`` and the figures under ``out_dir``; return ``{"report": path, "figures": [...],
-    "table2_facts": [...]}``. ``results_dir``: the results file's folder (per-user results are relative to it)."""
+    "table2_facts": [...]}``. ``results_dir``: the results file's folder (per-user results are relative to it).
+    ``cell_keys``: the grid's current cells; records of other cells (a sampler whose keys changed since they ran)
+    stay in the results file but are left out of the tables and counted in the report, so one method label never
+    mixes two settings."""
     os.makedirs(out_dir, exist_ok=True)
+    superseded = 0
+    if cell_keys is not None:
+        kept = [r for r in records if r.get("cell") in cell_keys]
+        superseded, records = len(records) - len(kept), kept
     ok = ok_records(records)
     failed = [r for r in records if r.get("status") == "failed" and r["cell"] not in {o["cell"] for o in ok}]
     t2, facts = table2(ok, results_dir)
@@ -602,7 +610,9 @@ def write_report(records: Sequence[dict], out_dir: str, results_dir: str = ".") 
                       "Lambda", out_dir)
     grids = sorted({str(r.get("grid")) for r in records})
     parts = [f"# Results of grid {', '.join(grids)}", "",
-             f"{len(ok)} finished cells, {len(failed)} failed (not re-run since)."]
+             f"{len(ok)} finished cells, {len(failed)} failed (not re-run since)."
+             + (f" {superseded} records of cells no longer in the grid (their keys changed) are left out."
+                if superseded else "")]
     for title, body in (("Table 2: methods", t2), ("Table 3: few-shot vs full fine-tuning", table3(ok)),
                         ("Table 4: surrogates", table4(ok))):
         if body:
