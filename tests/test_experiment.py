@@ -270,6 +270,24 @@ def test_report_of_a_grid_leaves_out_cells_no_longer_in_it(tmp_path):
     assert "0.3100" in [line for line in text.splitlines() if "| DEALRec |" in line][0]
 
 
+def test_report_cli_with_a_grid_keys_cells_by_its_settings(tmp_path, capsys):
+    """``report --grid`` reports the records of that grid's cells as its ``--set`` settings make them; a grid and
+    settings that match no finished record are an error naming the cause, not an empty report."""
+    cell = load_grid(SMOKE_GRID).cells[0]
+    records = synthetic("Random", [0.2]) + synthetic("Random", [0.3])
+    records[0]["cell"] = cell.key
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    experiment_main(["report", str(results), "--out", str(tmp_path / "rep"), "--grid", SMOKE_GRID])
+    assert "1 records of cells no longer in the grid" in (tmp_path / "rep" / "report.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:  # another setting: other keys, none finished
+        experiment_main(["report", str(results), "--out", str(tmp_path / "rep2"), "--grid", SMOKE_GRID,
+                         "--set", "epochs=99"])
+    assert done.value.code == 2 and "holds no finished cell of grid" in capsys.readouterr().err
+    assert not (tmp_path / "rep2").exists()
+
+
 def _behaviour_record_tool():
     import importlib.util
 

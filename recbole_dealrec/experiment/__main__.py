@@ -39,13 +39,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     run.add_argument("--no-retry-failed", action="store_true", help="skip cells recorded as failed too")
     run.add_argument("--list", action="store_true", help="print the cells (done or not) and exit")
     run.add_argument("--report", default=None, help="write the report to this folder after the run")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="a setting for every cell (a Python literal; e.g. --set llm_path=/models/llama); repeatable")
+    set_help = "a setting for every cell (a Python literal; e.g. --set llm_path=/models/llama); repeatable"
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     report = commands.add_parser("report", help="tables and figures from a results file")
     report.add_argument("results", help="results file (JSON lines)")
     report.add_argument("--out", required=True, help="output folder (report.md + PNG figures)")
     report.add_argument("--grid", default=None,
                         help="report only this grid file's current cells (as `run --report` does)")
+    report.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"with --grid: the run's --set settings (they are part of the cells' keys); {set_help}")
     args = parser.parse_args(argv)
 
     from recbole_dealrec.experiment import load_grid, read_results, run_grid, write_report
@@ -77,7 +79,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if not any(r.get("status") == "ok" for r in records):
                 raise ConfigError(f"results file {args.results!r} holds no finished cell ({len(records)} records): "
                                   "nothing to report")
-            cell_keys = {cell.key for cell in load_grid(args.grid).cells} if args.grid else None
+            cell_keys = None
+            if args.grid:
+                cell_keys = {cell.key for cell in load_grid(args.grid, parse_overrides(args.set)).cells}
+                if not any(r.get("status") == "ok" and r.get("cell") in cell_keys for r in records):
+                    raise ConfigError(f"results file {args.results!r} holds no finished cell of grid {args.grid!r} "
+                                      "as given (a cell's key covers its settings and data: give the run's --set "
+                                      "settings and data_path): nothing to report")
             print(write_report(records, args.out, os.path.dirname(os.path.abspath(args.results)),
                                cell_keys=cell_keys)["report"])
     except ConfigError as error:
