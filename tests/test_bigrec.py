@@ -228,6 +228,125 @@ def test_beam_search_with_the_prompt_cache_equals_plain_generate():
     assert beam_prompt_cache(llm, enc["input_ids"], enc["attention_mask"], 1) == {}
 
 
+def _eos_prone_llm(seed: int, vocab: int):
+    """A tiny LoRA Llama whose end token is likely in some contexts only: prompts finish at different steps, some at
+    ``max_new_tokens`` (a random head almost never picks the end token)."""
+    from recbole_dealrec.model.bigrec.llm import add_lora
+
+    llm = add_lora(make_tiny_llama(vocab, seed=seed))
+    with torch.no_grad():
+        for name, param in llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+        head = llm.get_output_embeddings().weight
+        head[2] = head[5:40].mean(0) * 12
+    return llm.eval()
+
+
+BEAM_PROMPTS = ["user one likes", "a longer prompt for the second user, who likes many things", "x", "abc def",
+                "zzz qq", "the end"]
+#: prompts opening with the same template (as BIGRec's), of different lengths: a shared prefix and padding after it
+TEMPLATE_PROMPTS = ["### Task: recommend.\n### Input: " + h for h in ("toy story", "heat, casino and more", "x",
+                                                                       "a", "star wars, alien", "fargo")]
+
+
+@pytest.mark.parametrize("seed,num_beams,max_new_tokens,early_stopping,prompts", [
+    (4, 4, 20, False, BEAM_PROMPTS), (4, 3, 8, False, BEAM_PROMPTS), (4, 2, 5, False, BEAM_PROMPTS),
+    (2, 4, 20, False, BEAM_PROMPTS), (2, 3, 9, True, BEAM_PROMPTS), (4, 4, 12, "never", BEAM_PROMPTS),
+    (0, 3, 6, False, BEAM_PROMPTS), (4, 4, 20, False, TEMPLATE_PROMPTS), (2, 3, 9, True, TEMPLATE_PROMPTS),
+    (1, 4, 16, False, TEMPLATE_PROMPTS),
+])
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_beam_search_leaving_prompts_equals_hf_generate(seed, num_beams, max_new_tokens, early_stopping, prompts,
+                                                        share_prefix):
+    """Each prompt leaves the batch when done, the prompts' shared prefix computed once: HF generate's beams (tokens
+    up to each beam's end), scores and order, on prompts that end at different steps and at max_new_tokens."""
+    from recbole_dealrec.model.bigrec.beam_search import beam_search, plain_beam_search_config
+    from recbole_dealrec.model.bigrec.llm import beam_prompt_cache
+
+    tok = make_byte_tokenizer()
+    tok.padding_side = "left"
+    llm = _eos_prone_llm(seed, len(tok))
+    assert plain_beam_search_config(llm.generation_config)
+    enc = tok(prompts, padding=True, return_tensors="pt")
+    k, b, prompt_len = num_beams, len(prompts), enc["input_ids"].shape[1]
+    ref = llm.generate(**enc, **beam_prompt_cache(llm, enc["input_ids"], enc["attention_mask"], k), num_beams=k,
+                       num_return_sequences=k, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                       eos_token_id=2, early_stopping=early_stopping, output_scores=True, return_dict_in_generate=True)
+    out = beam_search(llm, enc["input_ids"], enc["attention_mask"], k, max_new_tokens, eos_token_id=2,
+                      pad_token_id=0, early_stopping=early_stopping, share_prefix=share_prefix)
+    ref_tokens = ref.sequences[:, prompt_len:].reshape(b, k, -1)
+    assert out.tokens.shape == ref_tokens.shape
+    for r in range(b):
+        for j in range(k):
+            n = int(out.lengths[r, j])
+            assert torch.equal(out.tokens[r, j, :n], ref_tokens[r, j, :n]), (r, j)
+            assert (out.tokens[r, j, n:] == 0).all()
+            # a beam ends at its end token or at max_new_tokens
+            assert n == max_new_tokens or out.tokens[r, j, n - 1] == 2
+    torch.testing.assert_close(out.scores, ref.sequences_scores.reshape(b, k), rtol=0, atol=1e-6)
+    assert (out.steps <= max_new_tokens).all()
+    if prompts is BEAM_PROMPTS and seed == 4 and max_new_tokens == 20 and not early_stopping:  # steps differ
+        assert out.steps.min() < max_new_tokens == out.steps.max()
+
+
+def test_shared_prefix_layout_moves_the_common_first_tokens_before_the_padding():
+    from recbole_dealrec.model.bigrec.beam_search import shared_prefix_layout
+
+    tok = make_byte_tokenizer()
+    tok.padding_side = "left"
+    enc = tok(TEMPLATE_PROMPTS, padding=True, return_tensors="pt")
+    ids, mask, p = shared_prefix_layout(enc["input_ids"], enc["attention_mask"])
+    prefix = tok("### Task: recommend.\n### Input: ")["input_ids"]
+    assert p == len(prefix) and ids.shape == enc["input_ids"].shape
+    assert (ids[:, :p] == torch.tensor(prefix)).all() and mask[:, :p].all()
+    for r in range(len(TEMPLATE_PROMPTS)):  # each row's real tokens, in order, with the same position ids
+        assert torch.equal(ids[r][mask[r].bool()], enc["input_ids"][r][enc["attention_mask"][r].bool()])
+    assert mask[:, -1].all()  # each row ends with a real token (it starts the decoding)
+    # nothing shared: unchanged
+    plain = tok(BEAM_PROMPTS, padding=True, return_tensors="pt")
+    ids, mask, p = shared_prefix_layout(plain["input_ids"], plain["attention_mask"])
+    assert p == 0 and torch.equal(ids, plain["input_ids"])
+    # identical prompts: all but the last token shared
+    same = tok(["same prompt"] * 3, return_tensors="pt")
+    assert shared_prefix_layout(same["input_ids"], same["attention_mask"])[2] == same["input_ids"].shape[1] - 1
+
+
+def test_plain_beam_search_config_refuses_logits_processors():
+    from transformers import GenerationConfig
+
+    from recbole_dealrec.model.bigrec.beam_search import beam_search, plain_beam_search_config
+
+    assert plain_beam_search_config(GenerationConfig())
+    for setting in ({"repetition_penalty": 1.2}, {"no_repeat_ngram_size": 2}, {"min_new_tokens": 3},
+                    {"num_beam_groups": 2, "diversity_penalty": 0.5}, {"bad_words_ids": [[5]]}):
+        assert not plain_beam_search_config(GenerationConfig(**setting)), setting
+    with pytest.raises(ValueError, match="num_beams >= 2"):
+        beam_search(torch.nn.Identity(), torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3), 1, 4, 2, 0)
+
+
+def test_model_generate_equals_the_hf_path(ml100k, model):
+    """BIGRec.generate (prompts leave when done, the default) returns generate_reference's answers and scores; a model
+    whose generation config asks for a logits processor keeps HF's path."""
+    _, _, _, _, test = ml100k
+    llm = model.llm
+    with torch.no_grad():  # an end token likely in some contexts, so the rows end at different steps
+        head = llm.get_output_embeddings().weight
+        head[model.tokenizer.eos_token_id] = head[5:40].mean(0) * 12
+    model.max_new_tokens = 12
+    histories = model.histories(test.dataset[torch.arange(6)])
+    texts, scores = model.generate(histories)
+    ref_texts, ref_scores = model.generate_reference(histories)
+    assert texts == ref_texts and len(texts) == 6 and all(len(t) == model.num_beams for t in texts)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-6)
+    llm.generation_config.repetition_penalty = 1.3
+    try:
+        (texts, scores), (ref_texts, ref_scores) = model.generate(histories), model.generate_reference(histories)
+        assert texts == ref_texts and torch.equal(scores, ref_scores)
+    finally:
+        llm.generation_config.repetition_penalty = 1.0
+
+
 def test_grounding_with_several_beams_pure():
     """ground_beams: the weighted distance sum by hand; an exact title wins over any distance; shared titles tie."""
     from recbole_dealrec.model.bigrec.grounding import beam_weights, ground, ground_beams

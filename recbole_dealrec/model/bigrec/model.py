@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from logging import getLogger
 from typing import Optional, Sequence
 
@@ -22,6 +23,7 @@ import torch
 
 from recbole_dealrec import distributed
 from recbole_dealrec.data.items import read_item_titles
+from recbole_dealrec.model.bigrec.beam_search import beam_search, beam_settings, plain_beam_search_config
 from recbole_dealrec.model.bigrec.grounding import (
     GROUNDING_BEAMS,
     POOLINGS,
@@ -104,6 +106,8 @@ class BIGRec(GenerativeBackend):
             target_modules=list(_cfg(config, "lora_target_modules", ["q_proj", "v_proj"])),
         )
         self._item_emb: Optional[torch.Tensor] = None
+        #: [b] decoding steps each prompt of the last :meth:`generate` batch took (None: HF's path ran)
+        self.last_decode_steps: Optional[torch.Tensor] = None
         self.n_prompts = 0
         self.n_truncated = 0
 
@@ -208,23 +212,35 @@ class BIGRec(GenerativeBackend):
     def generate(self, histories: Sequence[Sequence[str]]) -> tuple[list[list[str]], torch.Tensor]:
         """Beam search on each history's prompt (without response).
 
+        :func:`~recbole_dealrec.model.bigrec.beam_search.beam_search` (each prompt leaves the batch when its beams
+        are done; the answers and scores of :meth:`generate_reference`, HF ``generate``, which it replaced). HF's
+        path where that search does not apply: one beam (greedy search), one-token prompts, or a generation config
+        asking for logits processors.
+
         Returns:
             ``(texts, scores)``: ``texts[r]`` the row's ``num_beams`` answers, best first, each cleaned by
             :func:`clean_generation`; ``scores`` [b, num_beams] their length-normalised log-probabilities.
         """
-        prompts = self.prompts(histories)
+        enc = self._encode_prompts(histories)
+        gen_cfg = self.llm.generation_config
+        if self.num_beams < 2 or enc["input_ids"].shape[1] < 2 or not plain_beam_search_config(gen_cfg):
+            return self._hf_generate(enc, len(histories))
+        with self._eval_mode():
+            out = beam_search(self.llm, enc["input_ids"], enc["attention_mask"], self.num_beams, self.max_new_tokens,
+                              eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                              **beam_settings(gen_cfg))
+        self.last_decode_steps = out.steps.cpu()
+        return self._decode(out.tokens.reshape(-1, out.tokens.shape[-1]), out.scores.reshape(-1), len(histories))
+
+    @torch.no_grad()
+    def generate_reference(self, histories: Sequence[Sequence[str]]) -> tuple[list[list[str]], torch.Tensor]:
+        """:meth:`generate` by HF ``generate`` (the prompt cache of
+        :func:`~recbole_dealrec.model.bigrec.llm.beam_prompt_cache`, every prompt in every step of its batch)."""
+        return self._hf_generate(self._encode_prompts(histories), len(histories))
+
+    def _hf_generate(self, enc: dict[str, torch.Tensor], b: int) -> tuple[list[list[str]], torch.Tensor]:
         tok = self.tokenizer
-        old_side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok(prompts, padding=True, return_tensors="pt")
-        finally:
-            tok.padding_side = old_side
-        device = next(self.llm.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
-        was_training = self.llm.training
-        self.llm.eval()
-        try:
+        with self._eval_mode():
             prompt_cache = beam_prompt_cache(self.llm, enc["input_ids"], enc["attention_mask"], self.num_beams)
             out = self.llm.generate(
                 input_ids=enc["input_ids"],
@@ -239,14 +255,37 @@ class BIGRec(GenerativeBackend):
                 output_scores=True,
                 return_dict_in_generate=True,
             )
-        finally:
-            self.llm.train(was_training)
-        new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
-        flat = [clean_generation(t) for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
-        b = len(prompts)
         scores = getattr(out, "sequences_scores", None)
         if scores is None:  # one beam: greedy search reports no sequence score
             scores = torch.zeros(b * self.num_beams)
+        return self._decode(out.sequences[:, enc["input_ids"].shape[1]:], scores, b)
+
+    def _encode_prompts(self, histories: Sequence[Sequence[str]]) -> dict[str, torch.Tensor]:
+        """Left-padded prompt ids and mask [b, T] on the LLM's device (decoder-only generation pads left)."""
+        prompts = self.prompts(histories)
+        tok = self.tokenizer
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(prompts, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = old_side
+        device = next(self.llm.parameters()).device
+        return {k: v.to(device) for k, v in enc.items()}
+
+    @contextmanager
+    def _eval_mode(self):
+        """The LLM in eval mode (no LoRA dropout) for the block, its mode restored after."""
+        was_training = self.llm.training
+        self.llm.eval()
+        try:
+            yield
+        finally:
+            self.llm.train(was_training)
+
+    def _decode(self, new_tokens: torch.Tensor, scores: torch.Tensor, b: int) -> tuple[list[list[str]], torch.Tensor]:
+        """[b * k, L] generated ids and [b * k] scores -> each row's k cleaned answers and scores [b, k]."""
+        flat = [clean_generation(t) for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         texts = [flat[r * self.num_beams : (r + 1) * self.num_beams] for r in range(b)]
         return texts, scores.detach().float().cpu().reshape(b, self.num_beams)
 
