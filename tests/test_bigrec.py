@@ -290,6 +290,38 @@ def test_beam_search_leaving_prompts_equals_hf_generate(seed, num_beams, max_new
         assert out.steps.min() < max_new_tokens == out.steps.max()
 
 
+def test_beam_search_on_a_sliding_window_model_equals_hf_generate():
+    """A cache that is not plain full attention (Mistral's sliding window, shorter than the prompts): the prompts
+    run as given (a moved prefix would change what a window sees) and the beams are reordered as HF does."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from recbole_dealrec.model.bigrec.beam_search import beam_search
+    from recbole_dealrec.model.bigrec.llm import beam_prompt_cache
+
+    tok = make_byte_tokenizer()
+    tok.padding_side = "left"
+    torch.manual_seed(0)
+    llm = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=1024, pad_token_id=0, eos_token_id=2, bos_token_id=2,
+        sliding_window=6)).eval()
+    with torch.no_grad():
+        head = llm.get_output_embeddings().weight
+        head[2] = head[5:40].mean(0) * 12
+    enc = tok(TEMPLATE_PROMPTS, padding=True, return_tensors="pt")
+    ref = llm.generate(**enc, **beam_prompt_cache(llm, enc["input_ids"], enc["attention_mask"], 3), num_beams=3,
+                       num_return_sequences=3, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=2,
+                       output_scores=True, return_dict_in_generate=True)
+    out = beam_search(llm, enc["input_ids"], enc["attention_mask"], 3, 10, eos_token_id=2, pad_token_id=0)
+    b, prompt_len = len(TEMPLATE_PROMPTS), enc["input_ids"].shape[1]
+    ref_tokens = ref.sequences[:, prompt_len:].reshape(b, 3, -1)
+    for r in range(b):
+        for j in range(3):
+            n = int(out.lengths[r, j])
+            assert torch.equal(out.tokens[r, j, :n], ref_tokens[r, j, :n]), (r, j)
+    torch.testing.assert_close(out.scores, ref.sequences_scores.reshape(b, 3), rtol=0, atol=1e-6)
+
+
 def test_shared_prefix_layout_moves_the_common_first_tokens_before_the_padding():
     from recbole_dealrec.model.bigrec.beam_search import shared_prefix_layout
 

@@ -133,7 +133,12 @@ def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 def _prompt_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, shared: int):
     """KV cache of prompts [b, n] (the decoder alone: no logits), the first ``shared`` columns computed on one row and
-    repeated for every row. Position ids as ``generate`` derives them from the mask."""
+    repeated for every row. Position ids as ``generate`` derives them from the mask.
+
+    Returns None when ``shared`` > 0 and the model's cache is not plain full attention (:func:`_plain_layers`): a
+    sliding window counts cache places, so moving the prefix (:func:`shared_prefix_layout`) would change what a
+    token sees; the caller then runs the prompts as given.
+    """
     position_ids = mask.long().cumsum(-1) - 1
     position_ids.masked_fill_(mask == 0, 1)
     decoder = model.get_decoder()
@@ -143,11 +148,19 @@ def _prompt_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
         return getattr(decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True), key)
     cache = getattr(decoder(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared],
                             position_ids=position_ids[:1, :shared], use_cache=True), key)
+    if not _plain_layers(cache):
+        return None
     cache.batch_repeat_interleave(ids.shape[0])
     if shared < ids.shape[1]:
         decoder(input_ids=ids[:, shared:], attention_mask=mask, position_ids=position_ids[:, shared:],
                 use_cache=True, **{key: cache})
     return cache
+
+
+def _plain_layers(cache) -> bool:
+    """Whether every layer of the cache is a plain :class:`DynamicLayer` (full attention, all tokens kept)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
 
 class _PromptSharedLayer(DynamicLayer):
@@ -202,10 +215,9 @@ def _split_prompt_layers(cache, capacity: int) -> bool:
     """Each plain :class:`DynamicLayer` of the prompts' cache as a :class:`_PromptSharedLayer` with room for
     ``capacity`` more tokens; False (the cache left as it is, reordered as HF does) for any other kind of layer
     (sliding windows, quantised, ...)."""
-    layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+    if not _plain_layers(cache):
         return False
-    cache.layers = [_PromptSharedLayer(layer.keys, layer.values, capacity) for layer in layers]
+    cache.layers = [_PromptSharedLayer(layer.keys, layer.values, capacity) for layer in cache.layers]
     return True
 
 
@@ -253,6 +265,9 @@ def beam_search(
     ids, mask, shared = (shared_prefix_layout(input_ids, attention_mask) if share_prefix
                          else (input_ids, attention_mask, 0))
     cache = _prompt_cache(model, ids[:, :-1], mask[:, :-1], shared)
+    if cache is None:  # not a plain full-attention cache: the prompts as given
+        ids, mask = input_ids, attention_mask
+        cache = _prompt_cache(model, ids[:, :-1], mask[:, :-1], 0)
     log_probs = _forward(model, cache, ids[:, -1:], mask)  # [b, V]
     vocab = log_probs.shape[-1]
     cache.batch_repeat_interleave(k)
