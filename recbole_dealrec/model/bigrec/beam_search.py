@@ -10,10 +10,16 @@ beams can no longer change. From that step on HF's own loop cannot change them e
 every candidate of such a prompt), so the answers and scores are HF's (tested against ``generate`` on prompts that
 finish at different steps, some at ``max_new_tokens``).
 
-The prompt runs once per prompt, not once per beam: the KV cache of its first ``T - 1`` tokens
-(:func:`~recbole_dealrec.model.bigrec.llm.beam_prompt_cache`'s arithmetic), then its last token for one row per
-prompt (step 0: HF's ``k`` beams of a prompt are identical and only beam 0 can score, the others start at ``-1e9``),
-and only then is the cache repeated ``k`` times.
+Around the model, less work than HF's loop (the model's own arithmetic is the same, so are its numbers):
+
+- the prompt runs once per prompt, not once per beam: the KV cache of its first ``T - 1`` tokens, then its last
+  token for one row per prompt (step 0: HF's ``k`` beams of a prompt are identical and only beam 0 can score, the
+  others start at ``-1e9``), and only then is the cache repeated ``k`` times;
+- the first tokens all prompts share (BIGRec's template and instruction: about half of a 128-token prompt) run once
+  per batch (:func:`shared_prefix_layout`), on a plain full-attention cache;
+- each layer's cache is one buffer written in place (:class:`_PromptSharedLayer`), and a step reorders only the
+  beams' generated keys/values: HF concatenates the whole cache to each step's keys and index-selects all of it
+  for the beams, though a prompt's beams share their prompt part.
 
 Only what BIGRec's ``generate`` call uses: greedy beam scoring (``do_sample=False``), no logits processors, stopping at
 an end token or ``max_new_tokens``; :func:`plain_beam_search_config` says whether a model's generation config asks for
