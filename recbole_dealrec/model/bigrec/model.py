@@ -240,6 +240,7 @@ class BIGRec(GenerativeBackend):
 
     def _hf_generate(self, enc: dict[str, torch.Tensor], b: int) -> tuple[list[list[str]], torch.Tensor]:
         tok = self.tokenizer
+        self.last_decode_steps = None
         with self._eval_mode():
             prompt_cache = beam_prompt_cache(self.llm, enc["input_ids"], enc["attention_mask"], self.num_beams)
             out = self.llm.generate(
