@@ -33,7 +33,7 @@ from typing import Sequence, Union
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from recbole_dealrec.model.bigrec.llm import _cache_key
+from recbole_dealrec.model.bigrec.llm import _cache_key, generation_position_ids
 
 #: HF adds this to a score to rule a candidate out (same constant, so sums and comparisons match bit for bit).
 _RULED_OUT = -1.0e9
@@ -145,8 +145,7 @@ def _prompt_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     sliding window counts cache places, so moving the prefix (:func:`shared_prefix_layout`) would change what a
     token sees; the caller then runs the prompts as given.
     """
-    position_ids = mask.long().cumsum(-1) - 1
-    position_ids.masked_fill_(mask == 0, 1)
+    position_ids = generation_position_ids(mask)
     decoder = model.get_decoder()
     key = _cache_key()
     shared = min(shared, ids.shape[1])

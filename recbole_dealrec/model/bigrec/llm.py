@@ -309,6 +309,14 @@ def _cache_key() -> str:
     return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def generation_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [b, T] ``generate`` derives from a (left-)padded mask [b, T]: the count of real tokens before
+    each one; 1 at padding (never attended)."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    position_ids.masked_fill_(attention_mask == 0, 1)
+    return position_ids
+
+
 @torch.no_grad()
 def beam_prompt_cache(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int
@@ -329,8 +337,7 @@ def beam_prompt_cache(
     """
     if input_ids.shape[1] < 2 or num_beams < 2:
         return {}
-    position_ids = attention_mask.long().cumsum(-1) - 1
-    position_ids.masked_fill_(attention_mask == 0, 1)
+    position_ids = generation_position_ids(attention_mask)
     key = _cache_key()
     # The decoder alone (a PeftModel forwards get_decoder to its base; LoRA layers sit inside): the cache needs no logits.
     out = model.get_decoder()(
@@ -347,6 +354,7 @@ def beam_prompt_cache(
 __all__ = [
     "CACHE_ENV_VAR",
     "beam_prompt_cache",
+    "generation_position_ids",
     "default_cache_dir",
     "default_gguf_path",
     "default_llm_path",
