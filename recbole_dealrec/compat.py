@@ -154,6 +154,29 @@ def _bert4rec_reconstruct_test_data(self, item_seq, item_seq_len):
     return torch.where(positions[None, :] == item_seq_len[:, None], self.mask_token, item_seq)[:, 1:]
 
 
+# ---- transformers' KV-cache API (used by BIGRec's beam search and the shared-prefix effort scores)
+
+
+def transformers_cache_key() -> str:
+    """The name transformers gives the KV cache (model output field and ``generate`` argument).
+
+    ``cache`` from transformers 5.x on (``past_key_values`` still works there but warns), ``past_key_values``
+    before.
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def plain_kv_cache(cache) -> bool:
+    """Whether every layer of a KV cache is a plain ``DynamicLayer`` (full attention, every token kept): only then
+    can a shared prefix's keys and values be computed on one row and repeated (a sliding window counts places)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
 def apply() -> None:
     """Apply every shim once (idempotent)."""
     global _APPLIED

@@ -4,6 +4,8 @@ and against what they cannot be cheaper than (one plain forward; one forward + b
     python run_scripts/bench_effort.py --users 200                      # default LLM (SmolLM2-135M)
     python run_scripts/bench_effort.py --users 200 --last-layer-lora-b  # the paper's single tensor
     python run_scripts/bench_effort.py --users 64 --costs               # ratios to a forward / forward+backward
+    python run_scripts/bench_effort.py --users 192 --shared-prefix      # the paper's tensor: prompt prefix once
+                                                                        # per batch (new) vs every row (old)
 
 Prints the times, their ratios and the largest difference between batched and loop (timings are noisy here:
 read the ratios).
@@ -34,6 +36,10 @@ def main() -> None:
     parser.add_argument("--last-layer-lora-b", action="store_true", help="score only the last v_proj lora_B")
     parser.add_argument("--costs", action="store_true",
                         help="instead of the loop: effort (all LoRA, paper's tensor) vs a forward and a forward+backward")
+    parser.add_argument("--shared-prefix", action="store_true",
+                        help="instead of the loop: the paper's tensor with the batch's shared prompt prefix run once "
+                             "(the default) vs every token of every row, alternated over --repeats runs")
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
     config = DealrecConfig("BIGRec", args.dataset, config_dict={
@@ -48,6 +54,8 @@ def main() -> None:
     tokens = int(sum(b["attention_mask"].sum() for b in batches))
     if args.costs:
         return costs(model.llm, batches, len(rows), tokens)
+    if args.shared_prefix:
+        return shared_prefix(model.llm, batches, len(rows), tokens, args.repeats)
 
     start = time.perf_counter()
     batched = effort_scores(model.llm, batches, patterns)
@@ -93,6 +101,28 @@ def costs(llm, batches, n_users: int, tokens: int) -> None:
     print(f"  ratio effort (paper's tensor) / plain forward     {timings['effort, last v_proj.lora_B'] / timings['plain forward']:.2f}")
     print(f"  ratio effort (all LoRA) / forward + backward      "
           f"{timings['effort, all LoRA'] / timings['forward + backward (all LoRA)']:.2f}")
+
+
+def shared_prefix(llm, batches, n_users: int, tokens: int, repeats: int) -> None:
+    """The paper's tensor (last v_proj.lora_B): the shared prompt prefix once per batch vs every row's every token."""
+    from recbole_dealrec.gradients.lora import _prepare, shared_prefix_columns
+
+    device = next(llm.parameters()).device
+    patterns = [last_layer_lora_pattern(llm)]
+    shared = sum(shared_prefix_columns(*_prepare(b, device)) * len(b["input_ids"]) for b in batches)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    norms = {}
+    for _ in range(repeats):  # alternated, so both paths see the same load
+        for share in (False, True):
+            start = time.perf_counter()
+            norms[share] = effort_scores(llm, batches, patterns, share_prefix=share)
+            times[share].append(time.perf_counter() - start)
+    old, new = np.median(times[False]), np.median(times[True])
+    rel = float(np.max(np.abs(norms[True].numpy() - norms[False].numpy()) / np.maximum(np.abs(norms[False].numpy()), 1e-12)))
+    print(f"{n_users} users, {tokens} tokens ({shared} of them in the batches' shared prefixes), threads "
+          f"{torch.get_num_threads()}, median of {repeats}")
+    print(f"  old (every token) {old:8.1f} s   new (shared prefix once per batch) {new:8.1f} s   new / old {new / old:.3f}")
+    print(f"  max relative difference {rel:.2e}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from recbole_dealrec.gradients.lora import (
     last_layer_lora_pattern,
     lora_parameter_names,
     per_sample_loss,
+    shared_prefix_columns,
 )
 
 WORDS = (
@@ -142,6 +143,61 @@ def test_batched_effort_matches_loop(lora_model, padding_side, patterns):
     assert lora_model.training
     assert flags == {n: p.requires_grad for n, p in lora_model.named_parameters()}
     assert all(p.grad is None for p in lora_model.parameters())
+
+
+PREFIXED = [  # BIGRec-like: every prompt opens with the same instruction
+    "recommend the next item title please the user bought super mario kart",
+    "recommend the next item title please legend of zelda",
+    "recommend the next item title please sonic the hedgehog racing party game",
+    "recommend the next item title please play",
+    "recommend the next item title please play",  # two identical rows
+]
+
+
+def _tokens_run(model):
+    """A counter of the token positions the model's embedding layer sees (what a forward actually computes)."""
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+    return seen, handle
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+@pytest.mark.parametrize("mask_prompt", [0, 3, 8])
+def test_shared_prefix_effort_matches_every_row_and_the_loop(fresh, mask_prompt):
+    """The paper's tensor with the batch's shared prompt prefix run once: the norms of the full batch and of the
+    one-sample loop (fresh LoRA: lora_B = 0; trained: nonzero), whether the prefix's labels count (mask_prompt 0),
+    partly (3) or not (8), with far fewer token positions computed."""
+    model = add_lora(make_llama(), r=4, alpha=8, dropout=0.1)
+    if not fresh:
+        perturb_lora_b(model)
+    patterns = [last_layer_lora_pattern(model)]
+    batches = make_batches(make_tokenizer("right"), PREFIXED, batch_size=5, mask_prompt=mask_prompt)
+    ids, mask, labels = batches[0]["input_ids"], batches[0]["attention_mask"], batches[0]["labels"]
+    assert shared_prefix_columns(ids, mask, labels) == 5  # 6 shared words; the 6th predicts each row's own
+    seen, handle = _tokens_run(model)
+    shared = effort_scores(model, batches, patterns)
+    handle.remove()
+    every = effort_scores(model, batches, patterns, share_prefix=False)
+    loop = effort_scores_loop(model, batches, patterns)
+    assert sum(seen) == 5 + 5 * (ids.shape[1] - 5) < ids.numel()
+    torch.testing.assert_close(shared, every, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(shared, loop, rtol=1e-6, atol=1e-9)
+    assert shared[3] == shared[4] and (shared[:3] > 0).all()  # (row 3 has no label left at mask_prompt 8)
+
+
+def test_shared_prefix_falls_back_where_it_does_not_apply(lora_model):
+    """No shared prefix (left padding puts padding first; one row), or scored tensors outside the last v_proj (all
+    LoRA): the whole batch runs, and the norms are the loop's."""
+    last = [last_layer_lora_pattern(lora_model)]
+    cases = [(make_batches(make_tokenizer("left"), PREFIXED[:4], batch_size=4), last),
+             (make_batches(make_tokenizer("right"), PREFIXED[:1], batch_size=1), last),
+             (make_batches(make_tokenizer("right"), PREFIXED, batch_size=5), None)]
+    for batches, patterns in cases:
+        seen, handle = _tokens_run(lora_model)
+        norms = effort_scores(lora_model, batches, patterns)
+        handle.remove()
+        assert sum(seen) == sum(b["input_ids"].numel() for b in batches)
+        torch.testing.assert_close(norms, effort_scores_loop(lora_model, batches, patterns), rtol=1e-6, atol=1e-9)
 
 
 def test_truncated_backward_equals_the_full_backward(lora_model):

@@ -263,27 +263,26 @@ class _Recorder:
         self.calls.clear()
 
 
-def _batch_sq_norms(
-    recorder: _Recorder, total: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Squared per-sample gradient norms [b] (float64) of the scored Linears."""
-    b = mask.shape[0]
-    sq = torch.zeros(b, dtype=torch.float64, device=mask.device)
+def _per_sample_grads(
+    recorder: _Recorder, total: torch.Tensor, masks: Sequence[torch.Tensor | None]
+) -> dict[tuple[nn.Module, str], torch.Tensor]:
+    """Per-sample gradients of the scored Linears from the recorded calls: {(module, 'weight' | 'bias'):
+    [b, out, in] | [b, out]}. ``masks[i]`` [b, t_i] zeroes call i's padded positions (None: no padding)."""
     calls = recorder.calls
+    acc: dict[tuple[nn.Module, str], torch.Tensor] = {}
     if not calls or not total.requires_grad:
-        return sq
+        return acc
     grads = torch.autograd.grad(total, [y for _, _, y in calls], allow_unused=True)
     # Per module, the per-sample gradient is the sum over its calls (a module
     # called twice per forward gets one gradient), so accumulate before norming.
-    acc_w: dict[nn.Module, torch.Tensor] = {}
-    acc_b: dict[nn.Module, torch.Tensor] = {}
-    for (module, x, _), g in zip(calls, grads):
+    for (module, x, _), g, mask in zip(calls, grads, masks):
         if g is None:
             continue
+        b = g.shape[0]
         cdt = torch.float64 if g.dtype == torch.float64 else torch.float32
         x = x.detach().to(cdt).reshape(b, -1, x.shape[-1])
         g = g.to(cdt).reshape(b, -1, g.shape[-1])
-        if x.shape[1] == mask.shape[1]:
+        if mask is not None:
             # Zero padded positions explicitly (their g is 0 in exact
             # arithmetic; where() also guards against NaN/inf activations on
             # fully masked rows).
@@ -293,15 +292,120 @@ def _batch_sq_norms(
         which = recorder.owners[module]
         if which["weight"]:
             gw = torch.einsum("bto,bti->boi", g, x)  # [b, out, in]; r is small so this is cheap
-            acc_w[module] = acc_w[module] + gw if module in acc_w else gw
+            acc[module, "weight"] = acc[module, "weight"] + gw if (module, "weight") in acc else gw
         if which["bias"]:
             gb = g.sum(1)  # [b, out]
-            acc_b[module] = acc_b[module] + gb if module in acc_b else gb
-    for gw in acc_w.values():
-        sq += gw.pow(2).sum((1, 2)).to(torch.float64)
-    for gb in acc_b.values():
-        sq += gb.pow(2).sum(1).to(torch.float64)
+            acc[module, "bias"] = acc[module, "bias"] + gb if (module, "bias") in acc else gb
+    return acc
+
+
+def _sq_norms(grads: Mapping[tuple[nn.Module, str], torch.Tensor], b: int, device) -> torch.Tensor:
+    """Squared per-sample norms [b] (float64) of per-sample gradients (:func:`_per_sample_grads`)."""
+    sq = torch.zeros(b, dtype=torch.float64, device=device)
+    for g in grads.values():
+        sq += g.pow(2).flatten(1).sum(1).to(torch.float64)
     return sq
+
+
+def _batch_sq_norms(
+    recorder: _Recorder, total: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Squared per-sample gradient norms [b] (float64) of the scored Linears (one forward of the whole batch)."""
+    masks = [mask if x.reshape(mask.shape[0], -1, x.shape[-1]).shape[1] == mask.shape[1] else None
+             for _, x, _ in recorder.calls]
+    return _sq_norms(_per_sample_grads(recorder, total, masks), mask.shape[0], mask.device)
+
+
+# --------------------------------------------------------------------------- shared prompt prefix
+
+
+def shared_prefix_columns(input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many first columns a batch can compute on one row: s = p - 1 for the p first columns every row holds
+    as the same real token with the same label (0 when p < 2 or one row). The prediction made at column p - 1 is
+    of a row's own token, so column p - 1 stays with the rows."""
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(0) & (labels == labels[:1]).all(0) & mask.bool().all(0)
+    return max(int(same.long().cumprod(0).sum()) - 1, 0)
+
+
+def _last_value_projection(model: nn.Module, owners: Mapping[nn.Module, Mapping[str, bool]]) -> nn.Module | None:
+    """The last decoder layer's ``self_attn.v_proj`` when every scored Linear lies inside it (the paper's scored
+    tensor: its ``lora_B``), else None. Only then does a prefix shared by every row need recomputing per row in the
+    values of the last layer alone: every earlier activation of the prefix holds no scored parameter."""
+    try:
+        value_proj = model.get_decoder().layers[-1].self_attn.v_proj
+    except (AttributeError, IndexError, TypeError):
+        return None
+    inside = {id(m) for m in value_proj.modules()}
+    return value_proj if owners and all(id(m) in inside for m in owners) else None
+
+
+def _shared_prefix_sq_norms(
+    model: nn.Module, recorder: _Recorder, value_proj: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
+    labels: torch.Tensor, s: int,
+) -> torch.Tensor | None:
+    """Squared per-sample norms [b] (float64), the first ``s`` columns (shared by every row,
+    :func:`shared_prefix_columns`) run once: the same numbers as :func:`_batch_sq_norms` up to float rounding, for
+    about (T - s) / T of its forward.
+
+    The prefix runs on one row with the KV cache. Its own loss terms (it predicts its own tokens 1..s) are the same
+    for every row: their gradient ``G_prefix`` is taken once. The rows then run on columns s.. over the prefix's
+    cache, whose last-layer values are recomputed per row from the prefix's (one row's) ``v_proj`` inputs, so the
+    gradient of each row's loss reaches the scored tensor through the prefix's values too. A row's gradient of its
+    mean loss is ``(G_prefix + G_row) / n_row`` (n_row: its label tokens). None when the model's cache is not plain
+    full attention or does not hold the values as ``v_proj`` computes them (then the caller runs the whole batch).
+    """
+    from recbole_dealrec.compat import plain_kv_cache, transformers_cache_key
+
+    b, width = input_ids.shape
+    key = transformers_cache_key()
+    position_ids = position_ids_from_mask(mask)
+    captured: list[torch.Tensor] = []
+    handle = value_proj.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach()))
+    recorder.calls.clear()
+    try:
+        with torch.enable_grad():
+            out = model(input_ids=input_ids[:1, :s], attention_mask=mask[:1, :s], position_ids=position_ids[:1, :s],
+                        use_cache=True)
+    finally:
+        handle.remove()
+    cache = getattr(out, key, None)
+    if cache is None or not plain_kv_cache(cache) or len(captured) != 1:
+        recorder.calls.clear()
+        return None
+    logits = out.logits.float() if out.logits.dtype in (torch.float16, torch.bfloat16) else out.logits
+    prefix_loss = F.cross_entropy(logits[0], labels[0, 1 : s + 1], ignore_index=IGNORE_INDEX, reduction="sum")
+    g_prefix = _per_sample_grads(recorder, prefix_loss, [None] * len(recorder.calls))  # each [1, ...]
+    recorder.calls.clear()
+    for layer in cache.layers:  # the rows' backward must not run into the one prefix row's graph
+        layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+    x_prefix = captured[0]  # [1, s, hidden]: the last layer's v_proj input over the prefix
+    cached = cache.layers[-1].values  # [1, kv_heads, s, head_dim]
+    with torch.no_grad():
+        check = value_proj(x_prefix)
+    if check.numel() != cached.numel() or not torch.allclose(
+            check.view(1, s, cached.shape[1], cached.shape[3]).transpose(1, 2), cached, rtol=1e-4, atol=1e-6):
+        return None
+    cache.batch_repeat_interleave(b)
+    with torch.enable_grad():
+        values = value_proj(x_prefix.expand(b, -1, -1))  # recorded: the rows' own prefix values, in the graph
+        cache.layers[-1].values = values.view(b, s, cached.shape[1], cached.shape[3]).transpose(1, 2)
+        out = model(input_ids=input_ids[:, s:], attention_mask=mask, position_ids=position_ids[:, s:],
+                    use_cache=True, **{key: cache})
+        logits = out.logits[:, :-1]
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        row_labels = labels[:, s + 1 :]
+        row_sums = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), row_labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="none").view(b, -1).sum(-1)
+        n_labels = (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp_min(1).to(row_sums.dtype)
+        masks = [None] + [mask[:, s:]] * (len(recorder.calls) - 1)  # the prefix values' call, then the rows'
+        grads = _per_sample_grads(recorder, (row_sums / n_labels).sum(), masks)
+    recorder.calls.clear()
+    for name, g in g_prefix.items():  # + G_prefix / n_row
+        scale = (1.0 / n_labels).to(g.dtype).view(b, *([1] * (g.dim() - 1)))
+        grads[name] = grads[name] + g * scale if name in grads else g.expand(b, *g.shape[1:]) * scale
+    return _sq_norms(grads, b, mask.device)
 
 
 def effort_scores(
@@ -309,6 +413,7 @@ def effort_scores(
     batches: Iterable[Mapping[str, torch.Tensor]],
     param_patterns: Sequence[str] | None = None,
     show_progress: bool = False,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """Per-sample effort scores (paper Eq. 12), exact, one backward per batch.
 
@@ -325,6 +430,10 @@ def effort_scores(
         param_patterns: regexes (``re.search`` on parameter names) restricting
             the scored LoRA parameters, e.g. ``[last_layer_lora_pattern(model)]``
             for the paper's last-layer ``v_proj.lora_B``; None = all LoRA params.
+        share_prefix: when every scored parameter lies in the last layer's ``v_proj`` (the paper's tensor), the
+            first tokens every sample of a batch shares (BIGRec's template and instruction: about half of a
+            128-token prompt) run once per batch (:func:`_shared_prefix_sq_norms`); False: every token of every
+            sample runs (the same norms up to float rounding, tested).
     Returns:
         float64 CPU tensor [n_samples] of gradient L2 norms, in batch order.
     Raises:
@@ -339,16 +448,21 @@ def effort_scores(
     params = _select_params(model, param_patterns)
     owners = _owning_linears(model, params)
     device = _model_device(model)
+    value_proj = _last_value_projection(model, owners) if share_prefix else None
     out: list[torch.Tensor] = []
     with _scoring_state(model, params):
         recorder = _Recorder(owners)
         try:
             for batch in _progress(batches, show_progress, "effort scores"):
                 input_ids, mask, labels = _prepare(batch, device)
-                recorder.calls.clear()
-                with torch.enable_grad():
-                    total = _forward_loss(model, input_ids, mask, labels).sum()
-                    sq = _batch_sq_norms(recorder, total, mask)
+                shared = shared_prefix_columns(input_ids, mask, labels) if value_proj is not None else 0
+                sq = (_shared_prefix_sq_norms(model, recorder, value_proj, input_ids, mask, labels, shared)
+                      if shared > 0 else None)
+                if sq is None:
+                    recorder.calls.clear()
+                    with torch.enable_grad():
+                        total = _forward_loss(model, input_ids, mask, labels).sum()
+                        sq = _batch_sq_norms(recorder, total, mask)
                 recorder.calls.clear()  # free activations before the next batch
                 norms = sq.sqrt().cpu()
                 _check_finite(norms)

@@ -33,7 +33,8 @@ from typing import Sequence, Union
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from recbole_dealrec.model.bigrec.llm import _cache_key, generation_position_ids
+from recbole_dealrec.compat import plain_kv_cache, transformers_cache_key as _cache_key
+from recbole_dealrec.model.bigrec.llm import generation_position_ids
 
 #: HF adds this to a score to rule a candidate out (same constant, so sums and comparisons match bit for bit).
 _RULED_OUT = -1.0e9
@@ -141,7 +142,7 @@ def _prompt_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     """KV cache of prompts [b, n] (the decoder alone: no logits), the first ``shared`` columns computed on one row and
     repeated for every row. Position ids as ``generate`` derives them from the mask.
 
-    Returns None when ``shared`` > 0 and the model's cache is not plain full attention (:func:`_plain_layers`): a
+    Returns None when ``shared`` > 0 and the model's cache is not plain full attention (:func:`~recbole_dealrec.compat.plain_kv_cache`): a
     sliding window counts cache places, so moving the prefix (:func:`shared_prefix_layout`) would change what a
     token sees; the caller then runs the prompts as given.
     """
@@ -153,19 +154,13 @@ def _prompt_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
         return getattr(decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True), key)
     cache = getattr(decoder(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared],
                             position_ids=position_ids[:1, :shared], use_cache=True), key)
-    if not _plain_layers(cache):
+    if not plain_kv_cache(cache):
         return None
     cache.batch_repeat_interleave(ids.shape[0])
     if shared < ids.shape[1]:
         decoder(input_ids=ids[:, shared:], attention_mask=mask, position_ids=position_ids[:, shared:],
                 use_cache=True, **{key: cache})
     return cache
-
-
-def _plain_layers(cache) -> bool:
-    """Whether every layer of the cache is a plain :class:`DynamicLayer` (full attention, all tokens kept)."""
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
 
 class _PromptSharedLayer(DynamicLayer):
@@ -220,7 +215,7 @@ def _split_prompt_layers(cache, capacity: int) -> bool:
     """Each plain :class:`DynamicLayer` of the prompts' cache as a :class:`_PromptSharedLayer` with room for
     ``capacity`` more tokens; False (the cache left as it is, reordered as HF does) for any other kind of layer
     (sliding windows, quantised, ...)."""
-    if not _plain_layers(cache):
+    if not plain_kv_cache(cache):
         return False
     cache.layers = [_PromptSharedLayer(layer.keys, layer.values, capacity) for layer in cache.layers]
     return True

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from recbole_dealrec.compat import transformers_cache_key as _cache_key
 from recbole_dealrec.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -296,17 +297,6 @@ def add_lora(
         # transformers 5; the FutureWarning is peft's, not the caller's.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, cfg)
-
-
-def _cache_key() -> str:
-    """The name transformers gives the KV cache (model output field and ``generate`` argument).
-
-    ``cache`` from transformers 5.x on (``past_key_values`` still works there but warns), ``past_key_values``
-    before.
-    """
-    from transformers.modeling_outputs import BaseModelOutputWithPast
-
-    return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def generation_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
