@@ -17,8 +17,10 @@ import re
 from functools import lru_cache
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
+import recbole
 import yaml
 from recbole.config import Config
+from recbole.utils import ModelType
 
 from recbole_dealrec.errors import ConfigError
 
@@ -143,6 +145,17 @@ class DealrecConfig(Config):
         if data_path:
             folder_file = os.path.join(os.path.expanduser(str(data_path)), dataset, DATASET_PROPERTY_FILE)
             dataset_keys = {**dataset_keys, **self._update_plugin_layer(folder_file)}
+        recbole_dataset_file = os.path.join(os.path.dirname(recbole.__file__), "properties", "dataset", f"{dataset}.yaml")
+        self.inferred_columns: list[str] = []
+        if ("load_col" not in self.external_config_dict and "load_col" not in dataset_keys
+                and not os.path.isfile(recbole_dataset_file)):
+            # a plain RecBole atomic dataset without a YAML: RecBole would load only user_id and item_id
+            folder = os.path.join(os.path.expanduser(str(data_path or "dataset/")), dataset)
+            inferred, self.inferred_columns = infer_atomic_columns(
+                folder, dataset, {**self.internal_config_dict, **self.external_config_dict},
+                set(self.external_config_dict), sequential=getattr(model_class, "type", None) == ModelType.SEQUENTIAL)
+            self.internal_config_dict.update(inferred)
+            dataset_keys = {**dataset_keys, **inferred}
         # RecBole compares "Dataset" keys to decide whether a saved dataset can be reused.
         self.parameters["Dataset"] += [k for k in dataset_keys if k not in self.parameters["Dataset"]]
         sampler = self.external_config_dict.get("sampler") or self.internal_config_dict.get("sampler")
@@ -152,6 +165,63 @@ class DealrecConfig(Config):
         if not os.path.isfile(path):
             return {}
         return self._update_internal_config_dict(path) or {}
+
+
+#: how :func:`infer_atomic_columns` finds a field the config names but the header lacks: (key, atomic file, types,
+#: name pattern, required)
+INFERRED_FIELDS = (
+    ("USER_ID_FIELD", "inter", ("token",), r"user|^uid$", True),
+    ("ITEM_ID_FIELD", "inter", ("token",), r"item|^iid$", True),
+    ("TIME_FIELD", "inter", ("float",), r"time|date|^ts$", False),  # required by sequential models (below)
+    ("RATING_FIELD", "inter", ("float",), r"rating|score", False),
+    ("title_field", "item", ("token", "token_seq"), r"title|name", False),
+)
+
+
+def atomic_header(path: str, separator: str = "\t") -> list[tuple[str, str]]:
+    """The (name, type) fields of an atomic file's header line."""
+    with open(path, encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\r\n").split(separator)
+    return [tuple(field.rsplit(":", 1)) if ":" in field else (field, "") for field in header]
+
+
+def infer_atomic_columns(folder: str, dataset: str, config: Mapping[str, Any], given: set,
+                         sequential: bool) -> tuple[dict, list[str]]:
+    """The keys a RecBole atomic dataset needs, from its files' headers, for a dataset no property file describes.
+
+    ``load_col``: every column of every atomic file present (``.inter``, ``.item``, ``.user``). A field key
+    (user, item, time, rating, title: :data:`INFERRED_FIELDS`) whose configured name is not a column and that the
+    user did not set (``given``) becomes the one column of its type whose name matches (e.g. ``uid:token`` ->
+    USER_ID_FIELD); a required one with no such column is a one-line ConfigError naming the key and the header. A
+    missing ``.inter`` is left to the data stage's check (it names the path). Returns ``(keys, log lines)``.
+    """
+    separator = config.get("field_separator") or "\t"
+    headers = {suffix: atomic_header(path, separator) for suffix in ("inter", "item", "user")
+               if os.path.isfile(path := os.path.join(folder, f"{dataset}.{suffix}"))}
+    if "inter" not in headers:
+        return {}, []
+    keys: dict[str, Any] = {"load_col": {suffix: [name for name, _ in fields] for suffix, fields in headers.items()}}
+    notes = [f"{dataset} has no property file: loading every column ({'; '.join(f'{s}: ' + ', '.join(c) for s, c in keys['load_col'].items())})"]
+    for key, suffix, types, pattern, required in INFERRED_FIELDS:
+        fields = headers.get(suffix)
+        name = config.get(key)
+        if fields is None or (name and name in dict(fields)):
+            continue
+        required = required or (key == "TIME_FIELD" and sequential)
+        shown = ", ".join(f"{n}:{t}" for n, t in fields)
+        if key in given:
+            if name is None:
+                continue
+            raise ConfigError(f"{key}={name!r} is not a column of {dataset}.{suffix} (header: {shown})")
+        matches = [n for n, t in fields if t in types and re.search(pattern, n, flags=re.IGNORECASE)]
+        if len(matches) == 1:
+            keys[key] = matches[0]
+            notes.append(f"{key}: {matches[0]!r} (the {suffix} file has no {name!r} column)")
+        elif required:
+            what = "a sequential model orders each user's interactions by it; " if key == "TIME_FIELD" else ""
+            raise ConfigError(f"{key}: {dataset}.{suffix} has no {name!r} column and no single {'/'.join(types)} column "
+                              f"named like it (header: {shown}); {what}set {key} to the column (or add one)")
+    return keys, notes
 
 
 def read_property_file(path: str, loader=yaml.SafeLoader) -> dict:

@@ -247,7 +247,9 @@ def run_result(setup: RunSetup, selected: SelectedUsers, tuned: FineTuned, teste
     summary["seconds"] = setup.timer.seconds
     checkpoint = tuned.trainer.saved_model_file
     summary["checkpoint"] = checkpoint if saved and os.path.isfile(checkpoint) else None
+    summary["peak_rss_gb"] = setup.timer.peak_gb
     logger.info(set_color("[Time]", "pink") + f" all stages (s): {setup.timer.seconds}")
+    logger.info(set_color("[Memory]", "pink") + f" peak RSS per stage (GB): {setup.timer.peak_gb}")
     if distributed.active():
         logger.info(set_color("[Distributed]", "pink") + f" rank {distributed.rank()}: "
                     f"{distributed.collective_seconds():.1f} s in collectives")

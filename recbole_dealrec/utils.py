@@ -10,20 +10,53 @@ import time
 from typing import Any, Iterator, Mapping
 
 
-class StageTimer:
-    """Wall time per stage, logged as each stage ends: ``with timer("training"): ...``; ``timer.seconds``."""
+def resident_bytes() -> int:
+    """The process's resident set size now (Linux ``/proc/self/statm``; elsewhere its peak so far)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
 
-    def __init__(self) -> None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class StageTimer:
+    """Wall time and peak resident memory per stage, logged as each stage ends: ``with timer("training"): ...``;
+    ``timer.seconds``, ``timer.peak_gb``.
+
+    The peak is sampled (every ``sample_seconds``, and at the stage's start and end) by a thread that runs only
+    while the stage does: the kernel's own high-water mark cannot be reset per stage without also resetting the
+    whole process's (what ``/usr/bin/time`` reports)."""
+
+    def __init__(self, sample_seconds: float = 0.05) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_gb: dict[str, float] = {}
+        self.sample_seconds = sample_seconds
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        import threading
         from logging import getLogger
 
+        peak = [resident_bytes()]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(self.sample_seconds):
+                peak[0] = max(peak[0], resident_bytes())
+
+        sampler = threading.Thread(target=sample, name=f"peak-rss-{stage}", daemon=True)
+        sampler.start()
         start = time.perf_counter()
-        yield
+        try:
+            yield
+        finally:
+            done.set()
+            sampler.join()
         self.seconds[stage] = round(time.perf_counter() - start, 2)
-        getLogger().info(f"[Time] {stage}: {self.seconds[stage]:.1f} s")
+        self.peak_gb[stage] = round(max(peak[0], resident_bytes()) / 2**30, 3)
+        getLogger().info(f"[Time] {stage}: {self.seconds[stage]:.1f} s, peak RSS {self.peak_gb[stage]:.2f} GB")
 
 
 def stable_key(payload: Mapping[str, Any]) -> str:

@@ -160,6 +160,8 @@ def create_dataset(config):
     """RecBole's ``create_dataset``, or :class:`PresplitSequentialDataset` when ``split_field`` is set; a warning
     with counts when RecBole's filters dropped users, a ConfigError when they dropped every row."""
     n_users_in_file = check_dataset_files(config)
+    for note in getattr(config, "inferred_columns", ()):  # a dataset without a property file (config.py)
+        getLogger().info(f"[Data] inferred from the atomic files' headers: {note}")
     if config["split_field"]:
         if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
             raise ConfigError("split_field (a pre-split dataset) works with sequential models only")
