@@ -236,7 +236,7 @@ def test_every_baseline_end_to_end_then_every_signal_reused(tmp_path, monkeypatc
         assert open(again["selection"]["folder"] + "/selection.tsv").read() == first[name]  # same seed, same ids
 
 
-def test_hooked_snapshot_equals_a_seeded_rerun(tmp_path):
+def test_hooked_snapshot_equals_a_seeded_rerun(tmp_path, caplog):
     from recbole_dealrec.surrogate import surrogate_snapshot, train_surrogate
     from recbole_dealrec.surrogate.train import snapshot_cached
 
@@ -246,7 +246,10 @@ def test_hooked_snapshot_equals_a_seeded_rerun(tmp_path):
     hooked = surrogate_snapshot(config, 0, 1).model.state_dict()
     for path in (tmp_path / "out").rglob("*-run0-epoch1.pt"):
         path.unlink()
-    rerun = surrogate_snapshot(config, 0, 1).model.state_dict()
+    with caplog.at_level("WARNING"):
+        rerun = surrogate_snapshot(config, 0, 1).model.state_dict()
+    # an extra training of the surrogate is never silent
+    assert "the snapshot after 1 epochs is not in the cache" in caplog.text and "training 1 extra epochs" in caplog.text
     for key, value in hooked.items():
         torch.testing.assert_close(rerun[key], value, rtol=0, atol=0)
     other_seed = surrogate_snapshot(config, 1, 1).model.state_dict()

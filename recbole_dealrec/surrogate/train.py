@@ -250,7 +250,17 @@ def surrogate_snapshot(config: DealrecConfig, run: int, epoch: int) -> Surrogate
         if cache_entry_ok(path):
             model.load_state_dict(torch.load(path, map_location=scfg["device"], weights_only=True))
         elif epoch > 0:
-            getLogger().info(set_color("[Surrogate]", "pink") + f" training run {run} (seed {scfg['seed']}) for {epoch} epochs")
+            if run == 0:  # not saved by the main training: it stopped earlier, or trains fewer epochs
+                main = surrogate_config(config)
+                getLogger().warning(
+                    set_color("[Surrogate]", "pink") + f" the snapshot after {epoch} epochs is not in the cache: the "
+                    f"main surrogate training (epochs={main['epochs']}, early stopping "
+                    f"stopping_step={main['stopping_step']}) did not pass that epoch; training "
+                    f"{epoch} extra epochs from the seeded initialisation (grand_epoch / el2n_epoch at most the "
+                    "epochs the surrogate trains take it from its own training)")
+            else:
+                getLogger().info(set_color("[Surrogate]", "pink") + f" training run {run} (seed {scfg['seed']}) for "
+                                 f"{epoch} epochs")
             scfg["epochs"], scfg["stopping_step"] = int(epoch), int(epoch) + 1
             fit_data, loss_func = training_data_and_loss(scfg, model, train_data)
             # saves nothing, but RecBole's trainer creates the folder
