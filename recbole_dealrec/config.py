@@ -189,7 +189,8 @@ def infer_atomic_columns(folder: str, dataset: str, config: Mapping[str, Any], g
                          sequential: bool) -> tuple[dict, list[str]]:
     """The keys a RecBole atomic dataset needs, from its files' headers, for a dataset no property file describes.
 
-    ``load_col``: every column of every atomic file present (``.inter``, ``.item``, ``.user``). A field key
+    ``load_col``: the user, item, time, rating and split columns of ``.inter`` and every column of ``.item`` and
+    ``.user`` (when present). A field key
     (user, item, time, rating, title: :data:`INFERRED_FIELDS`) whose configured name is not a column and that the
     user did not set (``given``) becomes the one column of its type whose name matches (e.g. ``uid:token`` ->
     USER_ID_FIELD); a required one with no such column is a one-line ConfigError naming the key and the header. A
@@ -200,8 +201,8 @@ def infer_atomic_columns(folder: str, dataset: str, config: Mapping[str, Any], g
                if os.path.isfile(path := os.path.join(folder, f"{dataset}.{suffix}"))}
     if "inter" not in headers:
         return {}, []
-    keys: dict[str, Any] = {"load_col": {suffix: [name for name, _ in fields] for suffix, fields in headers.items()}}
-    notes = [f"{dataset} has no property file: loading every column ({'; '.join(f'{s}: ' + ', '.join(c) for s, c in keys['load_col'].items())})"]
+    keys: dict[str, Any] = {}
+    notes = []
     for key, suffix, types, pattern, required in INFERRED_FIELDS:
         fields = headers.get(suffix)
         name = config.get(key)
@@ -221,6 +222,17 @@ def infer_atomic_columns(folder: str, dataset: str, config: Mapping[str, Any], g
             what = "a sequential model orders each user's interactions by it; " if key == "TIME_FIELD" else ""
             raise ConfigError(f"{key}: {dataset}.{suffix} has no {name!r} column and no single {'/'.join(types)} column "
                               f"named like it (header: {shown}); {what}set {key} to the column (or add one)")
+    # .inter: the fields the run reads only (a sequential dataset copies every loaded .inter column into a
+    # [rows, MAX_ITEM_LIST_LENGTH] list: loading the others would multiply its memory); .item / .user: every column
+    fields = {**config, **keys}
+    wanted = [fields.get(k) for k in ("USER_ID_FIELD", "ITEM_ID_FIELD", "TIME_FIELD", "RATING_FIELD", "split_field")]
+    inter_names = [name for name, _ in headers["inter"]]
+    load_col = {"inter": [name for name in inter_names if name in wanted]}
+    load_col.update({suffix: [name for name, _ in header] for suffix, header in headers.items() if suffix != "inter"})
+    keys["load_col"] = load_col
+    left = [name for name in inter_names if name not in load_col["inter"]]
+    notes.insert(0, f"{dataset} has no property file: load_col {load_col}"
+                 + (f" (not loaded from .inter: {', '.join(left)}; set load_col to load them)" if left else ""))
     return keys, notes
 
 

@@ -43,10 +43,12 @@ def run(tmp_path, name: str, **config):
 def test_recboles_default_names_without_a_yaml_load_every_column(tmp_path, caplog):
     """Before: RecBole loaded user_id and item_id only, and the sequential split died with
     ``[timestamp] is not exist in interaction``."""
-    write_dataset(tmp_path, "plain", "user_id:token\titem_id:token\ttimestamp:float\trating:float",
+    write_dataset(tmp_path, "plain", "user_id:token\titem_id:token\ttimestamp:float\trating:float\tweight:float",
                   "item_id:token\ttitle:token_seq")
     config = DealrecConfig("SASRec", "plain", config_dict={"data_path": str(tmp_path)})
+    # the other .inter column stays out (a sequential dataset would copy it into a list per row)
     assert config["load_col"] == {"inter": ["user_id", "item_id", "timestamp", "rating"], "item": ["item_id", "title"]}
+    assert "not loaded from .inter: weight" in config.inferred_columns[0]
     assert config["title_field"] == "title"
     with caplog.at_level("INFO"):
         result = run(tmp_path, "plain")
