@@ -22,7 +22,8 @@ from recbole.data import create_dataset as recbole_create_dataset
 from recbole.data import data_preparation as recbole_data_preparation
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.data.dataset import SequentialDataset
-from recbole.utils import ModelType
+from recbole.data.interaction import Interaction
+from recbole.utils import FeatureType, ModelType
 
 from recbole_dealrec.config import property_names
 from recbole_dealrec.errors import ConfigError
@@ -100,7 +101,49 @@ def check_atomic_file(path: str, separator: str = "\t", count_field: Optional[st
     return len(distinct)
 
 
-class PresplitSequentialDataset(SequentialDataset):
+class ArraySequentialDataset(SequentialDataset):
+    """RecBole's ``SequentialDataset`` with its prefix augmentation as array operations: the same rows, fields and
+    values, bit for bit (tested against RecBole's), without its Python loop over every interaction and every list
+    field (58% of loading Games; minutes on Book-sized data)."""
+
+    def data_augmentation(self) -> None:
+        self.logger.debug("data_augmentation (array operations)")
+        self._aug_presets()
+        self._check_field("uid_field", "time_field")
+        max_len = int(self.config["MAX_ITEM_LIST_LENGTH"])
+        self.sort(by=[self.uid_field, self.time_field], ascending=True)
+        uid = self.inter_feat[self.uid_field].numpy()
+        n = len(uid)
+        first = np.ones(n, dtype=bool)
+        first[1:] = uid[1:] != uid[:-1]
+        user_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))  # [n] each row's user's first row
+        target = np.flatnonzero(~first)  # every row but a user's first is a target
+        # RecBole's window: the history slides by one once it holds max_len items
+        seq_start = np.maximum(user_start[target], target - max_len)
+        length = target - seq_start
+        offsets = np.arange(max_len)
+        keep = torch.from_numpy(offsets[None, :] < length[:, None])  # [N, max_len]
+        source = torch.from_numpy(np.minimum(seq_start[:, None] + offsets[None, :], max(n - 1, 0)))[keep]
+        new_data = self.inter_feat[torch.from_numpy(target)]
+        new_dict = {self.item_list_length_field: torch.tensor(length, dtype=torch.int64)}
+        for field in self.inter_feat:
+            if field == self.uid_field:
+                continue
+            list_field = getattr(self, f"{field}_list_field")
+            list_len = self.field2seqlen[list_field]
+            shape = (len(target), list_len) if isinstance(list_len, int) else (len(target),) + tuple(list_len)
+            if (self.field2type[field] in [FeatureType.FLOAT, FeatureType.FLOAT_SEQ]
+                    and field in self.config["numerical_features"]):
+                shape += (2,)
+            value = self.inter_feat[field]
+            values = torch.zeros(shape, dtype=value.dtype)
+            values[keep] = value[source].reshape((-1,) + tuple(shape[2:]))
+            new_dict[list_field] = values
+        new_data.update(Interaction(new_dict))
+        self.inter_feat = new_data
+
+
+class PresplitSequentialDataset(ArraySequentialDataset):
     """Sequential dataset whose split comes from a token column (``split_field``) instead of ``eval_args``."""
 
     def __init__(self, config) -> None:
@@ -156,6 +199,23 @@ class MultiTargetFullSortEvalDataLoader(FullSortEvalDataLoader):
         return interaction, None, positive_u, targets[positive_u, column]
 
 
+def _recbole_dataset_class(config) -> type:
+    """The class RecBole's ``create_dataset`` builds for this config (a model's own ``<Model>Dataset`` first)."""
+    import recbole.data.dataset as datasets
+
+    own = getattr(datasets, f"{config['model']}Dataset", None)
+    if own is not None:
+        return own
+    return SequentialDataset if config["MODEL_TYPE"] == ModelType.SEQUENTIAL else datasets.Dataset
+
+
+def _saved_dataset_file(config) -> bool:
+    """Whether RecBole's ``create_dataset`` would try a saved dataset (``dataset_save_path``, or its default file
+    in ``checkpoint_dir``): then RecBole's own function runs, with its check of the saved dataset's keys."""
+    default = os.path.join(config["checkpoint_dir"], f"{config['dataset']}-SequentialDataset.pth")
+    return bool(config["dataset_save_path"]) or os.path.exists(default)
+
+
 def create_dataset(config):
     """RecBole's ``create_dataset``, or :class:`PresplitSequentialDataset` when ``split_field`` is set; a warning
     with counts when RecBole's filters dropped users, a ConfigError when they dropped every row."""
@@ -166,6 +226,10 @@ def create_dataset(config):
         if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
             raise ConfigError("split_field (a pre-split dataset) works with sequential models only")
         dataset = PresplitSequentialDataset(config)
+    elif _recbole_dataset_class(config) is SequentialDataset and not _saved_dataset_file(config):
+        dataset = ArraySequentialDataset(config)
+        if config["save_dataset"]:
+            dataset.save()
     else:
         try:
             dataset = recbole_create_dataset(config)

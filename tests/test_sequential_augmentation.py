@@ -1,0 +1,49 @@
+"""The plugin's sequential dataset builds RecBole's prefix samples with array operations: every field of every
+row equals RecBole's own ``SequentialDataset`` (its Python loop), on the embedded ml-100k and on a dataset with a
+token_seq, a float and a numerical (float) interaction field, at window lengths short and long."""
+from __future__ import annotations
+
+import pytest
+import torch
+from recbole.data.dataset import SequentialDataset
+
+from recbole_dealrec.config import DealrecConfig
+from recbole_dealrec.data.dataset import ArraySequentialDataset, create_dataset
+
+
+def assert_same_samples(config) -> None:
+    ours, recboles = ArraySequentialDataset(config), SequentialDataset(config)
+    for dataset in (ours, recboles):
+        dataset._change_feat_format()  # what build() starts with: to tensors, then the prefix augmentation
+    assert set(ours.inter_feat.columns) == set(recboles.inter_feat.columns)
+    assert len(ours.inter_feat) == len(recboles.inter_feat) > 0
+    for field in recboles.inter_feat.columns:
+        a, b = ours.inter_feat[field], recboles.inter_feat[field]
+        assert a.dtype == b.dtype and a.shape == b.shape, field
+        assert torch.equal(a, b), field
+
+
+@pytest.mark.parametrize("max_len", [1, 3, 50])
+def test_ml100k_prefix_samples_equal_recboles(max_len):
+    config = DealrecConfig("SASRec", "ml-100k", config_dict={
+        "MAX_ITEM_LIST_LENGTH": max_len, "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]}})
+    assert_same_samples(config)
+
+
+@pytest.mark.parametrize("max_len", [2, 7])
+def test_token_seq_and_numerical_fields_equal_recboles(tmp_path, max_len):
+    folder = tmp_path / "tagged"
+    folder.mkdir()
+    rows = [f"{u}\t{(u * 7 + t) % 23}\t{(t * 5 + u) % 11}\t{' '.join(str(x) for x in range(t % 4 + 1))}\t{0.5 * t}"
+            for u in range(40) for t in range(3 + u % 9)]
+    (folder / "tagged.inter").write_text(
+        "\n".join(["user_id:token\titem_id:token\ttimestamp:float\ttags:token_seq\tscore:float", *rows]) + "\n")
+    config = DealrecConfig("SASRec", "tagged", config_dict={
+        "data_path": str(tmp_path), "MAX_ITEM_LIST_LENGTH": max_len, "numerical_features": ["score"],
+        "load_col": {"inter": ["user_id", "item_id", "timestamp", "tags", "score"]}})
+    assert_same_samples(config)
+
+
+def test_the_plugin_loads_sequential_data_with_it():
+    config = DealrecConfig("SASRec", "ml-100k")
+    assert type(create_dataset(config)) is ArraySequentialDataset
