@@ -10,12 +10,17 @@ grid's cache, by stage; the key itself may change with a refactor, the values ma
 again and prints every difference (exit 1 if any). ``tests/test_experiment.py::test_smoke_grid_end_to_end``
 compares the same record on its own run of the grid, so the test suite keeps it.
 
+Records are kept per kind of CPU (:func:`machine_key`: float results differ in their last bits between CPU
+kinds, and the grid's discrete steps can turn that into other users); ``write`` stores this kind's, ``check`` and
+the test compare with it, or with the record written before records were keyed (the top-level entries).
+
 Add ``--main-job`` to record / check the README main job's selection too (SmolLM2 effort: about 10 minutes on
 2 cores; not in the test suite).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -108,6 +113,28 @@ def run_main_job_selection(workdir: str) -> dict[str, str]:
     return {"selection_tsv": _sha(found[0])}
 
 
+def machine_key() -> str:
+    """The machine a record holds for: architecture, torch's CPU kernels (AVX2, AVX512, ...) and the CPU's name.
+    Float results differ in their last bits between CPU kinds (other vector kernels, other summation orders), and
+    the grid's discrete steps (Algorithm 2's bins, early stopping) can turn that into other users: a record is
+    bit for bit on the kind of machine that wrote it."""
+    import platform
+
+    import torch
+
+    model = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {model or platform.processor()}".strip()
+
+
+def expected_record(record: dict, name: str) -> Any:
+    """This machine kind's record of ``name`` (``smoke``, ``main_job``); else the one written before records were
+    keyed by machine (its top-level entry)."""
+    return record.get("machines", {}).get(machine_key(), {}).get(name, record.get(name))
+
+
 def differences(expected: dict, actual: dict, path: str = "") -> list[str]:
     """Every leaf where ``actual`` differs from ``expected`` (exact equality; floats compared as stored)."""
     if isinstance(expected, dict) and isinstance(actual, dict):
@@ -135,7 +162,7 @@ def main(argv=None) -> None:
             current["main_job"] = run_main_job_selection(workdir)
     if args.action == "write":
         previous = json.load(open(args.record)) if os.path.isfile(args.record) else {}
-        previous.update(current)
+        previous.setdefault("machines", {}).setdefault(machine_key(), {}).update(current)
         os.makedirs(os.path.dirname(args.record), exist_ok=True)
         tmp = args.record + ".tmp"
         with open(tmp, "w") as handle:
@@ -145,7 +172,7 @@ def main(argv=None) -> None:
               f"{sum(map(len, current['smoke']['signals'].values()))} signals" + (", main job" if args.main_job else ""))
         return
     record = json.load(open(args.record))
-    diffs = differences({k: record[k] for k in current}, current)  # the "about" entry says how each was made
+    diffs = differences({k: expected_record(record, k) for k in current}, current)  # "about" says how each was made
     print("\n".join(diffs) if diffs else "behaviour identical to the record")
     raise SystemExit(1 if diffs else 0)
 
