@@ -121,9 +121,11 @@ class ArraySequentialDataset(SequentialDataset):
         # RecBole's window: the history slides by one once it holds max_len items
         seq_start = np.maximum(user_start[target], target - max_len)
         length = target - seq_start
-        offsets = np.arange(max_len)
-        keep = torch.from_numpy(offsets[None, :] < length[:, None])  # [N, max_len]
-        source = torch.from_numpy(np.minimum(seq_start[:, None] + offsets[None, :], max(n - 1, 0)))[keep]
+        keep = torch.from_numpy(np.arange(max_len)[None, :] < length[:, None])  # [N, max_len]
+        # the source row of every kept list place, in row-major order: seq_start + 0 .. length - 1 per sample (no
+        # [N, max_len] index matrix: at Book size it would be 2 GB of int64)
+        first_place = np.cumsum(length) - length
+        source = torch.from_numpy(np.repeat(seq_start - first_place, length) + np.arange(int(length.sum())))
         new_data = self.inter_feat[torch.from_numpy(target)]
         new_dict = {self.item_list_length_field: torch.tensor(length, dtype=torch.int64)}
         for field in self.inter_feat:
