@@ -36,6 +36,7 @@ from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.model import get_model
 from recbole_dealrec.scoring.influence import InfluenceArguments, influence_scores, record_influence_check
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, user_batches
+from recbole_dealrec.surrogate.loss import sampled_negatives
 from recbole_dealrec.surrogate.loss import supports_sequence_mode
 from recbole_dealrec.surrogate.train import private_checkpoint_dir, training_data_and_loss, surrogate_config, surrogate_trainer
 from recbole_dealrec.utils import atomic_write
@@ -91,10 +92,11 @@ def removal_agreement(predicted: Sequence[float], measured: Sequence[float], see
 
 # ---------------------------------------------------------------------------------------------- the surrogate
 
-def empirical_risk(model: torch.nn.Module, train_dataset, user_loss: str, batch_rows: int, sequence: bool) -> float:
+def empirical_risk(model: torch.nn.Module, train_dataset, user_loss: str, batch_rows: int, sequence: bool,
+                   negatives=None) -> float:
     """``R = (1/n) sum_u L_u`` over every user of ``train_dataset`` (``user_loss``: mean or sum of a user's prefix
-    losses), in eval mode."""
-    loss = SurrogateLoss(model, user_loss)
+    losses; ``negatives``: the sampled softmax the scores are of, None = full), in eval mode."""
+    loss = SurrogateLoss(model, user_loss, negatives)
     total, n = 0.0, 0
     with torch.no_grad():
         for batch in user_batches(train_dataset, batch_rows, sequence=sequence and supports_sequence_mode(model)):
@@ -139,7 +141,7 @@ def influence_check(config: DealrecConfig, args: CheckArguments,
 
     def risk(model) -> float:
         return empirical_risk(model, target_dataset, influence.influence_user_loss, influence.influence_batch_rows,
-                              sequence)
+                              sequence, sampled_negatives(scfg, model))
 
     say(f"training the surrogate on all users (seed {args.seed}, {args.check_retrain})")
     full_model = retrain(scfg, config, train_data, valid_data, args.check_retrain, args.seed)

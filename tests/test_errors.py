@@ -33,6 +33,18 @@ def run(tmp_path, **config):
          r"surrogate_user_weighting must be one of \['prefix', 'user'\], got 'users'"),
         ({"sampler": "random", "selection_num": 10, "surrogate_length_grouped_batches": -1},
          r"surrogate_length_grouped_batches must be an integer >= 0"),
+        ({"sampler": "random", "selection_num": 10, "surrogate_windows": "chunks"},
+         r"surrogate_windows must be one of \['sliding', 'chunked'\], got 'chunks'"),
+        ({"sampler": "random", "selection_num": 10, "surrogate_loss": "sample"},
+         r"surrogate_loss must be one of \['auto', 'full', 'sampled'\], got 'sample'"),
+        ({"sampler": "dealrec", "selection_num": 10, "surrogate_config": {"surrogate_loss": "sampled",
+                                                                          "surrogate_negatives": -3}},
+         r"surrogate_negatives must be an integer >= 1"),
+        ({"sampler": "dealrec", "selection_num": 10, "surrogate_model": "BERT4Rec",
+          "surrogate_config": {"surrogate_loss": "sampled"}},
+         r"surrogate_loss: sampled needs surrogate_sequence_mode: True and a SASRec surrogate .*got BERT4Rec"),
+        ({"sampler": "dealrec", "selection_num": 10, "surrogate_loss": "sampled", "surrogate_sequence_mode": False},
+         r"surrogate_loss: sampled needs surrogate_sequence_mode: True"),
     ],
 )
 def test_bad_config_values(tmp_path, config, message):

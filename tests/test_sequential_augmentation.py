@@ -47,3 +47,42 @@ def test_token_seq_and_numerical_fields_equal_recboles(tmp_path, max_len):
 def test_the_plugin_loads_sequential_data_with_it():
     config = DealrecConfig("SASRec", "ml-100k")
     assert type(create_dataset(config)) is ArraySequentialDataset
+
+
+def built_fields(dataset):
+    train, valid, test = dataset.build()
+    return {name: {f: part.inter_feat[f].clone() for f in part.inter_feat.columns}
+            for name, part in (("train", train), ("valid", valid), ("test", test))}
+
+
+def test_one_reading_of_the_files_serves_every_window_length(monkeypatch):
+    """Issue 25 item 2: the backend's and the surrogate's datasets (two MAX_ITEM_LIST_LENGTH) read the files once;
+    each reused copy builds exactly what a dataset loaded from scratch builds, and an in-place change to one built
+    dataset never reaches the next."""
+    import recbole_dealrec.data.dataset as module
+
+    loads = []
+    original = ArraySequentialDataset._from_scratch
+    monkeypatch.setattr(ArraySequentialDataset, "_from_scratch", lambda self: (loads.append(1), original(self))[1])
+    module._last_loaded.clear()
+    backend = create_dataset(DealrecConfig("SASRec", "ml-100k", config_dict={"MAX_ITEM_LIST_LENGTH": 20}))
+    # an in-place change through a tensor RecBole makes from the frame (torch.LongTensor shares its memory)
+    torch.LongTensor(backend.inter_feat["item_id"].values).zero_()
+    surrogate = create_dataset(DealrecConfig("SASRec", "ml-100k", config_dict={"MAX_ITEM_LIST_LENGTH": 5}))
+    again = create_dataset(DealrecConfig("SASRec", "ml-100k", config_dict={"MAX_ITEM_LIST_LENGTH": 20}))
+    assert len(loads) == 1  # read once
+    module._last_loaded.clear()
+    fresh_short = create_dataset(DealrecConfig("SASRec", "ml-100k", config_dict={"MAX_ITEM_LIST_LENGTH": 5}))
+    module._last_loaded.clear()
+    fresh_long = create_dataset(DealrecConfig("SASRec", "ml-100k", config_dict={"MAX_ITEM_LIST_LENGTH": 20}))
+    assert len(loads) == 3
+    for reused, fresh in ((surrogate, fresh_short), (again, fresh_long)):
+        reused, fresh = built_fields(reused), built_fields(fresh)
+        for split in fresh:
+            assert reused[split].keys() == fresh[split].keys()
+            for field, value in fresh[split].items():
+                assert torch.equal(reused[split][field], value), (split, field)
+    assert surrogate.field2seqlen["item_id_list"] == 5 and again.field2seqlen["item_id_list"] == 20
+    # another filter is another dataset: read again
+    create_dataset(DealrecConfig("SASRec", "ml-100k", config_dict={"user_inter_num_interval": "[30,inf)"}))
+    assert len(loads) == 4

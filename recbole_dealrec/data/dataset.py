@@ -12,6 +12,7 @@ The paper's data come pre-split (split by global time, then one line per user an
 """
 from __future__ import annotations
 
+import copy
 import os
 from logging import getLogger
 from typing import Any, Mapping, Optional
@@ -218,18 +219,73 @@ def _saved_dataset_file(config) -> bool:
     return bool(config["dataset_save_path"]) or os.path.exists(default)
 
 
+#: The config keys RecBole's ``Dataset`` reads while loading, filtering and remapping the atomic files (its
+#: ``properties/dataset/sample.yaml`` and what ``Dataset.__init__`` reads), and the plugin's ``split_field``;
+#: ``MAX_ITEM_LIST_LENGTH`` is not one of them: it only shapes the prefix augmentation that ``build`` runs.
+LOADING_KEYS = (
+    "data_path", "dataset", "encoding", "field_separator", "seq_separator", "USER_ID_FIELD", "ITEM_ID_FIELD",
+    "RATING_FIELD", "TIME_FIELD", "LABEL_FIELD", "seq_len", "threshold", "NEG_PREFIX", "numerical_features",
+    "load_col", "unload_col", "unused_col", "additional_feat_suffix", "rm_dup_inter", "val_interval",
+    "filter_inter_by_user_or_item", "user_inter_num_interval", "item_inter_num_interval", "alias_of_user_id",
+    "alias_of_item_id", "alias_of_entity_id", "alias_of_relation_id", "preload_weight", "normalize_field",
+    "normalize_all", "discretization", "ITEM_LIST_LENGTH_FIELD", "LIST_SUFFIX", "benchmark_filename", "split_field",
+)
+
+#: The last dataset loaded in this process, before its augmentation, by :func:`loading_key`: the backend's and the
+#: surrogate's datasets (two window lengths) share one reading of the files. One entry: a grid's next dataset
+#: replaces it.
+_last_loaded: dict[str, Any] = {}
+
+
+def loading_key(config, dataset_class: type) -> str:
+    """Key of what a loaded dataset depends on: its class, the atomic files' bytes and :data:`LOADING_KEYS`."""
+    from recbole_dealrec.utils import dataset_fingerprint, stable_key
+
+    return stable_key({"class": dataset_class.__name__, "data": dataset_fingerprint(config),
+                       "config": {k: config[k] for k in LOADING_KEYS}})
+
+
+def _unbuilt_copy(dataset, config):
+    """A copy of a loaded, not yet built ``dataset`` that builds with ``config`` (its window length): its own frames
+    (RecBole's tensors share the frames' memory, so an in-place change of one built dataset would reach the
+    next) and field-property dicts (the augmentation adds to them); the token maps shared (never changed)."""
+    out = copy.copy(dataset)
+    out.config = config
+    out.max_item_list_len = config["MAX_ITEM_LIST_LENGTH"]
+    for name in ("field2type", "field2source", "field2seqlen"):
+        setattr(out, name, dict(getattr(dataset, name)))
+    for name in dataset.feat_name_list:
+        frame = getattr(dataset, name)
+        setattr(out, name, None if frame is None else frame.copy(deep=True))
+    return out
+
+
+def _array_sequential_dataset(config, dataset_class: type):
+    """``dataset_class(config)``, or a copy of the same files' dataset this process loaded last (the log says so)."""
+    key = loading_key(config, dataset_class)
+    if key in _last_loaded:
+        getLogger().info(f"[Data] {config['dataset']}: reused the atomic files loaded in this run (window "
+                         f"MAX_ITEM_LIST_LENGTH={config['MAX_ITEM_LIST_LENGTH']} built on them)")
+        return _unbuilt_copy(_last_loaded[key], config)
+    dataset = dataset_class(config)
+    _last_loaded.clear()
+    _last_loaded[key] = _unbuilt_copy(dataset, config)
+    return dataset
+
+
 def create_dataset(config):
     """RecBole's ``create_dataset``, or :class:`PresplitSequentialDataset` when ``split_field`` is set; a warning
-    with counts when RecBole's filters dropped users, a ConfigError when they dropped every row."""
+    with counts when RecBole's filters dropped users, a ConfigError when they dropped every row. The files are
+    read once per process for any number of window lengths (:func:`_array_sequential_dataset`)."""
     n_users_in_file = check_dataset_files(config)
     for note in getattr(config, "inferred_columns", ()):  # a dataset without a property file (config.py)
         getLogger().info(f"[Data] inferred from the atomic files' headers: {note}")
     if config["split_field"]:
         if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
             raise ConfigError("split_field (a pre-split dataset) works with sequential models only")
-        dataset = PresplitSequentialDataset(config)
+        dataset = _array_sequential_dataset(config, PresplitSequentialDataset)
     elif _recbole_dataset_class(config) is SequentialDataset and not _saved_dataset_file(config):
-        dataset = ArraySequentialDataset(config)
+        dataset = _array_sequential_dataset(config, ArraySequentialDataset)
         if config["save_dataset"]:
             dataset.save()
     else:

@@ -187,15 +187,17 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     logger = getLogger()
     args = config if isinstance(config, InfluenceArguments) else InfluenceArguments.from_config(config)
     model = surrogate.model
-    loss = SurrogateLoss(model, args.influence_user_loss)
+    loss = SurrogateLoss(model, args.influence_user_loss, surrogate.negatives)
     params = select_parameters(model.named_parameters(), list(args.influence_params))
-    sequence = bool(args.influence_sequence_mode) and supports_sequence_mode(model)
-    batches = user_batches(surrogate.train_dataset, args.influence_batch_rows, sequence=sequence)
+    windows = surrogate.windows
+    # chunked windows are other prefix samples than RecBole's rows: they exist in sequence mode only
+    sequence = (bool(args.influence_sequence_mode) or windows == "chunked") and supports_sequence_mode(model)
+    batches = user_batches(surrogate.train_dataset, args.influence_batch_rows, sequence=sequence, windows=windows)
     n_users = sum(len(b) for b in batches)
     m = sum(p.numel() for p in params.values())
     n_rows = sum(len(b.segment) for b in batches)
     logger.info(set_color("[Influence]", "pink") + f" {n_users} users, {m} scored parameters in {len(params)} tensors, "
-                f"{n_rows} model rows per pass ({'sequence' if sequence else 'prefix'} mode)")
+                f"{n_rows} model rows per pass ({f'sequence mode, {windows} windows' if sequence else 'prefix mode'})")
 
     # Under torch.distributed every pass over the users is sharded in fixed blocks of user batches: the blocks'
     # sums are added in block order (v, every HVP) and the per-user scores gathered in batch order, so that the
@@ -226,7 +228,8 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
         kwargs.update(scale=scale, depth=args.lissa_depth, repeats=args.lissa_repeats,
                       generator=generator, show_progress=show_progress,
                       hvp_sampler=stochastic_hvp(
-                          args, loss, params, _user_sampler(user_batches(surrogate.train_dataset, 1, sequence=sequence), args.lissa_batch_users)
+                          args, loss, params, _user_sampler(user_batches(surrogate.train_dataset, 1, sequence=sequence, windows=windows),
+                                        args.lissa_batch_users)
                       ))
         damping = lissa_damping_for(damping, scale)
     result = solve(solver, v, hvp=hvp, damping=damping, tol=args.ihvp_tol, **kwargs)
@@ -245,7 +248,7 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     meta = {"target": args.influence_target, "solver": solver, "residual": result.residual, "iterations": result.iterations,
             "effective_damping": result.effective_damping, "damping": damping, "converged": result.converged,
             "scored_parameters": m, "parameter_names": list(params), "n_users": n_users,
-            "mode": "sequence" if sequence else "prefix", "world_size": distributed.world_size()}
+            "mode": ("sequence" if windows == "sliding" else f"sequence ({windows})") if sequence else "prefix", "world_size": distributed.world_size()}
     return ScoredUsers(np.asarray(tokens).astype(str), scores, meta)
 
 

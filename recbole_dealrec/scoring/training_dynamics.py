@@ -1,12 +1,13 @@
 """GraNd and EL2N (Paul et al., NeurIPS'21): difficulty of each user early in the surrogate's training.
 
 The unit is the user, as for influence: L_u = the surrogate's per-user loss (``SurrogateLoss``: the sum over
-the user's training prefixes of the full-softmax cross-entropy of the next item), in eval mode.
+the user's training prefixes of the cross-entropy of the next item: full softmax, or the surrogate's sampled one),
+in eval mode.
 
 - GraNd(u) = E_runs || grad_theta L_u(theta_t) ||_2 over the parameters matched by ``grand_params``
   (default all, as the original; DeepCore used the last layer only).
 - EL2N(u)  = E_runs sqrt( sum_prefixes || softmax(f(x)) - onehot(y) ||_2^2 ), the L2 norm of the error of
-  all the user's next-item predictions (one class per item).
+  all the user's next-item predictions (one class per item, or per candidate with the sampled softmax).
 
 theta_t = the surrogate after ``grand_epoch`` / ``el2n_epoch`` epochs (0 = the seeded initialisation, the
 original GraNd). Run 0 is the main surrogate training (its weights are saved by a hook as it passes that
@@ -58,12 +59,23 @@ def per_user_gradient_norms(
     the item embedding, which the full softmax touches entirely).
     """
     _, rows = _rows_by_user(train_dataset, np.asarray(user_ids, dtype=np.int64))
-    fields = (loss.model.ITEM_SEQ, loss.model.ITEM_SEQ_LEN, loss.target_field)
+    fields = (loss.model.ITEM_SEQ, loss.model.ITEM_SEQ_LEN, loss.target_field, loss.model.USER_ID)
     inter = train_dataset.inter_feat
     fixed = {k: v.detach() for k, v in params.items()}
 
     def user_loss(p, user_fields):
-        return loss.row_losses(p, Interaction(dict(zip(fields, user_fields)))).sum()
+        # user_fields: the rows' fields, then (sampled softmax) their candidates and hits
+        row_fields, candidates = user_fields[:len(fields)], user_fields[len(fields):] or None
+        return loss.row_losses(p, Interaction(dict(zip(fields, row_fields))), candidates).sum()
+
+    def with_candidates(user_fields):
+        # sampled negatives: drawn here, outside vmap (a user's rows are its prefix samples in order)
+        if loss.negatives is None:
+            return user_fields
+        flat = Interaction({f: v.reshape(-1, *v.shape[2:]) for f, v in zip(fields, user_fields)})
+        n_users, count = user_fields[0].shape[:2]
+        candidates = loss.row_candidates(flat, np.tile(np.arange(count), n_users))
+        return (*user_fields, *(c.reshape(n_users, count, -1) for c in candidates))
 
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
 
@@ -82,7 +94,7 @@ def per_user_gradient_norms(
         chunks += [members[i:i + step] for i in range(0, len(members), step)]
     for members in tqdm(chunks, desc="per-user gradient norms", disable=not show_progress):
         index = torch.from_numpy(np.stack([rows[m] for m in members]))  # [users, rows each]
-        user_fields = tuple(inter[f][index] for f in fields)
+        user_fields = with_candidates(tuple(inter[f][index] for f in fields))
         if len(members) == 1:
             out[int(members[0])] = single(tuple(f[0] for f in user_fields)).detach()
         else:
@@ -113,8 +125,8 @@ def per_user_el2n(loss: SurrogateLoss, train_dataset, user_ids: np.ndarray, max_
     order = {u: i for i, u in enumerate(np.sort(np.asarray(user_ids)).tolist())}
     values = torch.zeros(len(order), dtype=torch.float64)
     for batch in user_batches(train_dataset, max_rows, user_ids=np.asarray(user_ids)):
-        prob = torch.softmax(loss.logits(params, batch.interaction), dim=-1)
-        target = batch.interaction[loss.target_field]
+        prob = torch.softmax(loss.target_logits(params, batch), dim=-1)
+        target = loss.target_items(batch)
         err = ((prob ** 2).sum(-1) - 2 * prob.gather(1, target[:, None]).squeeze(1) + 1).double()
         per_user = torch.zeros(len(batch), dtype=torch.float64).index_add(0, batch.segment, err)
         values[[order[int(u)] for u in batch.user_ids]] = per_user
@@ -181,7 +193,7 @@ class GraNd(_EarlyTrainingSignal):
             raise ConfigError(f"grand_params must be a non-empty list of regex patterns, got {patterns!r}")
 
     def score_run(self, ctx, surrogate, user_ids) -> torch.Tensor:
-        loss = SurrogateLoss(surrogate.model, USER_LOSS)
+        loss = SurrogateLoss(surrogate.model, USER_LOSS, surrogate.negatives)
         params = select_parameters(surrogate.model.named_parameters(), list(ctx.config["grand_params"]))
         return per_user_gradient_norms(loss, params, surrogate.train_dataset, user_ids,
                                        int(ctx.config["influence_batch_rows"]))
@@ -194,5 +206,5 @@ class EL2N(_EarlyTrainingSignal):
     description = "EL2N: L2 norm of softmax - one-hot of the surrogate's next-item predictions early in training"
 
     def score_run(self, ctx, surrogate, user_ids) -> torch.Tensor:
-        return per_user_el2n(SurrogateLoss(surrogate.model, USER_LOSS), surrogate.train_dataset, user_ids,
+        return per_user_el2n(SurrogateLoss(surrogate.model, USER_LOSS, surrogate.negatives), surrogate.train_dataset, user_ids,
                              int(ctx.config["influence_batch_rows"]))

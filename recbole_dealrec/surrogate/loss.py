@@ -8,7 +8,10 @@ those rows. BERT4Rec trains on random cloze masks; its scoring loss is the deter
 of its own prediction head (mask appended after the history). The Hessian and the mean gradient are of
 R = (1/n_users) * sum_u L_u, the empirical risk over users, the paper's samples. With the sum, a user's
 loss (and so its score) grows with its history length; the mean compares users on equal terms.
-Eval mode throughout: no dropout and no sampled negatives, so every call sees the same function.
+Eval mode throughout: no dropout, so every call sees the same function. With ``surrogate_loss: sampled``
+(:class:`SampledNegatives`) the softmax of every target runs over the target and ``surrogate_negatives`` items that
+are a fixed, seeded hash of (user, the target's index among the user's prefix samples): the same negatives in
+every batch, every pass and every process, so the per-user loss, its gradients and the scores stay deterministic.
 """
 from __future__ import annotations
 
@@ -25,6 +28,113 @@ from recbole_dealrec.errors import ConfigError
 
 #: Allowed values of ``influence_user_loss``: how a user's prefix losses make its loss.
 USER_LOSSES = ("mean", "sum")
+#: Allowed values of ``surrogate_loss``: the softmax of the surrogate's next-item loss (``auto``: sampled from
+#: ``surrogate_sampled_min_items`` items on, where the surrogate supports it; full otherwise).
+SURROGATE_LOSSES = ("auto", "full", "sampled")
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a bijective, well-mixed hash."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledNegatives:
+    """The sampled softmax of ``surrogate_loss: sampled``: every target's softmax runs over the target and
+    ``count`` items drawn uniformly from ids ``1 .. n_items - 1`` (0 is RecBole's padding) by a hash of
+    (``seed``, ``salt``, the user's internal id, the target's index among the user's prefix samples, the draw).
+
+    A pure function of the sample: the negatives do not depend on the batch, the pass or the process, so the
+    per-sample loss is one deterministic function (what influence functions need). ``salt`` 0 is the scoring
+    loss; training draws epoch ``e`` with salt ``e + 1`` (fresh negatives every epoch, reproducible from the
+    seed). A negative equal to the target (an accidental hit) is masked out of the softmax. Its cost per target
+    is ``count + 1`` dot products instead of ``n_items``."""
+
+    n_items: int
+    count: int
+    seed: int
+
+    def draw(self, user_ids, sample_index, salt: int = 0) -> np.ndarray:
+        """Negatives of each target: int64 ``[targets, count]`` from ``user_ids`` and ``sample_index`` (integer
+        ``[targets]`` each, arrays or CPU tensors). Numpy throughout: no torch op runs, so a call inside a
+        ``torch.func`` transform sees plain arrays."""
+        user_ids, sample_index = np.asarray(user_ids, dtype=np.uint64), np.asarray(sample_index, dtype=np.uint64)
+        base = _splitmix64(np.array([(int(self.seed) * 1_000_003 + int(salt)) % 2 ** 64], dtype=np.uint64))
+        with np.errstate(over="ignore"):
+            per_sample = _splitmix64(_splitmix64(((user_ids << np.uint64(32)) ^ sample_index) ^ base))
+            draws = _splitmix64(per_sample[:, None] + np.arange(1, self.count + 1, dtype=np.uint64)[None, :]
+                                * np.uint64(0xD1B54A32D192ED03))
+        return (draws % np.uint64(self.n_items - 1) + np.uint64(1)).astype(np.int64)
+
+    def candidates(self, targets, user_ids, sample_index, salt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(items, hits)``: long ``[targets, 1 + count]``, the target first, then its negatives; bool
+        ``[targets, 1 + count]``, True where a negative is the target itself (masked out of the softmax)."""
+        targets = np.asarray(targets, dtype=np.int64)
+        items = np.concatenate([targets[:, None], self.draw(user_ids, sample_index, salt)], axis=1)
+        hits = items == targets[:, None]
+        hits[:, 0] = False
+        return torch.from_numpy(items), torch.from_numpy(hits)
+
+
+def candidate_logits(hidden: torch.Tensor, weight: torch.Tensor, items: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+    """Logits of each target's candidates (:meth:`SampledNegatives.candidates`): ``hidden`` ``[targets, d]``,
+    ``weight`` ``[n_items, d]``, ``items`` / ``hits`` ``[targets, C]``; ``[targets, C]``, accidental hits at -inf.
+    The label of every row is 0 (the target comes first)."""
+    logits = torch.einsum("td,tcd->tc", hidden, weight[items])
+    return logits.masked_fill(hits, float("-inf"))
+
+
+def sample_index_of(segment) -> np.ndarray:
+    """Index of each target among its user's targets, in order: ``segment`` integer ``[targets]`` (a user's targets
+    in the order of its prefix samples, contiguous or not) -> int64 ``[targets]``."""
+    segment = np.asarray(segment, dtype=np.int64)
+    order = np.argsort(segment, kind="stable")
+    counts = np.bincount(segment)
+    first = np.cumsum(counts) - counts
+    index = np.empty(len(segment), dtype=np.int64)
+    index[order] = np.arange(len(segment)) - first[segment[order]]
+    return index
+
+
+def check_surrogate_loss(config) -> str:
+    """``surrogate_loss`` (``None`` = full), ``surrogate_negatives`` and ``surrogate_sampled_min_items``, or a
+    ConfigError naming the allowed values."""
+    value = config["surrogate_loss"] or "full"
+    if value not in SURROGATE_LOSSES:
+        raise ConfigError(f"surrogate_loss must be one of {list(SURROGATE_LOSSES)}, got {value!r}")
+    for key, what in (("surrogate_negatives", "negatives per target of the sampled softmax"),
+                      ("surrogate_sampled_min_items", "the item count from which surrogate_loss: auto samples")):
+        count = config[key]
+        if value != "full" and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ConfigError(f"{key} must be an integer >= 1 ({what}), got {count!r}")
+    return value
+
+
+def sampled_negatives(scfg, model: torch.nn.Module) -> Optional[SampledNegatives]:
+    """The surrogate's :class:`SampledNegatives` (``scfg``: its RecBole config), or None for the full softmax.
+    ``sampled`` needs a causal CE surrogate in sequence mode (SASRec): the loss it trains on is then the loss
+    the signals score. ``auto`` samples for such a surrogate on ``surrogate_sampled_min_items`` items or more."""
+    value = check_surrogate_loss(scfg)
+    causal = supports_sequence_mode(model)
+    if value == "auto":
+        fits = causal and scfg["surrogate_sequence_mode"] and scfg["loss_type"] in (None, "CE")
+        value = "sampled" if fits and model.n_items - 1 >= int(scfg["surrogate_sampled_min_items"]) else "full"
+    if value != "sampled":
+        return None
+    check_sampled_surrogate(causal, scfg["model"], scfg["surrogate_sequence_mode"], scfg["loss_type"])
+    return SampledNegatives(int(model.n_items), int(scfg["surrogate_negatives"]), int(scfg["seed"]))
+
+
+def check_sampled_surrogate(causal: bool, model_name: str, sequence_mode, loss_type) -> None:
+    """``surrogate_loss: sampled`` trains in sequence mode only (a causal surrogate, SASRec, with CE), so that the
+    loss it trains on is the loss the signals score: a ConfigError otherwise (``loss_type`` None = CE)."""
+    if not causal or not sequence_mode or loss_type not in (None, "CE"):
+        raise ConfigError("surrogate_loss: sampled needs surrogate_sequence_mode: True and a SASRec surrogate with "
+                          f"loss_type CE (got {model_name}, surrogate_sequence_mode {sequence_mode}, loss_type "
+                          f"{loss_type}); use surrogate_loss: full otherwise")
 
 
 @dataclasses.dataclass
@@ -88,28 +198,57 @@ def supports_sequence_mode(model: torch.nn.Module) -> bool:
     return isinstance(model, SASRec)
 
 
-def _sequence_rows(lengths: np.ndarray, max_len: int) -> tuple[list[int], list[int]]:
-    """For one user's prefix rows (history lengths, in order): ``(kept rows, number of targets per kept row)``.
+#: Allowed values of ``surrogate_windows``: which model rows carry a user's prefix samples in sequence mode.
+WINDOWS = ("sliding", "chunked")
 
-    Rows 1..min(c, L) (history lengths 1, 2, ...) are all read off the row of length min(c, L); rows beyond the
-    window (their history cut to the last L items) keep their own row and target. Anything else (an unexpected
-    length pattern) keeps every row with one target: always the prefix samples' loss.
+
+def check_windows(value) -> str:
+    """``surrogate_windows`` (``None`` = sliding), or a ConfigError naming the allowed values."""
+    value = value or "sliding"
+    if value not in WINDOWS:
+        raise ConfigError(f"surrogate_windows must be one of {list(WINDOWS)}, got {value!r}")
+    return value
+
+
+def _sequence_rows(lengths: np.ndarray, max_len: int, windows: str = "sliding") -> tuple[list[int], list[int], list[int]]:
+    """For one user's prefix rows (history lengths, in order): ``(kept rows, number of targets per kept row, position
+    of each kept row's first target)``; a row's targets sit at consecutive positions from there.
+
+    Rows 1..min(c, L) (history lengths 1, 2, ...) are all read off the row of length min(c, L). Beyond the window:
+    ``sliding`` keeps every row (its history the last L items, RecBole's prefix sample exactly) with its one target
+    at the last position; ``chunked`` keeps only the rows ending each further block of L samples (history = the
+    block), a target at every position, and the user's last row for the rest (its new positions only): every prefix
+    sample once, its context back to its block's start instead of L items, ~L times fewer rows for long users.
+    Anything else (an unexpected length pattern) keeps every row with one target: always the prefix samples' loss.
     """
     c = len(lengths)
     first = min(c, max_len)
     if not np.array_equal(lengths[:first], np.arange(1, first + 1)):
-        return list(range(c)), [1] * c
-    return [first - 1, *range(first, c)], [first] + [1] * (c - first)
+        return list(range(c)), [1] * c, [int(n) - 1 for n in lengths]
+    if windows == "sliding" or c == first:
+        return [first - 1, *range(first, c)], [first] + [1] * (c - first), [0] + [max_len - 1] * (c - first)
+    rows, counts, starts = [first - 1], [first], [0]
+    end = first - 1  # the last prefix sample covered so far
+    while end < c - 1:
+        row = min(end + max_len, c - 1)  # a full block of L new samples, or the user's last row
+        new = row - end
+        rows.append(row)
+        counts.append(new)
+        starts.append(max_len - new)
+        end = row
+    return rows, counts, starts
 
 
 def user_batches(train_dataset, max_rows: int, user_ids: Sequence[int] | None = None,
-                 sequence: bool = False) -> list[UserBatch]:
+                 sequence: bool = False, windows: str = "sliding") -> list[UserBatch]:
     """Group the training rows by user into batches of whole users, about ``max_rows`` prefix samples each.
 
     Users come in ascending id order (all users with training rows, or ``user_ids``). With ``sequence``, each
     user's first ``MAX_ITEM_LIST_LENGTH`` prefix samples become one row with one target per position (see
     :class:`UserBatch`); the loss is the same, the model runs once per user instead of once per prefix.
+    ``windows`` (sequence mode): the rows beyond the window, :func:`_sequence_rows`.
     """
+    windows = check_windows(windows)
     inter = train_dataset.inter_feat
     grouped = rows_by_user(train_dataset)
     order, users, starts, counts = grouped.order, grouped.users, grouped.starts, grouped.counts
@@ -133,21 +272,22 @@ def user_batches(train_dataset, max_rows: int, user_ids: Sequence[int] | None = 
             segment = np.repeat(np.arange(end - begin), counts[begin:end])
             batches.append(UserBatch(inter[torch.from_numpy(row_index)], torch.from_numpy(segment), users[begin:end]))
         else:
-            kept, segment, n_targets = [], [], []
+            kept, segment, n_targets, first_position = [], [], [], []
             for k, (s, c) in enumerate(zip(starts[begin:end], counts[begin:end])):
                 rows_of_user = order[s:s + c]
-                keep, per_row = _sequence_rows(lengths_all[rows_of_user], max_len)
+                keep, per_row, start = _sequence_rows(lengths_all[rows_of_user], max_len, windows)
                 kept.extend(rows_of_user[keep].tolist())
                 segment.extend([k] * len(keep))
                 n_targets.extend(per_row)
+                first_position.extend(start)
             part = inter[torch.tensor(kept, dtype=torch.long)]
             n_targets = torch.tensor(n_targets, dtype=torch.long)
             target_rows = torch.repeat_interleave(torch.arange(len(kept)), n_targets)
-            # positions 0..n-1 for a windowed row, the last real position for a single-target row
+            # each row's targets at consecutive positions from its first (0 for a window, the last for a single)
             first_target = torch.cumsum(n_targets, 0) - n_targets
             offset = torch.arange(len(target_rows)) - first_target[target_rows]
             length = part[length_field]
-            positions = torch.where(n_targets[target_rows] > 1, offset, length[target_rows] - 1)
+            positions = torch.tensor(first_position, dtype=torch.long)[target_rows] + offset
             seq = part[seq_field]
             next_in_row = seq[target_rows, (positions + 1).clamp_max(seq.shape[1] - 1)]
             targets = torch.where(positions == length[target_rows] - 1, part[target_field][target_rows], next_in_row)
@@ -169,6 +309,9 @@ class _Predict(torch.nn.Module):
 
 #: Field of a sequence-mode training row holding the next-item target at every position (0 = no target).
 TARGET_SEQ_FIELD = "target_seq"
+#: Field of a sequence-mode training row: each position's target's index among its user's prefix samples (the
+#: sample's identity for :class:`SampledNegatives`).
+TARGET_INDEX_FIELD = "target_index"
 #: Field of a sequence-mode training row: how many prefix samples (targets) its user has in all.
 USER_TARGETS_FIELD = "user_targets"
 #: Allowed values of ``surrogate_user_weighting``: how the surrogate's training loss weights a target.
@@ -183,36 +326,65 @@ def check_user_weighting(value) -> str:
     return value
 
 
-def sequence_train_dataset(train_dataset):
+def sequence_train_dataset(train_dataset, windows: str = "sliding"):
     """The surrogate's training rows in sequence mode: a copy of ``train_dataset`` with one row per user window
-    (plus one per prefix beyond it, as :func:`user_batches`) and a ``target_seq`` field [rows, L] holding each
-    position's target, so one forward trains on every prefix sample the row stands for."""
-    [batch] = user_batches(train_dataset, max_rows=len(train_dataset) + 1, sequence=True)
+    (plus the rows beyond it that ``windows`` keeps, as :func:`user_batches`) and a ``target_seq`` field [rows, L]
+    holding each position's target, so one forward trains on every prefix sample the row stands for."""
+    [batch] = user_batches(train_dataset, max_rows=len(train_dataset) + 1, sequence=True, windows=windows)
     rows = batch.interaction
     target_seq = torch.zeros_like(rows[train_dataset.item_id_list_field])
     target_seq[batch.target_rows, batch.positions] = batch.targets
     rows[TARGET_SEQ_FIELD] = target_seq
+    target_index = torch.zeros_like(target_seq)  # each target's index among its user's prefix samples
+    target_index[batch.target_rows, batch.positions] = torch.from_numpy(sample_index_of(batch.segment[batch.target_rows]))
+    rows[TARGET_INDEX_FIELD] = target_index
     per_user = torch.bincount(batch.segment[batch.target_rows], minlength=len(batch.user_ids))
     rows[USER_TARGETS_FIELD] = per_user[batch.segment]
     return train_dataset.copy(rows)
 
 
-def sequence_training_loss(model: torch.nn.Module, interaction, user_weighting: str = "prefix") -> torch.Tensor:
-    """Full-softmax cross-entropy over every target of sequence-mode rows (:func:`sequence_train_dataset`), in
-    train mode (dropout on). ``user_weighting``: ``prefix`` = the mean over the targets, the CE loss RecBole's
-    SASRec trains with over the same prefix samples; ``user`` = each target weighted 1 / its user's number of
-    prefix samples (the weighted mean), so that every user counts alike: the objective of
-    ``influence_user_loss: mean``."""
+def sequence_training_loss(model: torch.nn.Module, interaction, user_weighting: str = "prefix",
+                           negatives: Optional[SampledNegatives] = None, salt: int = 1) -> torch.Tensor:
+    """Cross-entropy over every target of sequence-mode rows (:func:`sequence_train_dataset`), in train mode
+    (dropout on): the full softmax, or with ``negatives`` the sampled one (drawn with ``salt``). ``user_weighting``:
+    ``prefix`` = the mean over the targets, the CE loss RecBole's SASRec trains with over the same prefix samples;
+    ``user`` = each target weighted 1 / its user's number of prefix samples (the weighted mean), so that every
+    user counts alike: the objective of ``influence_user_loss: mean``."""
     # The batch is cut to its longest row: trailing padding changes no real position's output (causal attention,
     # positions counted from the start, padded keys masked), only the cost.
     width = max(1, int(interaction[model.ITEM_SEQ_LEN].max()))
     target_seq = interaction[TARGET_SEQ_FIELD][:, :width]
     rows, positions = torch.nonzero(target_seq, as_tuple=True)
-    hidden = _SequencePredict(model).hidden(interaction[model.ITEM_SEQ][:, :width], rows, positions)
+    hidden = _sequence_hidden(model, interaction[model.ITEM_SEQ][:, :width], rows, positions)
     weights = None
     if check_user_weighting(user_weighting) == "user":
         weights = 1.0 / interaction[USER_TARGETS_FIELD][rows].to(hidden.dtype)
-    return fused_linear_cross_entropy(hidden, model.item_embedding.weight, target_seq[rows, positions], weights)
+    targets = target_seq[rows, positions]
+    if negatives is None:
+        return fused_linear_cross_entropy(hidden, model.item_embedding.weight, targets, weights)
+    items, hits = negatives.candidates(targets.cpu(), interaction[model.USER_ID][rows].cpu(),
+                                       interaction[TARGET_INDEX_FIELD][rows, positions].cpu(), salt)
+    items, hits = items.to(hidden.device), hits.to(hidden.device)
+    losses = F.cross_entropy(candidate_logits(hidden, model.item_embedding.weight, items, hits),
+                             torch.zeros_like(targets), reduction="none")
+    return losses.mean() if weights is None else (losses * weights).sum() / weights.sum()
+
+
+class SequenceTrainingLoss:
+    """The surrogate's training loss in sequence mode, as RecBole's trainer takes one (``loss(interaction)``);
+    :meth:`set_epoch` (called by the trainer hook as each epoch starts) salts the sampled negatives, so every
+    epoch sees fresh ones and a rerun the same ones."""
+
+    def __init__(self, model: torch.nn.Module, user_weighting: str = "prefix",
+                 negatives: Optional[SampledNegatives] = None) -> None:
+        self.model, self.user_weighting, self.negatives = model, user_weighting, negatives
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __call__(self, interaction) -> torch.Tensor:
+        return sequence_training_loss(self.model, interaction, self.user_weighting, self.negatives, self.epoch + 1)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -281,23 +453,40 @@ def sequence_row_lengths(dataset) -> np.ndarray:
     return dataset.inter_feat[dataset.item_list_length_field].numpy()
 
 
+def _sequence_hidden(m: torch.nn.Module, item_seq: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """SASRec.forward without its final gather: the encoder's output at each asked ``(row, position)``,
+    ``[targets, hidden]``."""
+    position_ids = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
+    input_emb = m.item_embedding(item_seq) + m.position_embedding(position_ids.unsqueeze(0).expand_as(item_seq))
+    input_emb = m.dropout(m.LayerNorm(input_emb))
+    output = m.trm_encoder(input_emb, m.get_attention_mask(item_seq), output_all_encoded_layers=True)[-1]
+    return output[rows, positions]
+
+
 class _SequencePredict(torch.nn.Module):
-    # SASRec.forward without its final gather: the output at every position, then the logits of the asked ones.
+    # The logits of every item at the asked positions (functional_call runs forward()).
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def hidden(self, item_seq, rows, positions) -> torch.Tensor:
-        """The encoder's output at each asked ``(row, position)``: ``[targets, hidden]``."""
-        m = self.model
-        position_ids = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
-        input_emb = m.item_embedding(item_seq) + m.position_embedding(position_ids.unsqueeze(0).expand_as(item_seq))
-        input_emb = m.dropout(m.LayerNorm(input_emb))
-        output = m.trm_encoder(input_emb, m.get_attention_mask(item_seq), output_all_encoded_layers=True)[-1]
-        return output[rows, positions]
-
     def forward(self, item_seq, rows, positions) -> torch.Tensor:
-        return self.hidden(item_seq, rows, positions) @ self.model.item_embedding.weight.transpose(0, 1)  # [targets, n_items]
+        hidden = _sequence_hidden(self.model, item_seq, rows, positions)
+        return hidden @ self.model.item_embedding.weight.transpose(0, 1)  # [targets, n_items]
+
+
+class _CandidatePredict(torch.nn.Module):
+    # The sampled softmax's logits [targets, 1 + negatives]: of the asked positions (sequence rows) or of every
+    # row's last position (prefix rows, rows None), against each target's candidates.
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, item_seq, item_seq_len, rows, positions, items, hits) -> torch.Tensor:
+        if rows is None:
+            hidden = self.model.forward(item_seq, item_seq_len)
+        else:
+            hidden = _sequence_hidden(self.model, item_seq, rows, positions)
+        return candidate_logits(hidden, self.model.item_embedding.weight, items, hits)
 
 
 class SurrogateLoss:
@@ -307,13 +496,16 @@ class SurrogateLoss:
     held fixed at the trained values.
     """
 
-    def __init__(self, model: torch.nn.Module, user_loss: str = "sum") -> None:
+    def __init__(self, model: torch.nn.Module, user_loss: str = "sum",
+                 negatives: Optional[SampledNegatives] = None) -> None:
         if user_loss not in USER_LOSSES:
             raise ValueError(f"user_loss must be one of {list(USER_LOSSES)}, got {user_loss!r}")
         self.user_loss = user_loss
+        self.negatives = negatives  # None: the full softmax over every item
         self.model = model.eval()
         self.predict = _Predict(model)
         self.sequence_predict = _SequencePredict(model) if supports_sequence_mode(model) else None
+        self.candidate_predict = _CandidatePredict(model)
         self.fixed = {f"model.{k}": v.detach() for k, v in model.named_parameters()}
         self.fixed.update({f"model.{k}": v for k, v in model.named_buffers()})
         self.target_field = model.POS_ITEM_ID
@@ -324,25 +516,64 @@ class SurrogateLoss:
         return functional_call(self.predict, weights, (interaction,))
 
     def target_logits(self, params: dict[str, torch.Tensor], batch: UserBatch) -> torch.Tensor:
-        """Next-item logits of every target of the batch: ``[targets, n_items]`` (a target per row in prefix mode)."""
-        if batch.targets is None:
-            return self.logits(params, batch.interaction)
-        if self.sequence_predict is None:
+        """Next-item logits of every target of the batch (a target per row in prefix mode): ``[targets, n_items]``,
+        or with sampled negatives ``[targets, 1 + negatives]`` (the target first)."""
+        if batch.targets is not None and self.sequence_predict is None:
             raise ValueError(f"{type(self.model).__name__} has no sequence mode: build its batches with sequence=False")
         weights = {**self.fixed, **{f"model.{k}": v for k, v in params.items()}}
         item_seq = batch.interaction[self.model.ITEM_SEQ]
+        if self.negatives is not None:
+            # the batch's ids as numpy through tolist(): inside a torch.func transform (jvp, grad, vmap) .numpy()
+            # refuses every tensor, and torch ops would return wrapped tensors
+            segment = np.array(batch.segment.tolist(), dtype=np.int64)
+            targets = np.array(self.true_targets(batch).tolist(), dtype=np.int64)
+            if batch.targets is not None:
+                segment = segment[np.array(batch.target_rows.tolist(), dtype=np.int64)]
+            items, hits = self.negatives.candidates(targets, batch.user_ids[segment], sample_index_of(segment))
+            items, hits = items.to(item_seq.device), hits.to(item_seq.device)
+            rows, positions = (None, None) if batch.targets is None else (batch.target_rows, batch.positions)
+            return functional_call(self.candidate_predict, weights, (
+                item_seq, batch.interaction[self.model.ITEM_SEQ_LEN], rows, positions, items, hits))
+        if batch.targets is None:
+            return self.logits(params, batch.interaction)
         return functional_call(self.sequence_predict, weights, (item_seq, batch.target_rows, batch.positions))
 
-    def target_items(self, batch: UserBatch) -> torch.Tensor:
+    def true_targets(self, batch: UserBatch) -> torch.Tensor:
+        """The next item of every target of the batch: long ``[targets]``."""
         return batch.interaction[self.target_field] if batch.targets is None else batch.targets
+
+    def target_items(self, batch: UserBatch) -> torch.Tensor:
+        """The label of every row of :meth:`target_logits`: the next item, or 0 (the target's column) when sampled."""
+        targets = self.true_targets(batch)
+        return torch.zeros_like(targets) if self.negatives is not None else targets
 
     def target_segment(self, batch: UserBatch) -> torch.Tensor:
         """The user (position in ``batch.user_ids``) of every target: ``[targets]``."""
         return batch.segment if batch.targets is None else batch.segment[batch.target_rows]
 
-    def row_losses(self, params: dict[str, torch.Tensor], interaction) -> torch.Tensor:
-        """Cross-entropy of every row's next-item logits: ``[rows]``."""
-        return F.cross_entropy(self.logits(params, interaction), interaction[self.target_field], reduction="none")
+    def row_candidates(self, interaction, sample_index) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The sampled negatives of prefix rows (``sample_index``: each row's index among its user's prefix
+        samples, long ``[rows]``) for :meth:`row_losses`: ``(items, hits)`` ``[rows, 1 + negatives]``, or None (full
+        softmax). Kept apart from the loss so that a ``vmap`` over users never runs the (numpy) hash."""
+        if self.negatives is None:
+            return None
+        device = interaction[self.target_field].device
+        items, hits = self.negatives.candidates(interaction[self.target_field].cpu(),
+                                                interaction[self.model.USER_ID].cpu(), sample_index)
+        return items.to(device), hits.to(device)
+
+    def row_losses(self, params: dict[str, torch.Tensor], interaction, candidates=None) -> torch.Tensor:
+        """Cross-entropy of every prefix row's next-item logits: ``[rows]``; ``candidates`` from
+        :meth:`row_candidates` (needed with sampled negatives)."""
+        if self.negatives is None:
+            return F.cross_entropy(self.logits(params, interaction), interaction[self.target_field], reduction="none")
+        if candidates is None:
+            raise ValueError("row_losses with sampled negatives needs the rows' candidates (row_candidates)")
+        weights = {**self.fixed, **{f"model.{k}": v for k, v in params.items()}}
+        items, hits = candidates
+        logits = functional_call(self.candidate_predict, weights, (
+            interaction[self.model.ITEM_SEQ], interaction[self.model.ITEM_SEQ_LEN], None, None, items, hits))
+        return F.cross_entropy(logits, torch.zeros_like(items[:, 0]), reduction="none")
 
     def gauss_newton_hvp(self, params: dict[str, torch.Tensor], batches: Sequence[UserBatch], n_total: int):
         """HVP with the Gauss-Newton Hessian G = (1/n) sum_rows J^T (diag(p) - p p^T) J, on flat vectors.

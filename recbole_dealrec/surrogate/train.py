@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import shutil
 import tempfile
@@ -30,14 +29,17 @@ from recbole_dealrec.data import create_dataset, data_preparation
 from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.model import get_model
 from recbole_dealrec.data.batching import LengthGroupedLoader, grouped_by_length
-from recbole_dealrec.surrogate.loss import (check_user_weighting, sequence_row_lengths, sequence_train_dataset,
-                                           sequence_training_loss, supports_sequence_mode)
+from recbole_dealrec.surrogate.loss import (SampledNegatives, SequenceTrainingLoss, check_sampled_surrogate,
+                                           check_surrogate_loss, check_windows,
+                                           check_user_weighting, sampled_negatives, sequence_row_lengths,
+                                           sequence_train_dataset, supports_sequence_mode)
 from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, stable_key
 
 #: The plugin keys of the data and surrogate stages, the only plugin keys the trained weights depend on (every other
 #: plugin key belongs to a later stage; RecBole's keys all count).
 SURROGATE_PLUGIN_KEYS = ("split_field", "surrogate_sequence_mode", "surrogate_length_grouped_batches",
-                         "surrogate_user_weighting")
+                         "surrogate_user_weighting", "surrogate_loss", "surrogate_negatives",
+                         "surrogate_sampled_min_items", "surrogate_windows")
 
 
 @dataclasses.dataclass
@@ -50,6 +52,16 @@ class SurrogateRun:
     train_dataset: Any
     key: str
     valid_dataset: Any = None
+
+    @property
+    def negatives(self) -> Optional[SampledNegatives]:
+        """The sampled softmax the surrogate trained with and every signal scores with (None: the full one)."""
+        return sampled_negatives(self.config, self.model)
+
+    @property
+    def windows(self) -> str:
+        """The sequence-mode rows the surrogate trained on (``surrogate_windows``), which the signals score alike."""
+        return check_windows(self.config["surrogate_windows"])
 
 
 def surrogate_config(config: DealrecConfig) -> DealrecConfig:
@@ -126,6 +138,8 @@ class EarlyTrainHooks:
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if isinstance(train_data, LengthGroupedLoader):
             train_data.set_epoch(epoch_idx)
+        if isinstance(self.loss_func, SequenceTrainingLoss):  # the epoch salts the sampled negatives
+            self.loss_func.set_epoch(epoch_idx)
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func or self.loss_func,
                                     show_progress=show_progress)
         path = self.snapshot_paths.get(epoch_idx + 1)
@@ -149,6 +163,15 @@ def surrogate_trainer(scfg, model, snapshot_paths: Optional[Mapping[int, str]] =
 def check_surrogate_config(config) -> None:
     """The surrogate-stage plugin keys that need no data (run by ``check_run_config`` before any data is read)."""
     check_user_weighting(config["surrogate_user_weighting"])
+    block = config["surrogate_config"] if isinstance(config["surrogate_config"], dict) else {}
+    keys = {k: block.get(k, config[k]) for k in ("surrogate_loss", "surrogate_negatives", "surrogate_sampled_min_items",
+                                                  "surrogate_sequence_mode", "loss_type", "surrogate_windows")}
+    check_windows(keys["surrogate_windows"])
+    if check_surrogate_loss(keys) == "sampled":
+        from recbole.model.sequential_recommender.sasrec import SASRec
+
+        check_sampled_surrogate(issubclass(get_model(config["surrogate_model"]), SASRec), config["surrogate_model"],
+                                keys["surrogate_sequence_mode"], keys["loss_type"])
     check_integer("surrogate_length_grouped_batches", config["surrogate_length_grouped_batches"], 0,
                   "0 or 1 = RecBole's shuffled batches", none_ok=True)
 
@@ -156,20 +179,23 @@ def check_surrogate_config(config) -> None:
 def training_data_and_loss(scfg, model, train_data) -> tuple[Any, Optional[Callable]]:
     """With ``surrogate_sequence_mode`` and a causal CE surrogate (SASRec): a train loader over one row per user
     window and :func:`sequence_training_loss` as the training loss (RecBole's trainer unchanged); else
-    ``(train_data, None)``: the prefix rows and the model's own loss."""
+    ``(train_data, None)``: the prefix rows and the model's own loss. ``surrogate_loss: sampled`` trains on the
+    sampled softmax (:class:`SampledNegatives`)."""
     weighting = check_user_weighting(scfg["surrogate_user_weighting"])
+    negatives = sampled_negatives(scfg, model)  # a ConfigError unless sequence mode applies
     if not scfg["surrogate_sequence_mode"] or not supports_sequence_mode(model) or scfg["loss_type"] != "CE":
         if weighting != "prefix":
             raise ConfigError("surrogate_user_weighting: user needs surrogate_sequence_mode: True and a SASRec "
                               f"surrogate with loss_type CE (got {scfg['model']}, loss_type {scfg['loss_type']})")
         return train_data, None
-    dataset = sequence_train_dataset(train_data.dataset)
-    getLogger().info(set_color("[Surrogate]", "pink") + f" sequence mode: {len(dataset)} training rows for "
-                     f"{len(train_data.dataset)} prefix samples")
+    windows = check_windows(scfg["surrogate_windows"])
+    dataset = sequence_train_dataset(train_data.dataset, windows)
+    getLogger().info(set_color("[Surrogate]", "pink") + f" sequence mode ({windows} windows): {len(dataset)} training "
+                     f"rows for {len(train_data.dataset)} prefix samples")
     loader = get_dataloader(scfg, "train")(scfg, dataset, train_data._sampler, shuffle=scfg["shuffle"])
     loader = grouped_by_length(loader, int(scfg["surrogate_length_grouped_batches"] or 0), int(scfg["seed"]),
                                bool(scfg["shuffle"]), lambda: sequence_row_lengths(dataset))
-    return loader, functools.partial(sequence_training_loss, model, user_weighting=weighting)
+    return loader, SequenceTrainingLoss(model, weighting, negatives)
 
 
 @contextlib.contextmanager
