@@ -277,3 +277,27 @@ def test_chunked_training_rows_carry_every_sample_once():
     with torch.no_grad():
         total = sequence_training_loss(model, chunked.inter_feat) * len(small)
     torch.testing.assert_close(total, SurrogateLoss(model, "sum")({}, batch).sum(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_sampled_cross_entropy_equals_autograd(weighted):
+    """The chunked once-differentiable training loss: value and both gradients equal plain autograd over
+    candidate_logits, accidental hits included, across chunk boundaries."""
+    from recbole_dealrec.surrogate.loss import candidate_logits, fused_sampled_cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(1, 11, (37,), generator=generator)
+    items, hits = SampledNegatives(11, 6, seed=1).candidates(targets.numpy(), np.arange(37), np.zeros(37, dtype=np.int64))
+    assert hits.any()
+    w = torch.rand(37, generator=generator, dtype=torch.float64) if weighted else None
+    fused = fused_sampled_cross_entropy(hidden, weight, items, hits, w, chunk=8)
+    losses = F.cross_entropy(candidate_logits(hidden, weight, items, hits), torch.zeros(37, dtype=torch.long),
+                             reduction="none")
+    plain = losses.mean() if w is None else (losses * w).sum() / w.sum()
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    expected = torch.autograd.grad(plain, (hidden, weight))
+    got = torch.autograd.grad(fused_sampled_cross_entropy(hidden, weight, items, hits, w, chunk=8), (hidden, weight))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

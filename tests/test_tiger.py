@@ -289,3 +289,31 @@ def test_an_item_without_a_title_is_a_clear_error(tmp_path):
               "load_col": {"inter": ["user_id", "item_id", "timestamp"]}}
     with pytest.raises(ValueError, match=r"1 of 1682 items have no 'movie_title'"):
         run_recbole("TIGER", "ml100k_notitle", config_dict=config)
+
+
+def test_beam_search_in_chunks_of_users_equals_one_call(trained_tiger):
+    """tiger_decode_rows bounds users x beams per beam-search call: chunks of users give one call's items and scores
+    (each user's search is its own), here 3 users a chunk against all 100 at once."""
+    train, model = trained_tiger
+    interaction = train.dataset.inter_feat[torch.arange(0, 6000, 60)]
+    whole_items, whole_scores = model.generate(interaction)
+    rows = model.decode_rows
+    try:
+        model.decode_rows = 3 * model.num_beams + 1
+        chunk_items, chunk_scores = model.generate(interaction)
+    finally:
+        model.decode_rows = rows
+    assert rows >= 100 * model.num_beams  # the default searched all 100 users in one call
+    # float rounding only (the decoder's matmuls see other batch shapes); near-ties may swap places
+    torch.testing.assert_close(chunk_scores, whole_scores, rtol=0, atol=1e-5)
+    assert (chunk_items == whole_items).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("value", [0, -5, 2.5, True, "many"])
+def test_bad_decode_rows_is_a_clear_error(value):
+    from recbole_dealrec.errors import ConfigError
+    from recbole_dealrec.model.tiger.model import check_tiger_config
+
+    # a wrong type is refused by the config itself (the property file's type), a wrong value by the model's check
+    with pytest.raises(ConfigError, match="tiger_decode_rows must be an (integer >= 1|int )"):
+        check_tiger_config(DealrecConfig("TIGER", "ml-100k", config_dict={**TINY_TIGER, "tiger_decode_rows": value}))

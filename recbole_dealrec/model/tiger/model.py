@@ -44,6 +44,7 @@ def check_tiger_config(config) -> None:
     if beams is not None and (isinstance(beams, bool) or not isinstance(beams, int) or beams < topk):
         raise ConfigError(f"tiger_num_beams must be an integer >= max(topk) = {topk} (every ranked item comes from "
                           f"a beam), got {beams!r}")
+    check_integer("tiger_decode_rows", config["tiger_decode_rows"], 1, "decoder rows, users x beams, per beam-search call")
 
 
 @MODELS.register("TIGER")
@@ -80,6 +81,7 @@ class TIGER(GenerativeBackend):
             self.register_buffer("user_bins", torch.from_numpy(bins), persistent=False)
         self.max_history = int(config["tiger_max_history"])
         self.num_beams = int(config["tiger_num_beams"] or max(config["topk"]))
+        self.decode_rows = int(config["tiger_decode_rows"])
         # the valid IDs as a prefix trie of tensors (the beam search; the reference path's dicts are built on use)
         self.id_trie = SemanticIdTrie.from_item_tokens(tokens, size, FIRST_CODE)
         if self.id_trie.n_ids < self.num_beams:
@@ -146,16 +148,25 @@ class TIGER(GenerativeBackend):
     @torch.no_grad()
     def generate(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
         """Constrained beam search: ``(items [B, beams], log-probabilities [B, beams])``, best first; every item
-        valid. Tensor ops over all users' beams (``beam_search.py``); equal to ``generate_reference``."""
+        valid. Tensor ops over the beams of ``tiger_decode_rows // beams`` users at a time (``beam_search.py``);
+        equal to ``generate_reference``."""
         input_ids, attention_mask = self.encoder_inputs(interaction)
         was_training = self.t5.training
         self.t5.eval()
+        # chunks of users, at most tiger_decode_rows decoder rows (users x beams) each: bounded memory for any
+        # beam width and evaluation batch
+        users = max(1, self.decode_rows // self.num_beams)
+        items, scores = [], []
         try:
-            items, scores = constrained_beam_search(self.t5, self.id_trie, input_ids, attention_mask,
-                                                    self.num_beams, start_token=PAD)
+            for start in range(0, len(input_ids), users):
+                part = slice(start, start + users)
+                found, score = constrained_beam_search(self.t5, self.id_trie, input_ids[part], attention_mask[part],
+                                                       self.num_beams, start_token=PAD)
+                items.append(found.cpu())
+                scores.append(score.float().cpu())
         finally:
             self.t5.train(was_training)
-        return items.cpu(), scores.float().cpu()
+        return torch.cat(items), torch.cat(scores)
 
     @torch.no_grad()
     def generate_reference(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
