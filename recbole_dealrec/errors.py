@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Sequence
 
 
 class ConfigError(ValueError):
@@ -18,6 +18,16 @@ def check_integer(key: str, value, minimum: int, note: str = "", none_ok: bool =
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         extra = f" ({note})" if note else ""
         raise ConfigError(f"{key} must be an integer >= {minimum}{extra}, got {value!r}")
+
+
+def check_choice(key: str, value, allowed: Sequence[str], default: Optional[str] = None) -> str:
+    """``value`` (empty or ``None`` = ``default``) if it is one of ``allowed``, else ``ConfigError`` "<key> must be
+    one of [...], got <value>": the one form of every choice key's check."""
+    if not value and default is not None:
+        value = default
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    return value
 
 
 def check_number(key: str, value, low: float, high: Optional[float] = None, low_open: bool = False,

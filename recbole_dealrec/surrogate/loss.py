@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from recbole_dealrec.data.user_rows import rows_by_user
-from recbole_dealrec.errors import ConfigError, check_integer
+from recbole_dealrec.errors import ConfigError, check_choice, check_integer
 
 #: Allowed values of ``influence_user_loss``: how a user's prefix losses make its loss.
 USER_LOSSES = ("mean", "sum")
@@ -102,9 +102,7 @@ def sample_index_of(segment) -> np.ndarray:
 def check_surrogate_loss(config) -> str:
     """``surrogate_loss`` (``None`` = full), ``surrogate_negatives`` and ``surrogate_sampled_min_items``, or a
     ConfigError naming the allowed values."""
-    value = config["surrogate_loss"] or "full"
-    if value not in SURROGATE_LOSSES:
-        raise ConfigError(f"surrogate_loss must be one of {list(SURROGATE_LOSSES)}, got {value!r}")
+    value = check_choice("surrogate_loss", config["surrogate_loss"], SURROGATE_LOSSES, "full")
     if value != "full":
         check_integer("surrogate_negatives", config["surrogate_negatives"], 1, "negatives per target of the sampled softmax")
         check_integer("surrogate_sampled_min_items", config["surrogate_sampled_min_items"], 1,
@@ -203,10 +201,7 @@ WINDOWS = ("sliding", "chunked")
 
 def check_windows(value) -> str:
     """``surrogate_windows`` (``None`` = sliding), or a ConfigError naming the allowed values."""
-    value = value or "sliding"
-    if value not in WINDOWS:
-        raise ConfigError(f"surrogate_windows must be one of {list(WINDOWS)}, got {value!r}")
-    return value
+    return check_choice("surrogate_windows", value, WINDOWS, "sliding")
 
 
 def _sequence_rows(lengths: np.ndarray, max_len: int, windows: str = "sliding") -> tuple[list[int], list[int], list[int]]:
@@ -319,10 +314,7 @@ USER_WEIGHTINGS = ("prefix", "user")
 
 def check_user_weighting(value) -> str:
     """``surrogate_user_weighting`` (``None`` = ``prefix``), or a ConfigError naming the allowed values."""
-    value = value or "prefix"
-    if value not in USER_WEIGHTINGS:
-        raise ConfigError(f"surrogate_user_weighting must be one of {list(USER_WEIGHTINGS)}, got {value!r}")
-    return value
+    return check_choice("surrogate_user_weighting", value, USER_WEIGHTINGS, "prefix")
 
 
 def sequence_train_dataset(train_dataset, windows: str = "sliding"):
@@ -367,7 +359,19 @@ def sequence_training_loss(model: torch.nn.Module, interaction, user_weighting: 
     return fused_sampled_cross_entropy(hidden, model.item_embedding.weight, items, hits, weights)
 
 
-class _FusedSampledCrossEntropy(torch.autograd.Function):
+class _GradientInForward(torch.autograd.Function):
+    """Base of the fused losses: the forward saves the gradients of the loss's sum into ``(hidden, weight)`` and
+    its denominator ``ctx.n``; the backward only scales them (every other input gets none)."""
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output / ctx.n
+        return (grad_hidden * scale if ctx.needs_input_grad[0] else None,
+                grad_weight * scale if ctx.needs_input_grad[1] else None) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+class _FusedSampledCrossEntropy(_GradientInForward):
     """Mean (or weighted mean) sampled-softmax cross-entropy of ``hidden`` against each target's candidates
     (:func:`candidate_logits`, label 0), chunk by chunk: the forward takes the loss and at once its gradients
     (softmax minus one-hot over the candidates) into ``hidden`` and, by ``index_add``, into the rows of ``weight``
@@ -399,13 +403,6 @@ class _FusedSampledCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.n = len(items) if sample_weights is None else sample_weights.sum()
         return total / ctx.n
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_output / ctx.n
-        return (grad_hidden * scale if ctx.needs_input_grad[0] else None,
-                grad_weight * scale if ctx.needs_input_grad[1] else None, None, None, None, None)
 
 
 def fused_sampled_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, items: torch.Tensor, hits: torch.Tensor,
@@ -440,7 +437,7 @@ class SequenceTrainingLoss:
         return sequence_training_loss(self.model, interaction, self.user_weighting, self.negatives, self.epoch + 1)
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
+class _FusedLinearCrossEntropy(_GradientInForward):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, without the ``[targets, classes]`` logits
     ever existing whole: chunk by chunk, the forward takes the logits, their log-sum-exp and at once the
     gradient (softmax minus one-hot), accumulating the gradients of ``hidden`` and ``weight``; the backward only
@@ -472,13 +469,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.n = n if sample_weights is None else sample_weights.sum()  # the mean's denominator
         return total / ctx.n
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_output / ctx.n
-        return (grad_hidden * scale if ctx.needs_input_grad[0] else None,
-                grad_weight * scale if ctx.needs_input_grad[1] else None, None, None, None)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
