@@ -35,6 +35,8 @@ def run(tmp_path, **config):
          r"surrogate_length_grouped_batches must be an integer >= 0"),
         ({"sampler": "random", "selection_num": 10, "surrogate_windows": "chunks"},
          r"surrogate_windows must be one of \['sliding', 'chunked'\], got 'chunks'"),
+        ({"sampler": "dealrec", "selection_num": 10, "surrogate_windows": "chunked", "surrogate_sequence_mode": False},
+         r"surrogate_windows: chunked needs surrogate_sequence_mode: True"),
         ({"sampler": "random", "selection_num": 10, "surrogate_loss": "sample"},
          r"surrogate_loss must be one of \['auto', 'full', 'sampled'\], got 'sample'"),
         ({"sampler": "dealrec", "selection_num": 10, "surrogate_config": {"surrogate_loss": "sampled",

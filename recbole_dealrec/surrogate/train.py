@@ -166,7 +166,9 @@ def check_surrogate_config(config) -> None:
     block = config["surrogate_config"] if isinstance(config["surrogate_config"], dict) else {}
     keys = {k: block.get(k, config[k]) for k in ("surrogate_loss", "surrogate_negatives", "surrogate_sampled_min_items",
                                                   "surrogate_sequence_mode", "loss_type", "surrogate_windows")}
-    check_windows(keys["surrogate_windows"])
+    if check_windows(keys["surrogate_windows"]) == "chunked" and not keys["surrogate_sequence_mode"]:
+        raise ConfigError("surrogate_windows: chunked needs surrogate_sequence_mode: True (the surrogate trains and is "
+                          "scored on the chunked rows); use surrogate_windows: sliding otherwise")
     if check_surrogate_loss(keys) == "sampled":
         from recbole.model.sequential_recommender.sasrec import SASRec
 
