@@ -27,6 +27,18 @@ CPU_GRID_TIGER = {"tiger_d_model": 64, "tiger_d_kv": 32, "tiger_num_heads": 4, "
                   "tiger_num_layers": 2, "tiger_num_decoder_layers": 2, "eval_batch_size": 256}
 
 
+def seeded_tiger(dataset: str, data_path, output_dir: str, **settings):
+    """``(model, test loader)``: the CPU grid's TIGER on ``dataset``, initialised from the config's seed (the search's
+    cost does not depend on training), with ``settings`` on top."""
+    settings = {**CPU_GRID_TIGER, "output_dir": output_dir, "show_progress": False, **settings}
+    if data_path:
+        settings["data_path"] = data_path
+    config = DealrecConfig("TIGER", dataset, config_dict=settings)
+    train_data, _, test_data = data_preparation(config, create_dataset(config))
+    torch.manual_seed(int(config["seed"]))
+    return TIGER(config, train_data.dataset).eval(), test_data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="ml-100k")
@@ -36,14 +48,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="users per beam-search batch")
     args = parser.parse_args()
 
-    settings = {**CPU_GRID_TIGER, "output_dir": args.output_dir, "show_progress": False,
-                "eval_batch_size": args.batch_size}
-    if args.data_path:
-        settings["data_path"] = args.data_path
-    config = DealrecConfig("TIGER", args.dataset, config_dict=settings)
-    train_data, _, test_data = data_preparation(config, create_dataset(config))
-    torch.manual_seed(int(config["seed"]))
-    model = TIGER(config, train_data.dataset).eval()
+    model, test_data = seeded_tiger(args.dataset, args.data_path, args.output_dir, eval_batch_size=args.batch_size)
     batches, users = [], 0
     for batch in test_data:
         interaction = batch[0]

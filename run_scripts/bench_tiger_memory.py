@@ -23,22 +23,14 @@ UNBOUNDED = 1 << 40
 def one(args) -> dict:
     import torch
 
-    from recbole_dealrec.config import DealrecConfig
-    from recbole_dealrec.data import create_dataset, data_preparation
-    from recbole_dealrec.model.tiger.model import TIGER
     from recbole_dealrec.utils import resident_bytes
 
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from bench_tiger_decoding import CPU_GRID_TIGER
+    from bench_tiger_decoding import seeded_tiger
 
-    settings = {**CPU_GRID_TIGER, "output_dir": args.output_dir, "show_progress": False, "topk": [10, 20, 50],
-                "eval_batch_size": args.batch_size, "tiger_num_beams": args.beams, "tiger_decode_rows": args.rows}
-    if args.data_path:
-        settings["data_path"] = args.data_path
-    config = DealrecConfig("TIGER", args.dataset, config_dict=settings)
-    train_data, _, test_data = data_preparation(config, create_dataset(config))
-    torch.manual_seed(int(config["seed"]))
-    model = TIGER(config, train_data.dataset).eval()
+    model, test_data = seeded_tiger(args.dataset, args.data_path, args.output_dir, topk=[10, 20, 50],
+                                    eval_batch_size=args.batch_size, tiger_num_beams=args.beams,
+                                    tiger_decode_rows=args.rows)
     interaction = next(iter(test_data))[0]
     interaction = interaction[torch.arange(min(args.users, len(interaction)))]
     before = resident_bytes()
