@@ -299,6 +299,15 @@ def _behaviour_record_tool():
     return module
 
 
+def test_behaviour_record_differences_skip_only_what_a_kind_did_not_record():
+    differences = _behaviour_record_tool().differences
+    expected = {"cells": {"a": {"test": None, "sel": "x"}, "b": {"test": {"r": 0.5}}}}
+    assert differences(expected, {"cells": {"a": {"test": {"r": 0.1}, "sel": "x"}, "b": {"test": {"r": 0.5}}}}) == []
+    assert differences(expected, {"cells": {"a": {"test": {"r": 0.1}, "sel": "y"}, "b": {"test": {"r": 0.25}}}}) == [
+        "/cells/a/sel: 'x' -> 'y'", "/cells/b/test/r: 0.5 -> 0.25"]
+    assert differences(expected, {"cells": {"b": {"test": {"r": 0.5}}}}) == ["/cells/a: missing"]
+
+
 def test_smoke_grid_end_to_end(tmp_path, monkeypatch):
     """The shipped smoke grid (tiny TIGER on ml-100k), run by the CLI, then reported."""
     monkeypatch.chdir(tmp_path)  # RecBole writes ./log

@@ -23,6 +23,21 @@ def tiger_setup(tmp_path_factory):
     return config, train, TIGER(config, train.dataset).eval()
 
 
+def test_a_model_built_with_its_semantic_ids_starts_where_one_reusing_them_does(tiger_setup, tmp_path):
+    """Building the semantic IDs (the RQ-VAE draws from torch's RNG) leaves the caller's RNG as it found it: the T5
+    of a run that builds the IDs starts from the same weights as the next run's, which reuses them."""
+    _, train, _ = tiger_setup
+    config = DealrecConfig("TIGER", "ml-100k", config_dict={**TINY_TIGER, "output_dir": str(tmp_path / "out")})
+    built, reused = [], []
+    for models in (built, reused):
+        torch.manual_seed(7)
+        model = TIGER(config, train.dataset)
+        models.append((model.semantic_ids.facts["cached"], [p.detach().clone() for p in model.parameters()],
+                       torch.rand(3)))  # and the draw after the model
+    assert (built[0][0], reused[0][0]) == (False, True)
+    assert all(torch.equal(a, b) for a, b in zip(built[0][1], reused[0][1])) and torch.equal(built[0][2], reused[0][2])
+
+
 def test_rqvae_reconstruction_falls_and_ids_are_unique():
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(12, 24, generator=generator)

@@ -230,7 +230,10 @@ def cached_semantic_ids(config: Mapping[str, Any], dataset, show_progress: bool 
             facts = json.load(handle)
         getLogger().info(f"[TIGER] semantic IDs reused from {path}")
         return SemanticIDs(codes, {**facts, "cached": True, "path": path})
-    ids = train_semantic_ids(config, texts, show_progress=show_progress)
+    # the build seeds and draws from torch's global RNG (the RQ-VAE's initialisation); forked, so that what the
+    # caller draws next (TIGER's T5 initialisation, its effort) is the same whether the IDs were built or reused
+    with torch.random.fork_rng(devices=[]):
+        ids = train_semantic_ids(config, texts, show_progress=show_progress)
     with atomic_write(path, "wb", checksum=True) as handle:
         np.savez(handle, codes=ids.codes)
     with atomic_write(path[:-4] + ".json", checksum=True, encoding="utf-8") as handle:
