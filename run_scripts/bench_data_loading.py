@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=50, help="MAX_ITEM_LIST_LENGTH")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    keys = {"MAX_ITEM_LIST_LENGTH": args.max_len, "split_field": None, **({"data_path": args.data_path} if args.data_path else {})}
+    keys = {"MAX_ITEM_LIST_LENGTH": args.max_len, "split_field": None, "sequence_list_fields": "all",  # RecBole's lists
+            **({"data_path": args.data_path} if args.data_path else {})}
     config = DealrecConfig("SASRec", args.dataset, config_dict=keys)
     times: dict[str, list[float]] = {"RecBole": [], "plugin": []}
     built = {}

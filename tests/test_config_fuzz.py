@@ -10,7 +10,7 @@ from recbole_dealrec.quick_start import run_recbole
 from recbole_dealrec.errors import ConfigError
 
 WRONG_TYPE = {"int": "zzz", "float": "zzz", "bool": "maybe", "str": 123, "list": {"a": 1}, "dict": [1, 2],
-              "str or int": 1.5}
+              "str or int": 1.5, "str or list": 1.5}
 OUT_OF_RANGE = {"epochs": -1, "train_batch_size": 0, "eval_batch_size": 0, "learning_rate": -1, "weight_decay": -0.1,
                 "seed": -5, "MAX_ITEM_LIST_LENGTH": 0, "stopping_step": 0, "eval_step": -1, "topk": [0],
                 "metric_decimal_place": -1, "hidden_size": 0, "inner_size": 0, "n_layers": 0, "n_heads": 0,

@@ -37,6 +37,13 @@ def run(tmp_path, **config):
          r"surrogate_windows must be one of \['sliding', 'chunked'\], got 'chunks'"),
         ({"sampler": "dealrec", "selection_num": 10, "surrogate_windows": "chunked", "surrogate_sequence_mode": False},
          r"surrogate_windows: chunked needs surrogate_sequence_mode: True"),
+        ({"sampler": "random", "selection_num": 10, "sequence_list_fields": ["rating"]},  # in the file, not loaded
+         r"sequence_list_fields=\['rating'\]: allowed auto, all or a list of ml-100k's loaded interaction "
+         r"fields \['item_id', 'timestamp'\]"),
+        ({"sampler": "random", "selection_num": 10, "sequence_list_fields": ["user_id"]},
+         r"sequence_list_fields=\['user_id'\]: allowed auto, all or a list of"),
+        ({"sampler": "random", "selection_num": 10, "sequence_list_fields": "most"},
+         r"sequence_list_fields='most': allowed auto, all or a list of"),
         ({"sampler": "random", "selection_num": 10, "surrogate_loss": "sample"},
          r"surrogate_loss must be one of \['auto', 'full', 'sampled'\], got 'sample'"),
         ({"sampler": "dealrec", "selection_num": 10, "surrogate_config": {"surrogate_loss": "sampled",

@@ -92,6 +92,22 @@ def test_recbole_loads_the_paper_protocol(imported):
     assert rows == {u: (t + v, sorted(set(e))) for u, (t, v, e) in SEQUENCES.items() if e}
 
 
+def test_presplit_splits_without_the_split_list_equal_those_with_it(imported):
+    """The pre-split build reads each history's last split without RecBole's split_list: train, valid and test
+    rows (and test targets) are those built with every list."""
+    data, _ = imported
+    built = {}
+    for lists in ("all", "auto"):
+        config = DealrecConfig("SASRec", "games", config_dict={"data_path": str(data), "sequence_list_fields": lists})
+        built[lists] = create_dataset(config).build()
+    assert "split_list" in built["all"][0].inter_feat.columns and "split_list" not in built["auto"][0].inter_feat.columns
+    for full, lean in zip(built["all"], built["auto"]):
+        assert len(lean) == len(full) > 0
+        for field in lean.inter_feat.columns:
+            assert torch.equal(lean.inter_feat[field], full.inter_feat[field]), field
+    assert torch.equal(built["auto"][2].multi_targets, built["all"][2].multi_targets)
+
+
 def test_multi_target_metrics_follow_the_paper(imported):
     """Recall@K = hits / #targets and NDCG@K over min(#targets, K), from RecBole's own metric classes."""
     data, _ = imported

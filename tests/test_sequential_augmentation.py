@@ -11,13 +11,15 @@ from recbole_dealrec.config import DealrecConfig
 from recbole_dealrec.data.dataset import ArraySequentialDataset, create_dataset
 
 
-def assert_same_samples(config) -> None:
+def assert_same_samples(config, dropped=()) -> None:
+    """Every column RecBole builds, equal, but the lists in ``dropped`` (not built)."""
     ours, recboles = ArraySequentialDataset(config), SequentialDataset(config)
     for dataset in (ours, recboles):
         dataset._change_feat_format()  # what build() starts with: to tensors, then the prefix augmentation
-    assert set(ours.inter_feat.columns) == set(recboles.inter_feat.columns)
+    assert set(ours.inter_feat.columns) == set(recboles.inter_feat.columns) - set(dropped)
     assert len(ours.inter_feat) == len(recboles.inter_feat) > 0
-    for field in recboles.inter_feat.columns:
+    assert set(dropped).isdisjoint(ours.field2type) and set(ours.field2type) == set(recboles.field2type) - set(dropped)
+    for field in ours.inter_feat.columns:
         a, b = ours.inter_feat[field], recboles.inter_feat[field]
         assert a.dtype == b.dtype and a.shape == b.shape, field
         assert torch.equal(a, b), field
@@ -26,8 +28,18 @@ def assert_same_samples(config) -> None:
 @pytest.mark.parametrize("max_len", [1, 3, 50])
 def test_ml100k_prefix_samples_equal_recboles(max_len):
     config = DealrecConfig("SASRec", "ml-100k", config_dict={
-        "MAX_ITEM_LIST_LENGTH": max_len, "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]}})
+        "MAX_ITEM_LIST_LENGTH": max_len, "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
+        "sequence_list_fields": "all"})
     assert_same_samples(config)
+
+
+@pytest.mark.parametrize("lists, dropped", [("auto", ["rating_list"]), (["rating"], [])])
+def test_only_the_lists_asked_for_are_built(lists, dropped):
+    """The default builds the item's and the time's history lists only; every column it builds is RecBole's."""
+    config = DealrecConfig("SASRec", "ml-100k", config_dict={
+        "MAX_ITEM_LIST_LENGTH": 5, "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
+        "sequence_list_fields": lists})
+    assert_same_samples(config, dropped)
 
 
 @pytest.mark.parametrize("max_len", [2, 7])
@@ -40,8 +52,10 @@ def test_token_seq_and_numerical_fields_equal_recboles(tmp_path, max_len):
         "\n".join(["user_id:token\titem_id:token\ttimestamp:float\ttags:token_seq\tscore:float", *rows]) + "\n")
     config = DealrecConfig("SASRec", "tagged", config_dict={
         "data_path": str(tmp_path), "MAX_ITEM_LIST_LENGTH": max_len, "numerical_features": ["score"],
-        "load_col": {"inter": ["user_id", "item_id", "timestamp", "tags", "score"]}})
+        "load_col": {"inter": ["user_id", "item_id", "timestamp", "tags", "score"]}, "sequence_list_fields": "all"})
     assert_same_samples(config)
+    config["sequence_list_fields"] = ["tags"]
+    assert_same_samples(config, ["score_list"])
 
 
 def test_the_plugin_loads_sequential_data_with_it():

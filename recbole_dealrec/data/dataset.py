@@ -102,10 +102,56 @@ def check_atomic_file(path: str, separator: str = "\t", count_field: Optional[st
     return len(distinct)
 
 
+def check_sequence_list_fields(config: Mapping[str, Any]) -> None:
+    """``sequence_list_fields`` is auto, all or a list of the ``.inter`` file's loaded fields other than the user
+    field (read from the file's header, before any loading): the lists built beside the item's and the time's."""
+    value = config["sequence_list_fields"]
+    if value in ("auto", "all"):
+        return
+    path = os.path.join(config["data_path"], f"{config['dataset']}.inter")
+    with open(path, encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\r\n").split(config["field_separator"] or "\t")
+    fields = [f.rsplit(":", 1)[0] for f in header]
+    load_col = config["load_col"]
+    if isinstance(load_col, Mapping) and load_col.get("inter"):
+        fields = [f for f in fields if f in load_col["inter"]]
+    fields = [f for f in fields if f != config["USER_ID_FIELD"]]
+    if not isinstance(value, (list, tuple)) or not value or any(f not in fields for f in value):
+        raise ConfigError(f"sequence_list_fields={value!r}: allowed auto, all or a list of {config['dataset']}'s "
+                          f"loaded interaction fields {fields}")
+
+
 class ArraySequentialDataset(SequentialDataset):
     """RecBole's ``SequentialDataset`` with its prefix augmentation as array operations: the same rows, fields and
     values, bit for bit (tested against RecBole's), without its Python loop over every interaction and every list
-    field (58% of loading Games; minutes on Book-sized data)."""
+    field (58% of loading Games; minutes on Book-sized data).
+
+    Only the history lists ``sequence_list_fields`` asks for are built (``auto``: the item's and the time's, what
+    the plugin's models, signals and exports read; a list: those and its fields; ``all``: RecBole's every field). Each list is ``[samples,
+    MAX_ITEM_LIST_LENGTH]``: on Book-sized data an unread ``split_list`` or ``rating_list`` is gigabytes.
+    """
+
+    #: fields whose value at each sample's last history place :meth:`data_augmentation` keeps (``history_end``)
+    history_end_fields: tuple = ()
+
+    def listed_fields(self) -> list[str]:
+        """The interaction fields whose history lists are built, in the frame's order."""
+        fields = [f for f in self.inter_feat if f != self.uid_field]
+        value = self.config["sequence_list_fields"]
+        if value == "all":
+            return fields
+        wanted = {self.iid_field, self.time_field} | (set() if value == "auto" else set(value))
+        return [f for f in fields if f in wanted]
+
+    def _aug_presets(self) -> None:
+        super()._aug_presets()  # RecBole registers a list field for every field; the unlisted ones are dropped
+        listed = set(self.listed_fields())
+        for field in self.inter_feat:
+            if field != self.uid_field and field not in listed:
+                list_field = getattr(self, f"{field}_list_field")
+                for properties in (self.field2type, self.field2source, self.field2seqlen):
+                    properties.pop(list_field, None)
+                delattr(self, f"{field}_list_field")
 
     def data_augmentation(self) -> None:
         self.logger.debug("data_augmentation (array operations)")
@@ -129,9 +175,9 @@ class ArraySequentialDataset(SequentialDataset):
         source = torch.from_numpy(np.repeat(seq_start - first_place, length) + np.arange(int(length.sum())))
         new_data = self.inter_feat[torch.from_numpy(target)]
         new_dict = {self.item_list_length_field: torch.tensor(length, dtype=torch.int64)}
-        for field in self.inter_feat:
-            if field == self.uid_field:
-                continue
+        self.history_end = {field: self.inter_feat[field][torch.from_numpy(target - 1)]
+                            for field in self.history_end_fields}  # the row before a target ends its history
+        for field in self.listed_fields():
             list_field = getattr(self, f"{field}_list_field")
             list_len = self.field2seqlen[list_field]
             shape = (len(target), list_len) if isinstance(list_len, int) else (len(target),) + tuple(list_len)
@@ -151,6 +197,7 @@ class PresplitSequentialDataset(ArraySequentialDataset):
 
     def __init__(self, config) -> None:
         self.split_field = config["split_field"]
+        self.history_end_fields = (self.split_field,)  # the split of each history's last item (build)
         super().__init__(config)
 
     def build(self) -> list[SequentialDataset]:
@@ -164,9 +211,7 @@ class PresplitSequentialDataset(ArraySequentialDataset):
         train_id, valid_id, test_id = (token_id[s] for s in SPLITS)
         uid = self.inter_feat[self.uid_field].numpy()
         split = self.inter_feat[self.split_field].numpy()
-        length = self.inter_feat[self.item_list_length_field].numpy()
-        split_list = self.inter_feat[f"{self.split_field}{self.config['LIST_SUFFIX']}"].numpy()
-        last_history_split = split_list[np.arange(len(split)), length - 1]
+        last_history_split = self.history_end.pop(self.split_field).numpy()
 
         train_rows = np.flatnonzero(split == train_id)
         # The first valid (test) sample of a user is the one whose history ends outside the valid (test) items.
@@ -278,6 +323,7 @@ def create_dataset(config):
     with counts when RecBole's filters dropped users, a ConfigError when they dropped every row. The files are
     read once per process for any number of window lengths (:func:`_array_sequential_dataset`)."""
     n_users_in_file = check_dataset_files(config)
+    check_sequence_list_fields(config)
     for note in getattr(config, "inferred_columns", ()):  # a dataset without a property file (config.py)
         getLogger().info(f"[Data] inferred from the atomic files' headers: {note}")
     if config["split_field"]:
