@@ -429,6 +429,36 @@ def test_default_cache_dir_and_reuse(tmp_path, monkeypatch):
     assert resolve_llm_path("default") == str(target)
 
 
+def test_converting_the_default_llm_leaves_the_callers_rng_as_it_found_it(tmp_path, monkeypatch):
+    """A run that converts the LLM (first use) starts its LoRA from the same draw as a run that reuses the cache.
+    The GGUF reading draws from torch's RNG (seen with SmolLM2: the converting run's LoRA differed); a converter
+    that draws stands in for it here, the real one runs under the slow marker."""
+    from recbole_dealrec.model.bigrec import llm
+
+    def drawing_converter(gguf_path, out_dir):
+        torch.rand(100)
+        save_tiny(out_dir)
+
+    monkeypatch.setattr(llm, "_convert_gguf", drawing_converter)
+    monkeypatch.setattr(llm, "default_gguf_path", lambda: str(tmp_path / "model.gguf"))
+    draws = []
+    for _ in ("converted", "reused"):
+        torch.manual_seed(3)
+        default_llm_path(str(tmp_path / "cache"))
+        draws.append(torch.rand(4))
+    assert (tmp_path / "cache" / llm.DEFAULT_MODEL_DIRNAME / llm._COMPLETE_MARKER).is_file()
+    assert torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.slow
+def test_converting_smollm2_leaves_the_callers_rng_as_it_found_it(tmp_path):
+    torch.manual_seed(3)
+    default_llm_path(str(tmp_path / "cache"))
+    converted = torch.rand(4)
+    torch.manual_seed(3)
+    torch.testing.assert_close(torch.rand(4), converted, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_default_smollm2_lora_forward_backward():
     path = default_llm_path()

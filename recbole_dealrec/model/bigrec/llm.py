@@ -133,7 +133,10 @@ def default_llm_path(cache_dir: str | None = None) -> str:
     try:
         t0 = time.perf_counter()
         logger.info("Converting %s into %s (one-off) ...", gguf_path, target)
-        _convert_gguf(gguf_path, tmp)
+        # loading the GGUF file draws from torch's global RNG; forked, so that what the caller draws next (the LoRA
+        # initialisation) is the same whether the model was converted in this process or reused from the cache
+        with torch.random.fork_rng(devices=[]):
+            _convert_gguf(gguf_path, tmp)
         with open(os.path.join(tmp, _COMPLETE_MARKER), "w") as f:
             json.dump({"source": gguf_path, "seconds": round(time.perf_counter() - t0, 1)}, f)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
