@@ -59,6 +59,17 @@ class StageTimer:
         getLogger().info(f"[Time] {stage}: {self.seconds[stage]:.1f} s, peak RSS {self.peak_gb[stage]:.2f} GB")
 
 
+@contextlib.contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Run a cache's build with torch's global RNG (CPU, and CUDA's current device once CUDA is in use) forked: what
+    the caller draws next is the same whether the entry was built in this process or read from the cache."""
+    import torch
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
 def stable_key(payload: Mapping[str, Any]) -> str:
     """Short SHA-256 of a JSON-able mapping (keys sorted): the name of a cached result."""
     text = json.dumps(payload, sort_keys=True, default=str)

@@ -13,7 +13,7 @@ import numpy as np
 from recbole.utils import set_color
 
 from recbole_dealrec import distributed
-from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, stable_key
+from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, rng_untouched, stable_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,8 @@ def cached_user_scores(
                                           if distributed.is_main() else None)
     if not cached and (collective or distributed.is_main()):
         start = time.perf_counter()
-        with contextlib.nullcontext() if collective else distributed.solo():
+        # the stages after a signal draw the same whether it was computed here or reused (rng_untouched)
+        with contextlib.nullcontext() if collective else distributed.solo(), rng_untouched():
             result = compute()
         # Kept with the values, so a run that reuses them can still report what they cost (experiment tables).
         meta = {**result.meta, **key_payload, "compute_seconds": round(time.perf_counter() - start, 2)}

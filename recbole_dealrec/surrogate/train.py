@@ -33,7 +33,7 @@ from recbole_dealrec.surrogate.loss import (SampledNegatives, SequenceTrainingLo
                                            check_surrogate_loss, check_windows,
                                            check_user_weighting, sampled_negatives, sequence_row_lengths,
                                            sequence_train_dataset, supports_sequence_mode)
-from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, stable_key
+from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, rng_untouched, stable_key
 
 #: The plugin keys of the data and surrogate stages, the only plugin keys the trained weights depend on (every other
 #: plugin key belongs to a later stage; RecBole's keys all count).
@@ -243,7 +243,8 @@ def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) 
             logger.info(set_color("[Surrogate]", "pink") + f" training {scfg['model']} on all training data"
                         + (" (rank 0 alone; the other ranks wait for its cache)" if distributed.active() else ""))
             fit_data, loss_func = training_data_and_loss(scfg, model, train_data)
-            with distributed.solo(), private_checkpoint_dir(config, scfg):
+            # rng_untouched: the stages after draw the same whether the surrogate was trained here or reused
+            with distributed.solo(), private_checkpoint_dir(config, scfg), rng_untouched():
                 trainer = surrogate_trainer(scfg, model, loss_func=loss_func, snapshot_paths={
                     e: _snapshot_path(config, scfg, key, 0, e) for e in snapshot_epochs})
                 trainer.fit(fit_data, valid_data, saved=True, show_progress=scfg["show_progress"])
@@ -292,7 +293,7 @@ def surrogate_snapshot(config: DealrecConfig, run: int, epoch: int) -> Surrogate
             scfg["epochs"], scfg["stopping_step"] = int(epoch), int(epoch) + 1
             fit_data, loss_func = training_data_and_loss(scfg, model, train_data)
             # saves nothing, but RecBole's trainer creates the folder
-            with distributed.solo(), private_checkpoint_dir(config, scfg):
+            with distributed.solo(), private_checkpoint_dir(config, scfg), rng_untouched():
                 trainer = surrogate_trainer(scfg, model, loss_func=loss_func, snapshot_paths={int(epoch): path})
                 trainer.fit(fit_data, valid_data, saved=False, show_progress=scfg["show_progress"])
         else:

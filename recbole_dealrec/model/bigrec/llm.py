@@ -27,6 +27,7 @@ import torch
 
 from recbole_dealrec.compat import transformers_cache_key as _cache_key
 from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.utils import rng_untouched
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def default_llm_path(cache_dir: str | None = None) -> str:
         logger.info("Converting %s into %s (one-off) ...", gguf_path, target)
         # loading the GGUF file draws from torch's global RNG; forked, so that what the caller draws next (the LoRA
         # initialisation) is the same whether the model was converted in this process or reused from the cache
-        with torch.random.fork_rng(devices=[]):
+        with rng_untouched():
             _convert_gguf(gguf_path, tmp)
         with open(os.path.join(tmp, _COMPLETE_MARKER), "w") as f:
             json.dump({"source": gguf_path, "seconds": round(time.perf_counter() - t0, 1)}, f)

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from recbole_dealrec.errors import ConfigError, check_integer
-from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, stable_key
+from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, rng_untouched, stable_key
 
 RQVAE_KEYS = ("tiger_text_fields", "text_encoder_path", "text_encoder_max_length", "tiger_levels",
               "tiger_codebook_size", "tiger_rqvae_hidden", "tiger_rqvae_latent", "tiger_rqvae_beta",
@@ -232,7 +232,7 @@ def cached_semantic_ids(config: Mapping[str, Any], dataset, show_progress: bool 
         return SemanticIDs(codes, {**facts, "cached": True, "path": path})
     # the build seeds and draws from torch's global RNG (the RQ-VAE's initialisation); forked, so that what the
     # caller draws next (TIGER's T5 initialisation, its effort) is the same whether the IDs were built or reused
-    with torch.random.fork_rng(devices=[]):
+    with rng_untouched():
         ids = train_semantic_ids(config, texts, show_progress=show_progress)
     with atomic_write(path, "wb", checksum=True) as handle:
         np.savez(handle, codes=ids.codes)
