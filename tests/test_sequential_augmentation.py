@@ -100,3 +100,13 @@ def test_one_reading_of_the_files_serves_every_window_length(monkeypatch):
     # another filter is another dataset: read again
     create_dataset(DealrecConfig("SASRec", "ml-100k", config_dict={"user_inter_num_interval": "[30,inf)"}))
     assert len(loads) == 4
+
+
+def test_the_built_dataset_releases_its_history_lists_and_the_splits_keep_theirs():
+    """A run holds its dataset to the end (token maps, counts); once split, the whole table's lists are dropped."""
+    dataset = create_dataset(DealrecConfig("SASRec", "ml-100k"))
+    train, valid, test = dataset.build()
+    for part in (train, valid, test):
+        assert {"item_id_list", "timestamp_list", "item_length"} <= set(part.inter_feat.columns)
+    assert not {"item_id_list", "timestamp_list"} & set(dataset.inter_feat.columns)
+    assert dataset.inter_num == len(train) + len(valid) + len(test)  # the rows (and scalar columns) stay

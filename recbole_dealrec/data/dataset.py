@@ -153,6 +153,19 @@ class ArraySequentialDataset(SequentialDataset):
                     properties.pop(list_field, None)
                 delattr(self, f"{field}_list_field")
 
+    def build(self) -> list[SequentialDataset]:
+        datasets = super().build()
+        self.release_history_lists()
+        return datasets
+
+    def release_history_lists(self) -> None:
+        """Drop the whole augmented table's history lists once the splits are built: each split indexed its own
+        copy of its rows, and nothing reads this dataset's lists after (the run keeps it for its token maps and
+        counts, which stay). On Book-sized data the lists are gigabytes held twice without this."""
+        suffix = self.config["LIST_SUFFIX"]
+        lists = [f + suffix for f in self.listed_fields()]
+        self.inter_feat = Interaction({k: v for k, v in self.inter_feat.interaction.items() if k not in lists})
+
     def data_augmentation(self) -> None:
         self.logger.debug("data_augmentation (array operations)")
         self._aug_presets()
@@ -233,6 +246,7 @@ class PresplitSequentialDataset(ArraySequentialDataset):
 
         datasets = [self.copy(self.inter_feat[torch.from_numpy(rows)]) for rows in (train_rows, valid_rows, test_rows)]
         datasets[2].multi_targets = targets
+        self.release_history_lists()
         return datasets
 
 
