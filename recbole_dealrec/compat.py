@@ -177,6 +177,18 @@ def plain_kv_cache(cache) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
 
+def init_logger(config) -> None:
+    """RecBole's ``init_logger``, its folders (``./log`` and ``./log/<model>``) made first: RecBole makes each with a
+    check, then a create (``ensure_dir``), so two runs started together in one folder race and one fails with
+    ``FileExistsError: './log'``."""
+    import os
+
+    from recbole.utils import init_logger as recbole_init_logger
+
+    os.makedirs(os.path.join("log", str(config["model"])), exist_ok=True)
+    recbole_init_logger(config)
+
+
 def apply() -> None:
     """Apply every shim once (idempotent)."""
     global _APPLIED

@@ -27,8 +27,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from recbole.utils import init_logger, init_seed, set_color
+from recbole.utils import init_seed, set_color
 
+from recbole_dealrec.compat import init_logger
 from recbole_dealrec.config import (PROPERTIES_DIR, DealrecConfig, StageArguments, check_known_keys, read_property_file,
                                     user_keys)
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids

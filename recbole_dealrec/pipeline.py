@@ -15,9 +15,10 @@ from logging import getLogger
 from typing import Any, ContextManager, Optional
 
 import numpy as np
-from recbole.utils import get_environment, init_logger, init_seed, set_color
+from recbole.utils import get_environment, init_seed, set_color
 
 from recbole_dealrec import distributed
+from recbole_dealrec.compat import init_logger
 from recbole_dealrec.config import DealrecConfig, user_keys
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
 from recbole_dealrec.errors import ConfigError

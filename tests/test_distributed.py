@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import TINY_SASREC, TINY_SURROGATE, TINY_TIGER, cli_argv, tiny_bigrec_config
 from recbole_dealrec.evaluation import load_user_results
@@ -140,9 +141,11 @@ FINE_TUNING_RUNS = {
 @pytest.mark.parametrize("model", sorted(FINE_TUNING_RUNS))
 def test_many_process_fine_tuning_takes_the_one_process_step(model, tiny_llm_path, tmp_path):
     # One optimizer step on the same global batch: the ranks' weighted shares, all-reduced, give the one-process
-    # loss and gradient up to float order (~1e-7 relative), and one Adam step moves every weight by about
-    # lr * sign(g) (1e-4 for BIGRec, 1e-3 for TIGER), so the weights agree to about one float32 ulp. Adam's step is
-    # blind to the gradient's scale, so the epoch's loss (the sum of the ranks' weighted shares) is compared too.
+    # loss and gradient up to float order (~1e-7 relative), and one Adam step moves every weight by
+    # lr * g / (|g| + eps) (lr 1e-4 for BIGRec, 1e-3 for TIGER): about lr * sign(g), so a wrong gradient moves weights
+    # by ~lr. Where |g| is near eps the float order shows in the step itself, so the weights agree to 1e-3 of a step
+    # (seen: 1.3e-7 on one TIGER weight of 2,048 whose gradient is that small). Adam's step is blind to the gradient's
+    # scale, so the epoch's loss (the sum of the ranks' weighted shares) is compared too.
     # (Over hundreds of steps the float-order differences grow: 6e-4 after 400 steps, so a whole training run is
     # not compared.)
     config = {**FINE_TUNING_RUNS[model](tiny_llm_path, tmp_path), "epochs": 1}
@@ -152,8 +155,10 @@ def test_many_process_fine_tuning_takes_the_one_process_step(model, tiny_llm_pat
     assert s2["best_valid_score"] == pytest.approx(s1["best_valid_score"], rel=1e-6)
     w1, w2 = s1["weights"], s2["weights"]
     assert w1.keys() == w2.keys()
+    step = config.get("learning_rate") or yaml.safe_load(open(os.path.join(
+        os.path.dirname(__file__), "..", "properties", "model", f"{model}.yaml")))["learning_rate"]
     for key in w1:
-        torch.testing.assert_close(w2[key], w1[key], rtol=2e-6, atol=1e-7, msg=lambda m: f"{model} {key}: {m}")
+        torch.testing.assert_close(w2[key], w1[key], rtol=2e-6, atol=1e-3 * step, msg=lambda m: f"{model} {key}: {m}")
     assert "in collectives" in log2
 
 
