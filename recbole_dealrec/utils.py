@@ -61,13 +61,22 @@ class StageTimer:
 
 @contextlib.contextmanager
 def rng_untouched() -> Iterator[None]:
-    """Run a cache's build with torch's global RNG (CPU, and CUDA's current device once CUDA is in use) forked: what
-    the caller draws next is the same whether the entry was built in this process or read from the cache."""
+    """Run a cache's build with the global RNGs RecBole's ``init_seed`` seeds (torch's, CUDA's current device once
+    CUDA is in use, numpy's and Python's) restored after it: what the caller draws next is the same whether the entry
+    was built in this process or read from the cache."""
+    import random
+
+    import numpy as np
     import torch
 
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        yield
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def stable_key(payload: Mapping[str, Any]) -> str:

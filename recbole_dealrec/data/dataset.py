@@ -127,8 +127,9 @@ class ArraySequentialDataset(SequentialDataset):
     field (58% of loading Games; minutes on Book-sized data).
 
     Only the history lists ``sequence_list_fields`` asks for are built (``auto``: the item's and the time's, what
-    the plugin's models, signals and exports read; a list: those and its fields; ``all``: RecBole's every field). Each list is ``[samples,
-    MAX_ITEM_LIST_LENGTH]``: on Book-sized data an unread ``split_list`` or ``rating_list`` is gigabytes.
+    the plugin's models, signals and exports read; a list: those and its fields; ``all``: RecBole's every field).
+    Each list is ``[samples, MAX_ITEM_LIST_LENGTH]``: on Book-sized data an unread ``split_list`` or ``rating_list``
+    is gigabytes.
     """
 
     #: fields whose value at each sample's last history place :meth:`data_augmentation` keeps (``history_end``)
