@@ -20,7 +20,7 @@ from recbole.utils import get_environment, init_seed, set_color
 from recbole_dealrec import distributed
 from recbole_dealrec.compat import init_logger
 from recbole_dealrec.config import DealrecConfig, user_keys
-from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
+from recbole_dealrec.data import candidate_user_ids, create_dataset, data_preparation, prune_train_data
 from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.evaluation import (capture_user_results, reference_results, save_user_results, target_train_counts,
                                         with_user_results)
@@ -151,7 +151,7 @@ def select_users(setup: RunSetup, data: RunData) -> SelectedUsers:
     selection (with its report) to its folder."""
     config, method, timer = setup.config, setup.method, setup.timer
     logger = getLogger()
-    candidates = training_user_ids(data.train_data.dataset)
+    candidates = candidate_user_ids(data.train_data.dataset, config["candidate_period"])
     method.bind_data(data.train_data.dataset)
     budget = method.budget(len(candidates))
     method.check_budget(budget, len(candidates))

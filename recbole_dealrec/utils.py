@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from typing import Any, Iterator, Mapping
@@ -77,6 +78,58 @@ def rng_untouched() -> Iterator[None]:
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
+
+
+def fsync_folder(folder: str) -> None:
+    """Flush a folder's entries (a rename into it) to disk, where the file system allows."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_folder(target: str) -> Iterator[str]:
+    """A fresh temporary sibling of ``target`` to write a whole folder into; it replaces ``target`` (by rename) only
+    when the block ends without an error, so readers see the old folder or the new one, never a half-written one,
+    and a failure leaves a previous ``target`` as it was."""
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.staging-")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp creates 0700; give the folder a plain mkdir's permissions
+        yield staging
+        fsync_folder(staging)
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_in(staging: str, target: str) -> None:
+    """Put the finished folder ``staging`` at ``target``; a previous ``target`` is kept until the new one is in."""
+    parent = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(target):
+        os.rename(staging, target)
+    else:
+        # An empty placeholder reserves a unique name; renaming a folder onto an empty folder replaces it.
+        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.old-")
+        try:
+            os.rename(target, old)
+        except BaseException:
+            os.rmdir(old)
+            raise
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_folder(parent)
 
 
 def stable_key(payload: Mapping[str, Any]) -> str:

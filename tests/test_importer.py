@@ -332,7 +332,7 @@ def _fail_swap(monkeypatch):
     rename = os.rename
 
     def failing(src, dst):
-        if os.path.basename(dst) == "games" and ".import-" in os.path.basename(src):
+        if os.path.basename(dst) == "games" and ".staging-" in os.path.basename(src):
             raise OSError("rename failed (simulated)")
         return rename(src, dst)
     monkeypatch.setattr(os, "rename", failing)

@@ -17,7 +17,8 @@ PACKAGE = os.path.dirname(recbole_dealrec.__file__)
 #: text_encoder) sit below every stage. The model definitions (BIGRec, TIGER, the registry) sit under the
 #: surrogate: the effort signal scores with the backend's initial state, and the fine-tuning stage is the trainer.
 STAGES = {"data": 0, "model": 1, "surrogate": 2, "scoring": 3, "selection": 4, "trainer": 5, "evaluation": 6,
-          "export": 6, "pipeline": 7, "quick_start": 8, "__main__": 9, "experiment": 9, "diagnose": 9}
+          "export": 6, "pipeline": 7, "quick_start": 8, "__main__": 9, "experiment": 9, "diagnose": 9,
+          "stream": 9}
 
 
 def package_modules():

@@ -29,12 +29,9 @@ Usage: ``python -m recbole_dealrec.data.importer --input ../shared/datasets/game
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pickle
-import shutil
 import sys
-import tempfile
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -43,7 +40,7 @@ import yaml
 from recbole_dealrec.config import DATASET_PROPERTY_FILE
 from recbole_dealrec.data.dataset import SPLITS
 from recbole_dealrec.errors import ConfigError
-from recbole_dealrec.utils import atomic_write
+from recbole_dealrec.utils import atomic_write, staged_folder
 
 CATEGORY_SEPARATOR = "\x1f"
 _FORBIDDEN = ("\t", "\n", "\r")
@@ -235,37 +232,6 @@ def _check_output(input_dir: str, output_dir: str, name: str) -> str:
     return target
 
 
-def _fsync_folder(folder: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _swap_in(staging: str, target: str) -> None:
-    """Put the finished folder ``staging`` at ``target``; a previous ``target`` is kept until the new one is in."""
-    parent = os.path.dirname(target)
-    if not os.path.isdir(target):
-        os.rename(staging, target)
-    else:
-        # An empty placeholder reserves a unique name; renaming a folder onto an empty folder replaces it.
-        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.old-")
-        try:
-            os.rename(target, old)
-        except BaseException:
-            os.rmdir(old)
-            raise
-        try:
-            os.rename(staging, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_folder(parent)
-
-
 def import_paper_dataset(input_dir: str, output_dir: str, topk: Optional[Sequence[int]] = None) -> dict[str, int]:
     """Write ``<name>.inter``, ``<name>.item`` and ``recbole_dealrec.yaml`` into ``output_dir`` (``<name>`` = its
     folder name); return the counts written. All of them or none: a failure leaves a previous import untouched."""
@@ -299,13 +265,7 @@ def import_paper_dataset(input_dir: str, output_dir: str, topk: Optional[Sequenc
                           f"e.g. key {str(first)!r} (item {first} of user {unknown[first][1]} in "
                           f"{paths[unknown[first][0]]}); expected a title for every item id")
 
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.import-")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp creates 0700; give the folder a plain mkdir's permissions
+    with staged_folder(target) as staging:
         counts = dict.fromkeys(SPLITS, 0)
         with atomic_write(os.path.join(staging, f"{name}.inter"), encoding="utf-8") as handle:
             handle.write("user_id:token\titem_id:token\ttimestamp:float\tsplit:token\n")
@@ -325,11 +285,6 @@ def import_paper_dataset(input_dir: str, output_dir: str, topk: Optional[Sequenc
             handle.write(f"# Written by recbole_dealrec.data.importer from {os.path.abspath(input_dir)}; read by every "
                          f"run on --dataset={name}.\n")
             yaml.safe_dump(dataset_properties(name, bool(categories), topk), handle, sort_keys=False, allow_unicode=False)
-        _fsync_folder(staging)
-        _swap_in(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {"name": name, "users": len(users), "items": len(item_ids), **counts}
 
 

@@ -5,18 +5,41 @@ sample of a selected user and none of the others. Valid and test loaders are nev
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 from recbole.data.utils import get_dataloader
 
+from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.utils import atomic_write
+
+#: the token column of a stream's round dataset holding each interaction's period ("0", "1", ...)
+PERIOD_FIELD = "period"
 
 
 def training_user_ids(train_dataset) -> np.ndarray:
     """Sorted internal ids (int64 [n]) of users with at least one training sample."""
     return np.unique(train_dataset.inter_feat[train_dataset.uid_field].numpy())
+
+
+def candidate_user_ids(train_dataset, period: Optional[int] = None) -> np.ndarray:
+    """Sorted internal ids (int64 [n]) of the users a selection chooses among: every user with a training sample,
+    or (``candidate_period``) those with a training sample whose target lies in that period of a stream's round
+    dataset (its ``period`` token column, see ``recbole_dealrec.stream.periods``)."""
+    if period is None:
+        return training_user_ids(train_dataset)
+    field = PERIOD_FIELD
+    if field not in train_dataset.inter_feat:
+        raise ConfigError(f"candidate_period={period}: the dataset has no '{field}' column (a round dataset of "
+                          "python -m recbole_dealrec.stream has one); allowed only there, else ~")
+    token = train_dataset.field2token_id[field].get(str(period))
+    inter = train_dataset.inter_feat
+    users = inter[train_dataset.uid_field].numpy()
+    chosen = np.unique(users[inter[field].numpy() == token]) if token is not None else users[:0]
+    if len(chosen) == 0:
+        raise ConfigError(f"candidate_period={period}: no training sample lies in period {period}")
+    return chosen
 
 
 def prune_train_data(config: Mapping[str, Any], train_data, user_ids: np.ndarray):

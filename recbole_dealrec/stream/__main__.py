@@ -1,0 +1,32 @@
+"""``python -m recbole_dealrec.stream --model=M --sampler=S [--dataset=D] [--stream_periods=N] [--key=value ...]``:
+every round of a stream (properties/stream.yaml), then its report."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from recbole_dealrec import distributed
+from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.stream.runner import run_stream
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m recbole_dealrec.stream", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", "-m", default=None, help="plugin or RecBole model name (e.g. TIGER, BIGRec)")
+    parser.add_argument("--dataset", "-d", default=None, help="dataset name (default: the embedded ml-100k)")
+    parser.add_argument("--config_files", default=None, help="comma- or space-separated property files")
+    args, rest = parser.parse_known_args(argv)
+    files = [f for f in (args.config_files or "").replace(",", " ").split() if f]
+    try:
+        report = run_stream(args.model, args.dataset, files, argv=rest)
+    except (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    finally:
+        distributed.shutdown()
+    for record in report["rounds"]:
+        print(f"round {record['round']}: {record['test_result']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,270 @@
+"""Run a stream: cut the dataset into periods, then one full run (``run_recbole``) per round, resumable.
+
+    check every key (the run's and the stream's) -> cut the periods -> check each round's budget
+    -> write the round datasets -> run round 0, 1, ... (a finished round is reused) -> report
+
+Everything lives under ``stream_output``: ``stream.json`` (what the stream is: the source's fingerprint, the cut,
+the run's keys; a folder holding another stream is an error), ``datasets/<dataset>-r<k>/`` (the round datasets),
+``rounds/r<k>/`` (each round's run: selection, checkpoints, ``result.json`` written when the round ends) and
+``report.{md,json}``. A killed stream restarts at the first round without a ``result.json``; that round reruns
+from its start and, with the same seed, makes the same selection.
+
+Every round is trained from scratch (a fresh surrogate, its signals, the backend from its base weights).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from logging import getLogger
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from recbole.utils import set_color
+
+from recbole_dealrec import distributed
+from recbole_dealrec.config import PROPERTIES_DIR, DealrecConfig, StageArguments, check_known_keys, user_keys
+from recbole_dealrec.data.dataset import SPLITS
+from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.stream import periods
+from recbole_dealrec.utils import atomic_write, dataset_fingerprint, stable_key
+
+#: the stream's report, as <stream_output>/report.json and report.md
+REPORT_FILE = "report"
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamArguments(StageArguments):
+    """The stream's keys of ``properties/stream.yaml`` (see the comments there)."""
+
+    property_file = ("", "stream")
+
+    stream_periods: Optional[int]
+    stream_cut_times: Optional[list]
+    stream_output: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+    """Round ``index``: its dataset's name, each source interaction's split in it (object [n]: train / valid / test
+    or "") and its candidates (users with a training interaction in period ``index``)."""
+
+    index: int
+    dataset: str
+    labels: np.ndarray
+    n_candidates: int
+
+    def split_counts(self) -> dict[str, int]:
+        return {split: int((self.labels == split).sum()) for split in SPLITS}
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPlan:
+    """The cut and its rounds, and the key naming the stream (source data, cut and the run's keys)."""
+
+    cut: periods.PeriodCut
+    rounds: tuple[RoundPlan, ...]
+    key: str
+    facts: dict
+
+
+def plan_stream(config: DealrecConfig, args: StreamArguments) -> tuple[StreamPlan, Any]:
+    """Cut the source dataset into periods and label every interaction for each round; return the plan and the
+    source's interactions (as text). Raises ``ConfigError`` before any training on bad keys or periods."""
+    name = config["dataset"]
+    split_field = config["split_field"]
+    periods.check_stream_keys(args.stream_periods, args.stream_cut_times, split_field, config["TIME_FIELD"], name)
+    frame = periods.read_interactions(config)
+    user_column = periods.column(frame, config["USER_ID_FIELD"])
+    time_column = periods.column(frame, config["TIME_FIELD"]) if config["TIME_FIELD"] else None
+    if split_field:
+        split_column = periods.column(frame, split_field)
+        if split_column is None:
+            raise ConfigError(f"split_field={split_field}: dataset {name}'s .inter has no such column")
+        cut = periods.cut_by_split(frame[split_column].to_numpy())
+    else:
+        if time_column is None:
+            raise ConfigError(f"TIME_FIELD={config['TIME_FIELD']}: dataset {name}'s .inter has no such column; "
+                              "periods need interaction times")
+        cut = periods.cut_by_time(frame[time_column].astype(float).to_numpy(), args.stream_periods,
+                                  args.stream_cut_times)
+    users = frame[user_column].to_numpy()
+    times = frame[time_column].astype(float).to_numpy() if time_column else None
+    order = periods.user_time_order(users, times, cut.period)
+    # a user's first interaction is no sample's target: it never makes the user a candidate
+    first_of_user = np.zeros(len(users), dtype=bool)
+    first_of_user[order[np.r_[True, users[order][1:] != users[order][:-1]]]] = True
+    rounds = []
+    for index in range(cut.n_periods - 1):
+        labels = periods.round_splits(users, cut.period, order, index)
+        new_training = (labels == "train") & (cut.period == index) & ~first_of_user
+        rounds.append(RoundPlan(index, f"{name}-r{index}", labels, int(len(np.unique(users[new_training])))))
+    facts = {"dataset": name, "source_fingerprint": dataset_fingerprint(config), "cut": cut.source,
+             "cut_times": list(cut.cut_times), "interactions_per_period": cut.counts(), "model": config["model"],
+             "run_keys": round_keys(config)}
+    return StreamPlan(cut, tuple(rounds), stable_key(facts), facts), frame
+
+
+def round_keys(config: DealrecConfig) -> dict:
+    """The keys the user gave the stream, but the stream's own: every round's run gets them."""
+    stream_keys = set(StreamArguments.declared_keys())
+    return {k: v for k, v in user_keys(config).items() if k not in stream_keys and k not in ("dataset", "model")}
+
+
+def check_round_budgets(plan: StreamPlan, method) -> list[int]:
+    """Each round's budget among its candidates (``ConfigError`` when a new period has fewer users than the
+    budget), before any dataset is written."""
+    budgets = []
+    for round_plan in plan.rounds:
+        n = round_plan.n_candidates
+        num = method.config["selection_num"]
+        if n == 0 or (num is not None and num > n):
+            raise ConfigError(f"selection_num={num}: round {round_plan.index}'s new period {round_plan.index} has "
+                              f"{n} users with a training interaction; lower selection_num or cut fewer periods")
+        budget = method.budget(n)
+        method.check_budget(budget, n)
+        budgets.append(budget)
+    return budgets
+
+
+def claim_output(folder: str, plan: StreamPlan) -> None:
+    """``stream_output`` holds this stream or nothing: write its ``stream.json``, or check the one there."""
+    path = os.path.join(folder, "stream.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            found = json.load(handle)
+        if found.get("key") != plan.key:
+            changed = sorted(k for k in set(found.get("facts", {})) | set(plan.facts)
+                             if found.get("facts", {}).get(k) != plan.facts.get(k))
+            raise ConfigError(f"stream_output={folder}: holds a stream of another configuration (differs in "
+                              f"{', '.join(changed) or 'its key'}); choose another stream_output or remove it")
+        return
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise ConfigError(f"stream_output={folder}: a folder that is not a stream's (no stream.json) and not empty; "
+                          "choose another stream_output")
+    with atomic_write(path, encoding="utf-8") as handle:
+        json.dump({"key": plan.key, "facts": plan.facts}, handle, indent=1)
+
+
+def run_stream(model: Optional[str] = None, dataset: Optional[str] = None,
+               config_file_list: Optional[Sequence[str]] = None, config_dict: Optional[dict] = None,
+               argv: Sequence[str] = ()) -> dict[str, Any]:
+    """Every round of the stream, in order (see the module docstring); returns the report (also written)."""
+    from recbole_dealrec.quick_start import check_run_config, run_recbole
+
+    config = DealrecConfig(model, dataset, config_file_list, {**(config_dict or {})}, argv=argv)
+    check_known_keys(config)
+    if user_keys(config).get("candidate_period") is not None:
+        raise ConfigError("candidate_period: the stream sets it to each round's new period; unset it")
+    args = StreamArguments.from_config(config)
+    method, _ = check_run_config(config)  # every key of the rounds' runs, before any work
+    plan, frame = plan_stream(config, args)
+    budgets = check_round_budgets(plan, method)
+    folder = os.path.abspath(os.path.expanduser(args.stream_output))
+    logger = getLogger()
+    distributed.init_from_env(config["distributed_timeout"], str(config["device"]))
+    with distributed.main_first():
+        if distributed.is_main():
+            claim_output(folder, plan)
+            layer = periods.dataset_layer(config, PROPERTIES_DIR)
+            for round_plan in plan.rounds:
+                write_round(folder, round_plan, plan, frame, config, layer)
+    results = []
+    for round_plan, budget in zip(plan.rounds, budgets):
+        path = os.path.join(folder, "rounds", f"r{round_plan.index}", "result.json")
+        found = _read_json(path)
+        if found is not None and found.get("stream_key") == plan.key:
+            logger.info(set_color("[Stream]", "pink") + f" round {round_plan.index}: finished before, reused {path}")
+            results.append(found)
+            continue
+        logger.info(set_color("[Stream]", "pink") + f" round {round_plan.index}: learns from periods "
+                    f"0..{round_plan.index}, selects {budget} of {round_plan.n_candidates} users of period "
+                    f"{round_plan.index}, is evaluated on period {round_plan.index + 1}")
+        round_dict = {**round_keys(config), "data_path": os.path.join(folder, "datasets"),
+                      "output_dir": os.path.dirname(path), "candidate_period": round_plan.index}
+        result = run_recbole(config["model"], round_plan.dataset, config_dict=round_dict)
+        record = round_record(round_plan, plan, budget, result)
+        if distributed.is_main():
+            with atomic_write(path, encoding="utf-8") as handle:
+                json.dump(record, handle, indent=1)
+        results.append(record)
+    report = stream_report(plan, results)
+    if distributed.is_main():
+        write_report(folder, report)
+        logger.info(set_color("[Stream]", "pink") + f" report: {os.path.join(folder, REPORT_FILE + '.md')}")
+    return report
+
+
+def write_round(folder: str, round_plan: RoundPlan, plan: StreamPlan, frame, config, layer: dict) -> None:
+    """Round ``round_plan``'s dataset under ``<folder>/datasets/``, unless the one there is this stream's."""
+    target = os.path.join(folder, "datasets", round_plan.dataset)
+    marker = os.path.join(target, ".stream_key")
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as handle:
+            if handle.read().strip() == plan.key:
+                return
+    counts = periods.write_round_dataset(frame, round_plan.labels, plan.cut.period, target, round_plan.dataset,
+                                         config["data_path"], config["dataset"], layer, round_plan.index)
+    with atomic_write(marker, encoding="utf-8") as handle:
+        handle.write(plan.key + "\n")
+    getLogger().info(set_color("[Stream]", "pink") + f" wrote {target}: {counts} (train / valid / test rows)")
+
+
+def round_record(round_plan: RoundPlan, plan: StreamPlan, budget: int, result: dict) -> dict:
+    """What ``result.json`` keeps of a round's run (plain numbers; the selection's summary without its ids)."""
+    from recbole_dealrec.pipeline import plain_numbers
+
+    selection = {k: v for k, v in (result.get("selection") or {}).items() if k != "user_ids"}
+    return plain_numbers({
+        "stream_key": plan.key, "round": round_plan.index, "dataset": round_plan.dataset,
+        "learns_from_periods": list(range(round_plan.index + 1)), "evaluated_on_period": round_plan.index + 1,
+        "rows": round_plan.split_counts(), "candidates": round_plan.n_candidates, "budget": budget,
+        "test_result": result.get("test_result"), "best_valid_result": result.get("best_valid_result"),
+        "reference_results": result.get("reference_results"), "seconds": selection.get("seconds"),
+        "selection": selection,
+    })
+
+
+def stream_report(plan: StreamPlan, results: list[dict]) -> dict:
+    """The stream's per-round table: each round's metrics beside its reference rows, its rows and seconds."""
+    return {"stream_key": plan.key, **plan.facts, "rounds": results}
+
+
+def report_markdown(report: dict) -> str:
+    """``report.md``: one row per round, the model's metrics and the reference rows on the same test users."""
+    rounds = report["rounds"]
+    metrics = list((rounds[0].get("test_result") or {}).keys()) if rounds else []
+    references = list((rounds[0].get("reference_results") or {}).keys()) if rounds else []
+    lines = [f"# Stream of {report['dataset']} ({report['model']}, cut by {report['cut']}: "
+             f"{report['interactions_per_period']} interactions per period)", "",
+             "Round r learns from periods 0..r, selects among the users of period r, is evaluated on period r+1. "
+             "Every round is trained from scratch.", ""]
+    header = ["round", "candidates", "budget", "train / valid / test rows", "row", *metrics, "seconds"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for record in rounds:
+        rows = record["rows"]
+        seconds = sum((record.get("seconds") or {}).values())
+        for name, values in [(report["model"], record.get("test_result") or {}),
+                             *((ref, (record.get("reference_results") or {}).get(ref, {})) for ref in references)]:
+            first = name == report["model"]
+            lines.append("| " + " | ".join([
+                str(record["round"]) if first else "", str(record["candidates"]) if first else "",
+                str(record["budget"]) if first else "",
+                f"{rows['train']} / {rows['valid']} / {rows['test']}" if first else "", name,
+                *(f"{values.get(m, float('nan')):.4f}" for m in metrics), f"{seconds:.0f}" if first else ""]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: str, report: dict) -> None:
+    with atomic_write(os.path.join(folder, REPORT_FILE + ".json"), encoding="utf-8") as handle:
+        json.dump(report, handle, indent=1)
+    with atomic_write(os.path.join(folder, REPORT_FILE + ".md"), encoding="utf-8") as handle:
+        handle.write(report_markdown(report))
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
