@@ -25,7 +25,7 @@ from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.evaluation import (capture_user_results, reference_results, save_user_results, target_train_counts,
                                         with_user_results)
 from recbole_dealrec.export import export_path, export_selection, save_selection, selection_dir
-from recbole_dealrec.model.backend import GenerativeBackend
+from recbole_dealrec.model.backend import GenerativeBackend, load_backend_state, save_backend_state, state_digest
 from recbole_dealrec.scoring.influence import recorded_influence_check
 from recbole_dealrec.scoring.signals import compute_signals
 from recbole_dealrec.selection import SelectionMethod, selection_rng
@@ -159,8 +159,13 @@ def select_users(setup: RunSetup, data: RunData) -> SelectedUsers:
                                            timer)
     with timer("selection"):
         selection = method.select(candidates, signals, budget, selection_rng(config))
+    outside = np.setdiff1d(selection.user_ids, candidates)
+    if len(outside):  # e.g. a selection_file naming users outside candidate_period's
+        raise ConfigError(f"sampler={method.name}: {len(outside)} selected users are not candidates (candidate_period="
+                          f"{config['candidate_period']}: users with a training sample in that period), e.g. "
+                          f"{data.train_data.dataset.id2token(data.train_data.dataset.uid_field, outside[:1])[0]!r}")
     train_data, n_before = data.train_data, len(data.train_data.dataset)
-    if method.prunes:
+    if method.prunes or config["candidate_period"] is not None:  # full keeps every candidate, no other user
         train_data = prune_train_data(config, train_data, selection.user_ids)
     logger.info(set_color("[Selection]", "pink") + f" sampler={method.name}: kept {len(selection.user_ids)} of "
                 f"{len(candidates)} users, {len(train_data.dataset)} of {n_before} training samples")
@@ -193,7 +198,12 @@ def fine_tune(setup: RunSetup, data: RunData, selected: SelectedUsers, saved: bo
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     with distributed.main_first(), distributed.solo():
         model = setup.model_class(config, selected.train_data.dataset).to(config["device"])
+    if config["backend_init"]:  # continue from an earlier run's weights (a stream's next round)
+        digest = load_backend_state(model, str(config["backend_init"]))
+        getLogger().info(set_color("[Backend]", "pink") + f" starts from {config['backend_init']} ({digest[:12]})")
     setup.policy.same_start(model)
+    if setup.policy.generative:
+        selected.summary["backend_start_digest"] = state_digest(model.trainable_state_dict())
     getLogger().info(model)
     if setup.policy.generative and setup.policy.writes_outputs:
         model.export(selected.summary["folder"])  # e.g. TIGER's item semantic IDs, beside the selection
@@ -238,6 +248,16 @@ def test_model(setup: RunSetup, data: RunData, selected: SelectedUsers, tuned: F
             getLogger().info(set_color("[Selection]", "pink") + f" exported as {fmt}: {exported['counts']} records, "
                              f"{exported['paths']['train']}")
     return Tested(test_result, per_user, references)
+
+
+def export_backend(setup: RunSetup, selected: SelectedUsers, tuned: FineTuned) -> None:
+    """``backend_export``: rank 0 writes the tested (best by validation) trainable weights, a later run's
+    ``backend_init``; the summary records their digest."""
+    path = setup.config["backend_export"]
+    if path and setup.policy.writes_outputs:
+        selected.summary["backend_export"] = {"path": os.path.abspath(str(path)),
+                                              "digest": save_backend_state(tuned.model, str(path))}
+        getLogger().info(set_color("[Backend]", "pink") + f" trained weights saved to {path}")
 
 
 def run_result(setup: RunSetup, selected: SelectedUsers, tuned: FineTuned, tested: Tested, saved: bool

@@ -51,6 +51,7 @@ def run_recbole(
     with setup.policy.model_stage():
         tuned = pipeline.fine_tune(setup, data, selected, saved)
         tested = pipeline.test_model(setup, data, selected, tuned, saved)
+        pipeline.export_backend(setup, selected, tuned)
         return pipeline.run_result(setup, selected, tuned, tested, saved)
 
 
@@ -64,7 +65,14 @@ def check_run_config(config: DealrecConfig):
     if issubclass(model_class, GenerativeBackend):
         model_class.check_config(config)
         check_trainer_config(config)
+        init = config["backend_init"]
+        if init is not None and not os.path.isfile(str(init)):
+            raise ConfigError(f"backend_init={init!r}: no such file (one a run's backend_export wrote)")
     else:
+        for key in ("backend_init", "backend_export"):
+            if config[key] is not None:
+                raise ConfigError(f"{key}: only a generative backend (BIGRec, TIGER) starts from or saves its "
+                                  f"trainable weights this way; the run's model is {config['model']}")
         valid_metric = str(config["valid_metric"])
         if "@" in valid_metric and int(valid_metric.split("@")[1]) not in config["topk"]:
             raise ConfigError(f"valid_metric={valid_metric} needs its cut-off in topk={config['topk']}; set both")
@@ -78,7 +86,7 @@ def check_run_config(config: DealrecConfig):
 
 #: keys naming an output folder, and keys naming an output file (whose folder must be writable)
 OUTPUT_FOLDER_KEYS = ("output_dir", "checkpoint_dir", "llm_cache_dir", "bigrec_item_emb_cache")
-OUTPUT_FILE_KEYS = ("test_user_results_file", "bigrec_generations_file")
+OUTPUT_FILE_KEYS = ("test_user_results_file", "bigrec_generations_file", "backend_export", "surrogate_export")
 
 
 def check_outputs_writable(config) -> None:

@@ -157,7 +157,7 @@ def test_a_paper_format_dataset_streams_its_valid_period_as_the_new_data(tmp_pat
     write_paper_folder(tmp_path / "paper")
     import_paper_dataset(str(tmp_path / "paper"), str(tmp_path / "data" / "games"))
     config = DealrecConfig("SASRec", "games", config_dict={"data_path": str(tmp_path / "data")})
-    plan, frame = plan_stream(config, StreamArguments.from_config(config))
+    plan, frame = plan_stream(config, StreamArguments.of_run(config))
     assert plan.cut.source == "split" and len(plan.rounds) == 2
     users = frame["user_id:token"].astype(int).to_numpy()
     for round_plan in plan.rounds:
@@ -182,3 +182,146 @@ def test_candidate_period_outside_a_round_dataset_names_the_missing_column(tiny_
     with pytest.raises(ConfigError, match=r"^candidate_period=0: the dataset has no 'period' column"):
         run_recbole("SASRec", config_dict={**tiny_config, "sampler": "random", "selection_num": 5,
                                            "candidate_period": 0})
+
+
+def test_incremental_rounds_continue_from_the_previous_round(tmp_path):
+    """TIGER with DEALRec's signals: round 1 warm-starts the surrogate from round 0's (item rows by token), starts
+    TIGER from round 0's tested weights (bit for bit) and reads round 0's item IDs (every item keeps its ID)."""
+    import torch
+
+    from recbole_dealrec.config import DealrecConfig
+    from recbole_dealrec.data import create_dataset, data_preparation
+    from recbole_dealrec.model.backend import state_digest
+    from recbole_dealrec.surrogate.train import initial_surrogate, item_tokens, surrogate_config
+    from tests.conftest import TINY_SURROGATE, TINY_TIGER
+
+    write_dataset(tmp_path / "data" / "toy", "toy", n_users=48, n_items=120)
+    config = {**stream_dict(tmp_path, stream_periods=3, stream_update="incremental", stream_warm_epochs=1),
+              **TINY_TIGER, "tiger_codebook_size": 16, "title_field": "title", "sampler": "dealrec", "dealrec_lambda": 0.5,
+              "surrogate_config": TINY_SURROGATE}
+    report = run_stream("TIGER", "toy", config_dict=config)
+    first, second = report["rounds"]
+    rounds = tmp_path / "stream" / "rounds"
+    assert first["started_from"] == {}
+    assert second["started_from"] == {
+        "surrogate_init": str(rounds / "r0" / "surrogate.pt"), "backend_init": str(rounds / "r0" / "backend.pt"),
+        "tiger_semantic_ids_file": os.path.join(first["selection"]["folder"], "semantic_ids.tsv")}
+    # the backend starts round 1 with the weights round 0 was tested with, bit for bit
+    assert second["selection"]["backend_start_digest"] == first["selection"]["backend_export"]["digest"]
+    assert first["selection"]["backend_start_digest"] != first["selection"]["backend_export"]["digest"]
+    saved = torch.load(rounds / "r0" / "backend.pt", weights_only=True)
+    assert state_digest(saved["state"]) == first["selection"]["backend_export"]["digest"]
+
+    def ids(folder):
+        lines = open(os.path.join(folder, "semantic_ids.tsv")).read().splitlines()[1:]
+        return dict(line.split("\t") for line in lines)
+    old, new = ids(first["selection"]["folder"]), ids(second["selection"]["folder"])
+    assert {t: new[t] for t in old} == old and len(set(new.values())) == len(new)  # old IDs kept; all unique
+    assert len(new) > len(old)  # the items first seen in period 2 got IDs
+
+    # the warm-started surrogate starts from round 0's rows, matched by item token; a fresh one does not
+    round1 = {"data_path": str(tmp_path / "stream" / "datasets"), "surrogate_config": TINY_SURROGATE,
+              "title_field": "title"}
+    previous = torch.load(rounds / "r0" / "surrogate.pt", weights_only=True)
+    for init, equal in ((str(rounds / "r0" / "surrogate.pt"), True), (None, False)):
+        scfg = surrogate_config(DealrecConfig("TIGER", "toy-r1", config_dict={**round1, "surrogate_init": init}))
+        train_data, _, _ = data_preparation(scfg, create_dataset(scfg))
+        model = initial_surrogate(scfg, train_data.dataset)
+        tokens, position = item_tokens(train_data.dataset), {t: i for i, t in enumerate(previous["item_tokens"])}
+        rows = [i for i, t in enumerate(tokens) if i and t in position]
+        table = model.state_dict()["item_embedding.weight"]
+        carried = torch.equal(table[rows], previous["state"]["item_embedding.weight"][[position[tokens[i]] for i in rows]])
+        assert carried is equal
+        others = [k for k in previous["state"] if k != "item_embedding.weight"]
+        assert all(torch.equal(model.state_dict()[k], previous["state"][k]) for k in others) is equal
+
+
+def _all_samplers():
+    import recbole_dealrec.selection  # noqa: F401  (registers every sampler)
+    from recbole_dealrec.selection import SAMPLERS
+
+    return SAMPLERS.names()
+
+
+@pytest.mark.parametrize("sampler", _all_samplers())
+def test_every_sampler_chooses_among_the_new_periods_users_only(tmp_path, sampler):
+    """candidate_period for every sampler: the selection and the pruned training rows are the new period's users'."""
+    from recbole_dealrec import pipeline
+    from recbole_dealrec.config import DealrecConfig
+    from recbole_dealrec.quick_start import check_run_config
+    from recbole_dealrec.stream.runner import StreamArguments, plan_stream, write_round
+    from recbole_dealrec.stream import periods as stream_periods
+    from recbole_dealrec.config import PROPERTIES_DIR
+    from tests.conftest import TINY_SURROGATE, TINY_TIGER
+
+    write_dataset(tmp_path / "data" / "toy", "toy", n_users=48, n_items=120)
+    source = DealrecConfig("TIGER", "toy", config_dict={"data_path": str(tmp_path / "data"), "stream_periods": 3})
+    plan, frame = plan_stream(source, StreamArguments.of_run(source))
+    layer = stream_periods.dataset_layer(source, PROPERTIES_DIR)
+    write_round(str(tmp_path / "stream"), plan.rounds[1], plan, frame, source, layer)
+    keys = {**TINY_TIGER, "tiger_codebook_size": 16, "title_field": "title", "surrogate_config": TINY_SURROGATE,
+            "data_path": str(tmp_path / "stream" / "datasets"), "output_dir": str(tmp_path / "out"),
+            "topk": [5, 10], "valid_metric": "NDCG@5", "sampler": sampler, "candidate_period": 1,
+            "recranker_num_clusters": 4, "tfdcon_num_clusters": 4}  # below the toy's 46 candidates
+    new_period = {u for u, label, p in zip(frame["user_id:token"], plan.rounds[1].labels, plan.cut.period)
+                  if label == "train" and p == 1}
+    if sampler == "file":
+        listed = tmp_path / "users.txt"
+        listed.write_text("\n".join(sorted(new_period)[:4]) + "\n")
+        keys["selection_file"] = str(listed)
+    elif sampler != "full":
+        keys["selection_num"] = 6
+    config = DealrecConfig("TIGER", "toy-r1", config_dict=keys)
+    method, model_class = check_run_config(config)
+    setup = pipeline.setup_run(config, method, model_class)
+    data = pipeline.load_data(setup)
+    selected = pipeline.select_users(setup, data)
+    dataset = data.train_data.dataset
+    chosen = set(dataset.id2token(dataset.uid_field, selected.selection.user_ids).tolist())
+    assert chosen and chosen <= new_period
+    kept = selected.train_data.dataset
+    assert set(kept.id2token(kept.uid_field, np.unique(kept.inter_feat[kept.uid_field].numpy())).tolist()) == chosen
+    if sampler == "full":
+        assert len(chosen) == selected.summary["candidate_users"] < len(set(frame["user_id:token"]))
+
+
+def _backend_config(model: str, tmp, llm_path: str) -> dict:
+    from tests.conftest import TINY_TIGER, tiny_bigrec_config
+
+    if model == "BIGRec":
+        return {**tiny_bigrec_config(llm_path, tmp), "eval_user_subset": 8, "valid_user_subset": 8}
+    return {**TINY_TIGER, "checkpoint_dir": str(tmp / "ckpt"), "output_dir": str(tmp / "out")}
+
+
+@pytest.mark.parametrize("model", ["BIGRec", "TIGER"])
+def test_backend_init_starts_a_generative_backend_from_the_exported_weights(tmp_path, tiny_llm_path, model):
+    """Every generative backend: a run's backend_export is the next run's start, bit for bit; weights of another
+    size are a one-line error before training."""
+    import torch
+
+    from recbole_dealrec.model.backend import state_digest
+    from recbole_dealrec.quick_start import run_recbole
+
+    base = {**_backend_config(model, tmp_path, tiny_llm_path), "sampler": "random", "selection_num": 16,
+            "reference_rows": []}
+    first = run_recbole(model, config_dict={**base, "backend_export": str(tmp_path / "a.pt")})
+    exported = first["selection"]["backend_export"]
+    assert exported["digest"] == state_digest(torch.load(tmp_path / "a.pt", weights_only=True)["state"])
+    assert first["selection"]["backend_start_digest"] != exported["digest"]  # it trained
+    second = run_recbole(model, config_dict={**base, "backend_init": str(tmp_path / "a.pt"), "seed": 7})
+    assert second["selection"]["backend_start_digest"] == exported["digest"]
+    other = {"lora_r": 4} if model == "BIGRec" else {"tiger_d_ff": 32}
+    with pytest.raises(ConfigError, match=r"^backend_init=.*a\.pt: its weights do not fit the run's " + model):
+        run_recbole(model, config_dict={**base, **other, "backend_init": str(tmp_path / "a.pt")})
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"backend_init": "x.pt"}, r"^backend_init: only a generative backend \(BIGRec, TIGER\)"),
+    ({"backend_export": "x.pt"}, r"^backend_export: only a generative backend \(BIGRec, TIGER\)"),
+    ({"surrogate_init": "/nonexistent/s.pt"}, r"^surrogate_init='/nonexistent/s.pt': no such file"),
+])
+def test_continuation_keys_are_checked_before_the_data(tiny_config, extra, message):
+    from recbole_dealrec.quick_start import run_recbole
+
+    with pytest.raises(ConfigError, match=message):
+        run_recbole("SASRec", config_dict={**tiny_config, "sampler": "random", "selection_num": 5, **extra})

@@ -19,6 +19,50 @@ from recbole.utils import InputType
 from recbole_dealrec.data.items import last_rows
 from recbole_dealrec.errors import ConfigError
 
+#: what a backend_export file holds besides the weights: the model it came from
+BACKEND_FILE_MODEL = "model"
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes (sorted by name): which weights a model holds."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_backend_state(model: "GenerativeBackend", path: str) -> str:
+    """Write ``model``'s trainable weights to ``path`` (atomically; tensors and the model's name only, loadable with
+    ``weights_only=True``); return their :func:`state_digest`."""
+    from recbole_dealrec.utils import atomic_write
+
+    state = model.trainable_state_dict()
+    with atomic_write(path, "wb") as handle:
+        torch.save({BACKEND_FILE_MODEL: type(model).__name__, "state": state}, handle)
+    return state_digest(state)
+
+
+def load_backend_state(model: "GenerativeBackend", path: str) -> str:
+    """Start ``model`` from the weights :func:`save_backend_state` wrote (``backend_init``); return their digest.
+    Weights of another model or shape are a ``ConfigError`` naming the key."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    name = type(model).__name__
+    if not isinstance(saved, dict) or saved.get(BACKEND_FILE_MODEL) != name:
+        raise ConfigError(f"backend_init={path}: weights of {saved.get(BACKEND_FILE_MODEL) if isinstance(saved, dict) else '?'}"
+                          f", not of the run's model {name}")
+    state, own = saved["state"], model.trainable_state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        different = sorted(k for k in set(state) ^ set(own)) or sorted(k for k in own if state[k].shape != own[k].shape)
+        raise ConfigError(f"backend_init={path}: its weights do not fit the run's {name} (e.g. {different[0]}): "
+                          "another size or adapter configuration")
+    model.load_trainable_state_dict(state)
+    return state_digest(state)
+
+
 #: the backend effort scores use when the run's own model is not generative (e.g. SASRec + dealrec)
 DEFAULT_BACKEND = "BIGRec"
 
@@ -95,6 +139,12 @@ class GenerativeBackend(SequentialRecommender, abc.ABC):
 
     def export(self, folder: str) -> None:
         """Write the backend's own artefacts beside the selection (TIGER: item semantic IDs)."""
+
+    @classmethod
+    def continuation_keys(cls, selection_folder: str) -> dict:
+        """The keys a run continuing this backend (``backend_init``) needs from the earlier run whose selection
+        folder (with what :meth:`export` wrote) is ``selection_folder`` (TIGER: its item semantic IDs)."""
+        return {}
 
     def predict(self, interaction):
         raise NotImplementedError(

@@ -177,5 +177,8 @@ def compute_signals(
         _check_values(name, np.asarray(result.scores, dtype=np.float64))
         ids = np.asarray(train_dataset.token2id(train_dataset.uid_field, list(result.tokens)), dtype=np.int64)
         values = np.asarray(result.scores, dtype=np.float64 if np.ndim(result.scores) == 1 else np.float32)
-        out[name], meta[name] = UserScores(ids, values), result.meta
+        # a signal may score more users than the candidates (influence scores every user of the empirical risk):
+        # the selection sees the candidates' values only (candidate_period); a missing candidate stays an error
+        among = np.isin(ids, candidates)
+        out[name], meta[name] = UserScores(ids[among], values[among]), result.meta
     return out, meta

@@ -9,7 +9,11 @@ the run's keys; a folder holding another stream is an error), ``datasets/<datase
 ``report.{md,json}``. A killed stream restarts at the first round without a ``result.json``; that round reruns
 from its start and, with the same seed, makes the same selection.
 
-Every round is trained from scratch (a fresh surrogate, its signals, the backend from its base weights).
+``stream_update: scratch`` trains every round from zero (a fresh surrogate, its signals, the backend from its base
+weights); ``incremental`` starts round r >= 1 from round r-1: the surrogate warm-started from its weights (item rows
+matched by token), the backend from its tested weights, TIGER's item IDs read from it (every item keeps its ID), each
+for ``stream_warm_epochs``. The signals are recomputed in every round: each is a function of the surrogate or the
+backend, both of which changed.
 """
 from __future__ import annotations
 
@@ -23,14 +27,18 @@ import numpy as np
 from recbole.utils import set_color
 
 from recbole_dealrec import distributed
-from recbole_dealrec.config import PROPERTIES_DIR, DealrecConfig, StageArguments, check_known_keys, user_keys
+from recbole_dealrec.config import (PROPERTIES_DIR, DealrecConfig, StageArguments, check_known_keys, read_property_file,
+                                    user_keys)
 from recbole_dealrec.data.dataset import SPLITS
-from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.errors import ConfigError, check_integer
+from recbole_dealrec.model.backend import GenerativeBackend
 from recbole_dealrec.stream import periods
 from recbole_dealrec.utils import atomic_write, dataset_fingerprint, stable_key
 
 #: the stream's report, as <stream_output>/report.json and report.md
 REPORT_FILE = "report"
+#: stream_update's values: every round from zero, or from the previous round's surrogate and backend
+STREAM_UPDATES = ("scratch", "incremental")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +50,24 @@ class StreamArguments(StageArguments):
     stream_periods: Optional[int]
     stream_cut_times: Optional[list]
     stream_output: str
+    stream_update: str
+    stream_warm_epochs: Optional[int]
+
+    def check(self) -> None:
+        if self.stream_update not in STREAM_UPDATES:
+            raise ConfigError(f"stream_update={self.stream_update!r}: allowed {', '.join(STREAM_UPDATES)}")
+        check_integer("stream_warm_epochs", self.stream_warm_epochs, 1, none_ok=True)
+
+    @classmethod
+    def of_run(cls, config) -> "StreamArguments":
+        """The stream keys a run's config was given, over ``properties/stream.yaml``'s defaults (a run's config
+        layers no stream file: only the stream reads these keys)."""
+        defaults = read_property_file(os.path.join(PROPERTIES_DIR, "stream.yaml"))
+        return cls.from_config({**defaults, **{k: config[k] for k in defaults if config[k] is not None}})
+
+    @property
+    def incremental(self) -> bool:
+        return self.stream_update == "incremental"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +127,7 @@ def plan_stream(config: DealrecConfig, args: StreamArguments) -> tuple[StreamPla
         rounds.append(RoundPlan(index, f"{name}-r{index}", labels, int(len(np.unique(users[new_training])))))
     facts = {"dataset": name, "source_fingerprint": dataset_fingerprint(config), "cut": cut.source,
              "cut_times": list(cut.cut_times), "interactions_per_period": cut.counts(), "model": config["model"],
-             "run_keys": round_keys(config)}
+             "update": args.stream_update, "warm_epochs": args.stream_warm_epochs, "run_keys": round_keys(config)}
     return StreamPlan(cut, tuple(rounds), stable_key(facts), facts), frame
 
 
@@ -156,8 +182,8 @@ def run_stream(model: Optional[str] = None, dataset: Optional[str] = None,
     check_known_keys(config)
     if user_keys(config).get("candidate_period") is not None:
         raise ConfigError("candidate_period: the stream sets it to each round's new period; unset it")
-    args = StreamArguments.from_config(config)
-    method, _ = check_run_config(config)  # every key of the rounds' runs, before any work
+    args = StreamArguments.of_run(config)
+    method, model_class = check_run_config(config)  # every key of the rounds' runs, before any work
     plan, frame = plan_stream(config, args)
     budgets = check_round_budgets(plan, method)
     folder = os.path.abspath(os.path.expanduser(args.stream_output))
@@ -181,12 +207,14 @@ def run_stream(model: Optional[str] = None, dataset: Optional[str] = None,
                     f"0..{round_plan.index}, selects {budget} of {round_plan.n_candidates} users of period "
                     f"{round_plan.index}, is evaluated on period {round_plan.index + 1}")
         round_dict = {**round_keys(config), "data_path": os.path.join(folder, "datasets"),
-                      "output_dir": os.path.dirname(path), "candidate_period": round_plan.index}
+                      "output_dir": os.path.dirname(path), "candidate_period": round_plan.index,
+                      **round_files(folder, round_plan.index, model_class, args,
+                                    results[-1] if results else None, config)}
         result = run_recbole(config["model"], round_plan.dataset, config_dict=round_dict)
-        record = round_record(round_plan, plan, budget, result)
+        record = round_record(round_plan, plan, budget, result, round_dict)
         if distributed.is_main():
             with atomic_write(path, encoding="utf-8") as handle:
-                json.dump(record, handle, indent=1)
+                json.dump(record, handle, indent=1, default=_as_json)
         results.append(record)
     report = stream_report(plan, results)
     if distributed.is_main():
@@ -210,7 +238,32 @@ def write_round(folder: str, round_plan: RoundPlan, plan: StreamPlan, frame, con
     getLogger().info(set_color("[Stream]", "pink") + f" wrote {target}: {counts} (train / valid / test rows)")
 
 
-def round_record(round_plan: RoundPlan, plan: StreamPlan, budget: int, result: dict) -> dict:
+def round_files(folder: str, index: int, model_class: type, args: StreamArguments, previous: Optional[dict],
+                config) -> dict:
+    """The keys of round ``index``'s run that name files: what it exports (its surrogate, a generative backend's
+    weights) and, in an incremental round, what it starts from (the previous round's exports, the backend's
+    :meth:`~GenerativeBackend.continuation_keys`) and its epochs (``stream_warm_epochs``)."""
+    own = os.path.join(folder, "rounds", f"r{index}")
+    generative = issubclass(model_class, GenerativeBackend)
+    keys = {"surrogate_export": os.path.join(own, "surrogate.pt"),
+            **({"backend_export": os.path.join(own, "backend.pt")} if generative else {})}
+    if not args.incremental or index == 0:
+        return keys
+    before = os.path.join(folder, "rounds", f"r{index - 1}")
+    surrogate = os.path.join(before, "surrogate.pt")
+    if os.path.isfile(surrogate):  # a sampler without signals from a surrogate trains none
+        keys["surrogate_init"] = surrogate
+    if generative:
+        keys["backend_init"] = os.path.join(before, "backend.pt")
+        keys.update(model_class.continuation_keys(previous["selection"]["folder"]))
+    if args.stream_warm_epochs is not None:
+        block = dict(config["surrogate_config"] or {})
+        keys.update({"epochs": args.stream_warm_epochs,
+                     "surrogate_config": {**block, "epochs": args.stream_warm_epochs}})
+    return keys
+
+
+def round_record(round_plan: RoundPlan, plan: StreamPlan, budget: int, result: dict, round_dict: dict) -> dict:
     """What ``result.json`` keeps of a round's run (plain numbers; the selection's summary without its ids)."""
     from recbole_dealrec.pipeline import plain_numbers
 
@@ -221,6 +274,8 @@ def round_record(round_plan: RoundPlan, plan: StreamPlan, budget: int, result: d
         "rows": round_plan.split_counts(), "candidates": round_plan.n_candidates, "budget": budget,
         "test_result": result.get("test_result"), "best_valid_result": result.get("best_valid_result"),
         "reference_results": result.get("reference_results"), "seconds": selection.get("seconds"),
+        "started_from": {k: round_dict[k] for k in ("surrogate_init", "backend_init", "tiger_semantic_ids_file")
+                         if k in round_dict},
         "selection": selection,
     })
 
@@ -238,7 +293,8 @@ def report_markdown(report: dict) -> str:
     lines = [f"# Stream of {report['dataset']} ({report['model']}, cut by {report['cut']}: "
              f"{report['interactions_per_period']} interactions per period)", "",
              "Round r learns from periods 0..r, selects among the users of period r, is evaluated on period r+1. "
-             "Every round is trained from scratch.", ""]
+             + ("Every round is trained from scratch." if report["update"] == "scratch" else
+              "Round r >= 1 starts from round r-1's surrogate and backend (incremental)."), ""]
     header = ["round", "candidates", "budget", "train / valid / test rows", "row", *metrics, "seconds"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in rounds:
@@ -257,9 +313,16 @@ def report_markdown(report: dict) -> str:
 
 def write_report(folder: str, report: dict) -> None:
     with atomic_write(os.path.join(folder, REPORT_FILE + ".json"), encoding="utf-8") as handle:
-        json.dump(report, handle, indent=1)
+        json.dump(report, handle, indent=1, default=_as_json)
     with atomic_write(os.path.join(folder, REPORT_FILE + ".md"), encoding="utf-8") as handle:
         handle.write(report_markdown(report))
+
+
+def _as_json(value: Any) -> Any:
+    """JSON for what a run's summary may hold beyond plain numbers (numpy arrays, e.g. a signal's ids)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} in a round's record is not JSON")
 
 
 def _read_json(path: str) -> Optional[dict]:

@@ -33,7 +33,8 @@ from recbole_dealrec.surrogate.loss import (SampledNegatives, SequenceTrainingLo
                                            check_surrogate_loss, check_windows,
                                            check_user_weighting, sampled_negatives, sequence_row_lengths,
                                            sequence_train_dataset, supports_sequence_mode)
-from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, rng_untouched, stable_key
+from recbole_dealrec.utils import (atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, file_checksum,
+                                   rng_untouched, stable_key)
 
 #: The plugin keys of the data and surrogate stages, the only plugin keys the trained weights depend on (every other
 #: plugin key belongs to a later stage; RecBole's keys all count).
@@ -94,7 +95,70 @@ def config_key(config: DealrecConfig) -> str:
         k: v for k, v in config.final_config_dict.items()
         if k not in RESULT_NEUTRAL_KEYS and k != "surrogate_config" and (k not in plugin_only or k in SURROGATE_PLUGIN_KEYS)
     }
-    return stable_key({"config": relevant, "data": dataset_fingerprint(config)})
+    # a warm start (surrogate_init): the weights it starts from count, by content; absent from every other key
+    init = config["surrogate_init"]
+    return stable_key({"config": relevant, "data": dataset_fingerprint(config),
+                       **({"init": file_checksum(str(init))} if init else {})})
+
+
+def item_tokens(dataset) -> list[str]:
+    """The dataset's item tokens by internal id (index 0 = RecBole's padding)."""
+    return [str(t) for t in dataset.field2id_token[dataset.iid_field]]
+
+
+def save_surrogate(model: torch.nn.Module, dataset, path: str) -> None:
+    """``surrogate_export``: the weights and the item tokens their item rows belong to (a later ``surrogate_init``)."""
+    with atomic_write(path, "wb") as handle:
+        torch.save({"state": _cpu_state(model), "item_tokens": item_tokens(dataset)}, handle)
+
+
+def warm_start(model: torch.nn.Module, dataset, path: str) -> dict[str, int]:
+    """Load ``surrogate_init`` into a freshly initialised ``model`` of ``dataset``: every tensor of the same shape
+    is copied; an item table (first dimension = the item count, plus the same number of extra rows, e.g.
+    BERT4Rec's mask) gets the saved row of each item token both datasets hold, in this dataset's order, and its
+    extra rows; the rows of items the saved surrogate did not know keep their seeded initialisation. Returns how
+    many item rows were carried over and how many are new."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or set(saved) != {"state", "item_tokens"}:
+        raise ConfigError(f"surrogate_init={path}: not a file surrogate_export wrote (weights and item tokens)")
+    old_tokens, new_tokens = saved["item_tokens"], item_tokens(dataset)
+    old_index = {t: i for i, t in enumerate(old_tokens)}
+    pairs = [(i, old_index[t]) for i, t in enumerate(new_tokens) if i > 0 and t in old_index]
+    new_rows = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+    old_rows = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+    own = model.state_dict()
+    if set(saved["state"]) != set(own):
+        raise ConfigError(f"surrogate_init={path}: its tensors ({len(saved['state'])}) are not those of the run's "
+                          f"{type(model).__name__} ({len(own)}); another surrogate_model or size")
+    state = {}
+    for name, value in own.items():
+        old = saved["state"][name]
+        extra = value.shape[0] - len(new_tokens) if value.dim() else None
+        if extra is not None and extra >= 0 and old.shape[0] - len(old_tokens) == extra and old.shape[1:] == value.shape[1:]:
+            rows = value.clone()
+            rows[0] = old[0]  # the padding row
+            rows[new_rows] = old[old_rows]
+            if extra:
+                rows[len(new_tokens):] = old[len(old_tokens):]
+            state[name] = rows
+        elif old.shape == value.shape:
+            state[name] = old
+        else:
+            raise ConfigError(f"surrogate_init={path}: {name} has shape {tuple(old.shape)}, the run's surrogate "
+                              f"{tuple(value.shape)}; another size")
+    model.load_state_dict(state)
+    return {"items_carried": len(pairs), "items_new": len(new_tokens) - 1 - len(pairs)}
+
+
+def initial_surrogate(scfg, dataset):
+    """The surrogate before training: seeded by ``scfg['seed']``, then warm-started from ``surrogate_init``."""
+    init_seed(scfg["seed"], scfg["reproducibility"])
+    model = get_model(scfg["model"])(scfg, dataset).to(scfg["device"])
+    if scfg["surrogate_init"]:
+        counts = warm_start(model, dataset, str(scfg["surrogate_init"]))
+        getLogger().info(set_color("[Surrogate]", "pink") + f" warm start from {scfg['surrogate_init']}: "
+                         f"{counts['items_carried']} item rows carried over, {counts['items_new']} new items")
+    return model
 
 
 def _snapshot_path(config, scfg, key: str, run: int, epoch: int) -> str:
@@ -163,6 +227,10 @@ def surrogate_trainer(scfg, model, snapshot_paths: Optional[Mapping[int, str]] =
 def check_surrogate_config(config) -> None:
     """The surrogate-stage plugin keys that need no data (run by ``check_run_config`` before any data is read)."""
     check_user_weighting(config["surrogate_user_weighting"])
+    init = config["surrogate_init"]
+    if init is not None and (not isinstance(init, str) or not os.path.isfile(init)):
+        raise ConfigError(f"surrogate_init={init!r}: no such file (one a run's surrogate_export wrote); ~ = the seeded "
+                          "initialisation")
     block = config["surrogate_config"] if isinstance(config["surrogate_config"], dict) else {}
     keys = {k: block.get(k, config[k]) for k in ("surrogate_loss", "surrogate_negatives", "surrogate_sampled_min_items",
                                                   "surrogate_sequence_mode", "loss_type", "surrogate_windows")}
@@ -230,8 +298,7 @@ def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) 
     train_data, valid_data, _ = data_preparation(scfg, dataset)
     key = config_key(scfg)
     path = os.path.join(cache_dir(config), f"surrogate-{scfg['model']}-{key}.pt")
-    init_seed(scfg["seed"], scfg["reproducibility"])
-    model = get_model(scfg["model"])(scfg, train_data.dataset).to(scfg["device"])
+    model = initial_surrogate(scfg, train_data.dataset)
     # Under torch.distributed rank 0 trains alone and writes the cache, then every other rank reads it: the same
     # weights, bit for bit, whatever the number of processes (a data-parallel step sums the ranks' gradients in
     # an order that depends on their number, and Algorithm 2's bins turn that into other users).
@@ -253,6 +320,9 @@ def train_surrogate(config: DealrecConfig, snapshot_epochs: Sequence[int] = ()) 
                     model.load_state_dict(trainer.best_state)
             _save_state(model, path)
             logger.info(set_color("[Surrogate]", "pink") + f" best epoch by {scfg['valid_metric']} saved to {path}")
+    if config["surrogate_export"] and distributed.is_main():
+        save_surrogate(model, train_data.dataset, str(config["surrogate_export"]))
+        logger.info(set_color("[Surrogate]", "pink") + f" exported to {config['surrogate_export']}")
     model.eval()
     return SurrogateRun(config=scfg, model=model, train_dataset=train_data.dataset, key=key,
                         valid_dataset=valid_data.dataset)
@@ -273,8 +343,7 @@ def surrogate_snapshot(config: DealrecConfig, run: int, epoch: int) -> Surrogate
     init_seed(scfg["seed"], scfg["reproducibility"])
     dataset = create_dataset(scfg)
     train_data, valid_data, _ = data_preparation(scfg, dataset)
-    init_seed(scfg["seed"], scfg["reproducibility"])
-    model = get_model(scfg["model"])(scfg, train_data.dataset).to(scfg["device"])
+    model = initial_surrogate(scfg, train_data.dataset)
     with distributed.main_first():  # rank 0 trains (or saves the initialisation) alone, the others read its cache
         if cache_entry_ok(path):
             model.load_state_dict(torch.load(path, map_location=scfg["device"], weights_only=True))

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import zlib
 from logging import getLogger
 import numpy as np
@@ -37,6 +38,10 @@ T5_KEYS = ("tiger_d_model", "tiger_d_kv", "tiger_d_ff", "tiger_num_layers", "tig
 def check_tiger_config(config) -> None:
     """The model keys that can be checked before any data is read."""
     check_rqvae_config(config)
+    table = config["tiger_semantic_ids_file"]
+    if table is not None and (not isinstance(table, str) or not os.path.isfile(table)):
+        raise ConfigError(f"tiger_semantic_ids_file={table!r}: no such file (a TIGER run's semantic_ids.tsv); "
+                          "~ = build the IDs")
     for key in (*T5_KEYS[:-1], "tiger_max_history"):
         check_integer(key, config[key], 1)
     check_integer("tiger_user_tokens", config["tiger_user_tokens"], 0, "0 = no user tokens; TIGER: 2000")
@@ -241,7 +246,8 @@ class TIGER(GenerativeBackend):
         return torch.cat(out) if out else torch.zeros(0)
 
     def effort_facts(self) -> dict:
-        return {"semantic_ids": self.semantic_ids.facts.get("path")}
+        read = self.semantic_ids.facts.get("file_sha256")  # tiger_semantic_ids_file: the table's contents count
+        return {"semantic_ids": self.semantic_ids.facts.get("path"), **({"semantic_ids_sha256": read} if read else {})}
 
     # ------------------------------------------------------------------ weights and exports
 
@@ -251,10 +257,14 @@ class TIGER(GenerativeBackend):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.t5.load_state_dict(state)
 
+    @classmethod
+    def continuation_keys(cls, selection_folder: str) -> dict:
+        """The continued T5 reads the codes it learned: the earlier run's IDs, by item token."""
+        return {"tiger_semantic_ids_file": os.path.join(selection_folder, "semantic_ids.tsv")}
+
     def export(self, folder: str) -> None:
         """``semantic_ids.tsv``: item token -> its code tuple, and ``semantic_ids.json``: usage, collisions."""
         import json
-        import os
 
         from recbole_dealrec.utils import atomic_write
 

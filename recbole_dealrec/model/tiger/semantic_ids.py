@@ -218,8 +218,90 @@ def train_semantic_ids(config: Mapping[str, Any], texts: Sequence[str], show_pro
     return SemanticIDs(np.concatenate([padding, full]), facts)
 
 
+def read_semantic_ids_file(path: str, levels: int, codebook_size: int) -> dict[str, list[int]]:
+    """A ``semantic_ids.tsv`` table (``item_id<TAB>code code ...``): item token -> its ``levels + 1`` codes."""
+    key = "tiger_semantic_ids_file"
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}={path}: no such file (a TIGER run's semantic_ids.tsv)")
+    table: dict[str, list[int]] = {}
+    with open(path, encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\n")
+        if header != "item_id\tcodes":
+            raise ConfigError(f"{key}={path}: header {header!r}, expected 'item_id<TAB>codes' (semantic_ids.tsv)")
+        for number, line in enumerate(handle, start=2):
+            token, _, codes = line.rstrip("\n").partition("\t")
+            values = codes.split()
+            if len(values) != levels + 1 or not all(v.isdigit() and int(v) < codebook_size for v in values):
+                raise ConfigError(f"{key}={path} line {number}: {codes!r}, expected tiger_levels + 1 = {levels + 1} "
+                                  f"codes below tiger_codebook_size={codebook_size}")
+            table[token] = [int(v) for v in values]
+    if len({tuple(c) for c in table.values()}) < len(table):
+        raise ConfigError(f"{key}={path}: two items share one semantic ID")
+    return table
+
+
+def extend_semantic_ids(table: Mapping[str, Sequence[int]], item_tokens: Sequence[str], embeddings: torch.Tensor,
+                        codebook_size: int) -> tuple[np.ndarray, int]:
+    """The codes of ``item_tokens`` (by internal id, 0 = padding): an item of ``table`` keeps its codes; an item it
+    lacks (new since the table was built) takes the ``levels`` prefix of the most similar known item (cosine of
+    ``embeddings``, float [n_items - 1, d], L2-normalised, by internal id from 1) that still has a free last code,
+    and the smallest such code: old IDs unchanged, every ID unique. Returns (int64 [n_items, levels + 1], row 0 =
+    -1; the number of new items)."""
+    width = len(next(iter(table.values())))
+    codes = np.full((len(item_tokens), width), -1, dtype=np.int64)
+    known = [i for i, t in enumerate(item_tokens) if i and t in table]
+    new = [i for i, t in enumerate(item_tokens) if i and t not in table]
+    for i in known:
+        codes[i] = table[item_tokens[i]]
+    taken: dict[tuple, set] = {}
+    for value in table.values():
+        taken.setdefault(tuple(value[:-1]), set()).add(value[-1])
+    if new and not known:
+        raise ConfigError("tiger_semantic_ids_file: none of the dataset's items is in the table; expected the IDs of "
+                          "an earlier run on the same items")
+    if new:
+        similarity = embeddings[[i - 1 for i in new]] @ embeddings[[i - 1 for i in known]].T
+        for row, item in enumerate(new):
+            for neighbour in torch.argsort(similarity[row], descending=True, stable=True).tolist():
+                prefix = tuple(codes[known[neighbour]][:-1])
+                free = next((c for c in range(codebook_size) if c not in taken.get(prefix, ())), None)
+                if free is not None:
+                    codes[item] = [*prefix, free]
+                    taken.setdefault(prefix, set()).add(free)
+                    break
+            else:
+                raise ConfigError(f"tiger_semantic_ids_file: no free semantic ID left for item {item_tokens[item]!r} "
+                                  f"(every known prefix holds tiger_codebook_size={codebook_size} items)")
+    return codes, len(new)
+
+
+def semantic_ids_from_file(config: Mapping[str, Any], dataset, show_progress: bool = False) -> SemanticIDs:
+    """``tiger_semantic_ids_file``'s codes for this dataset's items, extended to items it lacks (see
+    :func:`extend_semantic_ids`; their texts embedded by the run's text encoder)."""
+    from recbole_dealrec.text_encoder import encode_texts, resolve_text_encoder
+    from recbole_dealrec.utils import file_checksum
+
+    path = str(config["tiger_semantic_ids_file"])
+    levels, size = int(config["tiger_levels"]), int(config["tiger_codebook_size"])
+    table = read_semantic_ids_file(path, levels, size)
+    tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
+    embeddings = None
+    if any(t not in table for t in tokens[1:]):
+        embeddings = encode_texts(resolve_text_encoder(config["text_encoder_path"]), item_texts(config, dataset)[1:],
+                                  max_length=int(config["text_encoder_max_length"]), show_progress=show_progress)
+    codes, n_new = extend_semantic_ids(table, tokens, embeddings, size)
+    getLogger().info(f"[TIGER] semantic IDs of {len(tokens) - 1 - n_new} items read from {path}; {n_new} new items "
+                     "placed beside their most similar known item")
+    facts = {"items": len(tokens) - 1, "new_items": n_new, "from_file": os.path.abspath(path),
+             "file_sha256": file_checksum(path), "path": os.path.abspath(path)}
+    return SemanticIDs(codes, facts)
+
+
 def cached_semantic_ids(config: Mapping[str, Any], dataset, show_progress: bool = False) -> SemanticIDs:
-    """:func:`train_semantic_ids` on this dataset's item texts, reused from ``<output_dir>/<dataset>/cache``."""
+    """:func:`train_semantic_ids` on this dataset's item texts, reused from ``<output_dir>/<dataset>/cache``; or
+    the table ``tiger_semantic_ids_file`` names, read by item token and extended to new items."""
+    if config["tiger_semantic_ids_file"]:
+        return semantic_ids_from_file(config, dataset, show_progress)
     texts = item_texts(config, dataset)
     payload = {**{k: config[k] for k in RQVAE_KEYS}, "texts": stable_key({"texts": texts})}
     path = os.path.join(cache_dir(config), f"tiger-ids-{stable_key(payload)}.npz")
