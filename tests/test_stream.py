@@ -325,3 +325,38 @@ def test_continuation_keys_are_checked_before_the_data(tiny_config, extra, messa
 
     with pytest.raises(ConfigError, match=message):
         run_recbole("SASRec", config_dict={**tiny_config, "sampler": "random", "selection_num": 5, **extra})
+
+
+def test_a_stream_without_updates_tests_round_0s_backend_untrained(tmp_path):
+    from tests.conftest import TINY_TIGER
+
+    write_dataset(tmp_path / "data" / "toy", "toy", n_users=48, n_items=120)
+    config = {**stream_dict(tmp_path, stream_periods=4, stream_update="none"), **TINY_TIGER,
+              "tiger_codebook_size": 16, "title_field": "title", "dealrec_lambda": 0.5}
+    rounds = run_stream("TIGER", "toy", config_dict=config)["rounds"]
+    trained = rounds[0]["selection"]["backend_export"]["digest"]
+    for record in rounds[1:]:
+        assert record["selection"]["backend_start_digest"] == trained == record["selection"]["backend_export"]["digest"]
+        assert record["selection"]["sampler"] == "full"  # no selection: nothing trains
+    with pytest.raises(ConfigError, match=r"^stream_update=none: continues a generative backend .* SASRec"):
+        run_stream("SASRec", "toy", config_dict=stream_dict(tmp_path, stream_periods=4, stream_update="none",
+                                                            stream_output=str(tmp_path / "other")))
+
+
+def test_streams_compare_side_by_side_and_refuse_another_cut(tmp_path):
+    from recbole_dealrec.stream.__main__ import main
+
+    write_dataset(tmp_path / "data" / "toy", "toy")
+    a = run_stream("SASRec", "toy", config_dict=stream_dict(tmp_path, stream_periods=3))
+    b = run_stream("SASRec", "toy", config_dict=stream_dict(tmp_path, stream_periods=3, sampler="full",
+                                                            selection_num=None, stream_output=str(tmp_path / "full")))
+    main(["compare", str(tmp_path / "stream"), str(tmp_path / "full"), "--out", str(tmp_path / "cmp")])
+    table = (tmp_path / "cmp" / "streams.md").read_text()
+    comparison = json.loads((tmp_path / "cmp" / "streams.json").read_text())
+    assert [sorted(r["streams"]) for r in comparison["rounds"]] == [["full / scratch", "random / scratch"]] * 2
+    assert comparison["rounds"][1]["streams"]["full / scratch"]["test"] == b["rounds"][1]["test_result"]
+    assert comparison["rounds"][0]["streams"]["random / scratch"]["test"] == a["rounds"][0]["test_result"]
+    assert "| 0 | " in table and "random / scratch" in table and (tmp_path / "cmp" / "streams.png").stat().st_size
+    run_stream("SASRec", "toy", config_dict=stream_dict(tmp_path, stream_periods=2, stream_output=str(tmp_path / "two")))
+    with pytest.raises(SystemExit):
+        main(["compare", str(tmp_path / "stream"), str(tmp_path / "two"), "--out", str(tmp_path / "cmp2")])

@@ -1,5 +1,6 @@
 """``python -m recbole_dealrec.stream --model=M --sampler=S [--dataset=D] [--stream_periods=N] [--key=value ...]``:
-every round of a stream (properties/stream.yaml), then its report."""
+every round of a stream (properties/stream.yaml), then its report.
+``python -m recbole_dealrec.stream compare FOLDER [FOLDER ...] --out OUT [--metric M]``: streams side by side."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,26 @@ from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.stream.runner import run_stream
 
 
+def compare(argv: Sequence[str]) -> None:
+    from recbole_dealrec.stream.report import write_comparison
+
+    parser = argparse.ArgumentParser(prog="python -m recbole_dealrec.stream compare",
+                                     description="streams of one dataset and cut side by side, per round")
+    parser.add_argument("folders", nargs="+", help="stream_output folders (each with its report.json)")
+    parser.add_argument("--out", required=True, help="folder for streams.md, streams.json and streams.png")
+    parser.add_argument("--metric", default=None, help="the plotted metric (default: the last, e.g. recall@20)")
+    args = parser.parse_args(argv)
+    try:
+        write_comparison(args.folders, args.out, args.metric)
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print(f"wrote {args.out}/streams.md, streams.json, streams.png")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        return compare(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m recbole_dealrec.stream", description=__doc__.splitlines()[0])
     parser.add_argument("--model", "-m", default=None, help="plugin or RecBole model name (e.g. TIGER, BIGRec)")
     parser.add_argument("--dataset", "-d", default=None, help="dataset name (default: the embedded ml-100k)")

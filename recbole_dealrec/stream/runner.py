@@ -13,7 +13,8 @@ from its start and, with the same seed, makes the same selection.
 weights); ``incremental`` starts round r >= 1 from round r-1: the surrogate warm-started from its weights (item rows
 matched by token), the backend from its tested weights, TIGER's item IDs read from it (every item keeps its ID), each
 for ``stream_warm_epochs``. The signals are recomputed in every round: each is a function of the surrogate or the
-backend, both of which changed.
+backend, both of which changed. ``none`` tests round 0's backend again in every later round, untrained: the model
+not updated, the reference an update must beat.
 """
 from __future__ import annotations
 
@@ -37,8 +38,12 @@ from recbole_dealrec.utils import atomic_write, dataset_fingerprint, stable_key
 
 #: the stream's report, as <stream_output>/report.json and report.md
 REPORT_FILE = "report"
-#: stream_update's values: every round from zero, or from the previous round's surrogate and backend
-STREAM_UPDATES = ("scratch", "incremental")
+#: stream_update's values: every round from zero; from the previous round's surrogate and backend; or round 0's
+#: backend tested again in every later round, untrained (the model not updated)
+STREAM_UPDATES = ("scratch", "incremental", "none")
+UPDATE_WORDS = {"scratch": "Every round is trained from scratch.",
+                "incremental": "Round r >= 1 starts from round r-1's surrogate and backend (incremental).",
+                "none": "Round r >= 1 tests round 0's backend again, untrained (the model not updated)."}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +71,9 @@ class StreamArguments(StageArguments):
         return cls.from_config({**defaults, **{k: config[k] for k in defaults if config[k] is not None}})
 
     @property
-    def incremental(self) -> bool:
-        return self.stream_update == "incremental"
+    def continues(self) -> bool:
+        """Whether round r >= 1 starts the backend from round r-1's weights (incremental, none)."""
+        return self.stream_update != "scratch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +190,9 @@ def run_stream(model: Optional[str] = None, dataset: Optional[str] = None,
         raise ConfigError("candidate_period: the stream sets it to each round's new period; unset it")
     args = StreamArguments.of_run(config)
     method, model_class = check_run_config(config)  # every key of the rounds' runs, before any work
+    if args.continues and not issubclass(model_class, GenerativeBackend):
+        raise ConfigError(f"stream_update={args.stream_update}: continues a generative backend (BIGRec, TIGER) from "
+                          f"round to round; the run's model is {config['model']} (use stream_update: scratch)")
     plan, frame = plan_stream(config, args)
     budgets = check_round_budgets(plan, method)
     folder = os.path.abspath(os.path.expanduser(args.stream_output))
@@ -247,15 +256,16 @@ def round_files(folder: str, index: int, model_class: type, args: StreamArgument
     generative = issubclass(model_class, GenerativeBackend)
     keys = {"surrogate_export": os.path.join(own, "surrogate.pt"),
             **({"backend_export": os.path.join(own, "backend.pt")} if generative else {})}
-    if not args.incremental or index == 0:
+    if not args.continues or index == 0:
         return keys
     before = os.path.join(folder, "rounds", f"r{index - 1}")
+    keys["backend_init"] = os.path.join(before, "backend.pt")
+    keys.update(model_class.continuation_keys(previous["selection"]["folder"]))
+    if args.stream_update == "none":  # test round r-1's backend (round 0's, by induction) untrained: no selection
+        return {**keys, "epochs": 0, "sampler": "full", "selection_num": None, "selection_ratio": None}
     surrogate = os.path.join(before, "surrogate.pt")
     if os.path.isfile(surrogate):  # a sampler without signals from a surrogate trains none
         keys["surrogate_init"] = surrogate
-    if generative:
-        keys["backend_init"] = os.path.join(before, "backend.pt")
-        keys.update(model_class.continuation_keys(previous["selection"]["folder"]))
     if args.stream_warm_epochs is not None:
         block = dict(config["surrogate_config"] or {})
         keys.update({"epochs": args.stream_warm_epochs,
@@ -293,8 +303,7 @@ def report_markdown(report: dict) -> str:
     lines = [f"# Stream of {report['dataset']} ({report['model']}, cut by {report['cut']}: "
              f"{report['interactions_per_period']} interactions per period)", "",
              "Round r learns from periods 0..r, selects among the users of period r, is evaluated on period r+1. "
-             + ("Every round is trained from scratch." if report["update"] == "scratch" else
-              "Round r >= 1 starts from round r-1's surrogate and backend (incremental)."), ""]
+             + UPDATE_WORDS[report["update"]], ""]
     header = ["round", "candidates", "budget", "train / valid / test rows", "row", *metrics, "seconds"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in rounds:
