@@ -219,6 +219,17 @@ def test_incremental_rounds_continue_from_the_previous_round(tmp_path):
     assert {t: new[t] for t in old} == old and len(set(new.values())) == len(new)  # old IDs kept; all unique
     assert len(new) > len(old)  # the items first seen in period 2 got IDs
 
+    # the drift of the signals from a fresh computation: against itself exact, against the scratch stream measured
+    from recbole_dealrec.stream.report import signal_drift
+
+    scratch_report = run_stream("TIGER", "toy", config_dict={**config, "stream_update": "scratch",
+                                                            "stream_output": str(tmp_path / "scratch")})
+    itself = signal_drift([{**scratch_report, "update": "incremental"}, scratch_report])
+    assert itself == [{"stream": "dealrec / incremental", "round": 1, "influence_spearman": 1.0,
+                       "effort_spearman": 1.0, "selection_overlap": 1.0}]
+    (drift,) = signal_drift([report, scratch_report])
+    assert -1 <= drift["influence_spearman"] < 1 and 0 <= drift["selection_overlap"] <= 1
+
     # the warm-started surrogate starts from round 0's rows, matched by item token; a fresh one does not
     round1 = {"data_path": str(tmp_path / "stream" / "datasets"), "surrogate_config": TINY_SURROGATE,
               "title_field": "title"}

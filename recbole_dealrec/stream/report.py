@@ -56,7 +56,61 @@ def compare_streams(folders: Sequence[str]) -> dict:
             "references": records[0].get("reference_results") or {},
         })
     facts = {k: reports[0][k] for k in SHARED_FACTS}
-    return {**facts, "folders": [os.path.abspath(f) for f in folders], "rounds": rounds}
+    return {**facts, "folders": [os.path.abspath(f) for f in folders], "rounds": rounds,
+            "signal_drift": signal_drift(reports)}
+
+
+def round_folder(report: dict, index: int) -> str:
+    """Round ``index``'s folder of a stream (``rounds/r<k>``), from its selection's place."""
+    return os.path.dirname(os.path.dirname(report["rounds"][index]["selection"]["folder"]))
+
+
+def round_signal(report: dict, index: int, name: str) -> Optional[tuple]:
+    """``(user tokens, values)`` of signal ``name`` in round ``index`` (its cache entry), or None."""
+    import glob
+
+    import numpy as np
+
+    found = glob.glob(os.path.join(round_folder(report, index), "*", "cache", f"{name}-*.npz"))
+    if len(found) != 1:
+        return None
+    with np.load(found[0], allow_pickle=False) as data:
+        return data["user_id"].astype(str), data["values"]
+
+
+def selected_users(report: dict, index: int) -> set:
+    with open(os.path.join(report["rounds"][index]["selection"]["folder"], "selection.json"), encoding="utf-8") as handle:
+        return set(json.load(handle)["users"])
+
+
+def signal_drift(reports: Sequence[dict]) -> list[dict]:
+    """How far an incremental round's signals and selection are from a fresh (scratch) computation of the same
+    sampler and round: per round >= 1 and signal, Spearman's rho over the users both scored, and the share of
+    the scratch selection the incremental one also chose."""
+    from scipy.stats import spearmanr
+
+    by_label = {stream_label(r): r for r in reports}
+    drift = []
+    for report in reports:
+        if report["update"] != "incremental":
+            continue
+        scratch = by_label.get(f"{report['run_keys'].get('sampler', 'full')} / scratch")
+        if scratch is None:
+            continue
+        for index in range(1, min(len(report["rounds"]), len(scratch["rounds"]))):
+            row = {"stream": stream_label(report), "round": index}
+            for name in sorted(report["rounds"][index]["selection"].get("signals") or {}):
+                a, b = round_signal(report, index, name), round_signal(scratch, index, name)
+                if a is None or b is None or a[1].ndim != 1:
+                    continue
+                position = {t: i for i, t in enumerate(b[0])}
+                shared = [i for i, t in enumerate(a[0]) if t in position]
+                rho = spearmanr(a[1][shared], b[1][[position[a[0][i]] for i in shared]]).statistic
+                row[f"{name}_spearman"] = float(rho)
+            mine, fresh = selected_users(report, index), selected_users(scratch, index)
+            row["selection_overlap"] = len(mine & fresh) / max(len(fresh), 1)
+            drift.append(row)
+    return drift
 
 
 def comparison_markdown(comparison: dict, metric: str) -> str:
@@ -80,6 +134,14 @@ def comparison_markdown(comparison: dict, metric: str) -> str:
         for name, values in record["references"].items():
             lines.append("| " + " | ".join(["", "", f"*{name}*", *(f"{values.get(m, float('nan')):.4f}" for m in metrics),
                                             "", ""]) + " |")
+    if comparison.get("signal_drift"):
+        lines += ["", "Incremental vs a fresh computation (the scratch stream of the same sampler, same round): Spearman's "
+                  "rho of each signal over the users both scored, and the share of the fresh selection also chosen.", ""]
+        columns = sorted({k for row in comparison["signal_drift"] for k in row} - {"stream", "round"})
+        lines += ["| stream | round | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)]
+        for row in comparison["signal_drift"]:
+            lines.append(f"| {row['stream']} | {row['round']} | "
+                         + " | ".join(f"{row[c]:.3f}" if c in row else "-" for c in columns) + " |")
     lines += ["", f"Plot: `streams.png` ({metric} per round of each stream, and seconds per round)."]
     return "\n".join(lines) + "\n"
 
