@@ -28,6 +28,7 @@ import numpy as np
 from recbole.utils import set_color
 
 from recbole_dealrec import distributed
+from recbole_dealrec.compat import init_logger
 from recbole_dealrec.config import (PROPERTIES_DIR, DealrecConfig, StageArguments, check_known_keys, read_property_file,
                                     user_keys)
 from recbole_dealrec.data.dataset import SPLITS
@@ -193,6 +194,7 @@ def run_stream(model: Optional[str] = None, dataset: Optional[str] = None,
     if args.continues and not issubclass(model_class, GenerativeBackend):
         raise ConfigError(f"stream_update={args.stream_update}: continues a generative backend (BIGRec, TIGER) from "
                           f"round to round; the run's model is {config['model']} (use stream_update: scratch)")
+    init_logger(config)  # one log for the whole stream (RecBole's logger keeps the first run's handlers)
     plan, frame = plan_stream(config, args)
     budgets = check_round_budgets(plan, method)
     folder = os.path.abspath(os.path.expanduser(args.stream_output))
