@@ -214,13 +214,16 @@ def run_stream(model: Optional[str] = None, dataset: Optional[str] = None,
             logger.info(set_color("[Stream]", "pink") + f" round {round_plan.index}: finished before, reused {path}")
             results.append(found)
             continue
-        logger.info(set_color("[Stream]", "pink") + f" round {round_plan.index}: learns from periods "
-                    f"0..{round_plan.index}, selects {budget} of {round_plan.n_candidates} users of period "
-                    f"{round_plan.index}, is evaluated on period {round_plan.index + 1}")
         round_dict = {**round_keys(config), "data_path": os.path.join(folder, "datasets"),
                       "output_dir": os.path.dirname(path), "candidate_period": round_plan.index,
                       **round_files(folder, round_plan.index, model_class, args,
                                     results[-1] if results else None, config)}
+        untrained = round_dict.get("epochs") == 0
+        logger.info(set_color("[Stream]", "pink") + f" round {round_plan.index}: "
+                    + ("tests the previous round's backend untrained" if untrained else
+                       f"learns from periods 0..{round_plan.index}, selects {budget} of {round_plan.n_candidates} "
+                       f"users of period {round_plan.index}")
+                    + f", is evaluated on period {round_plan.index + 1}")
         result = run_recbole(config["model"], round_plan.dataset, config_dict=round_dict)
         record = round_record(round_plan, plan, budget, result, round_dict)
         if distributed.is_main():
