@@ -286,7 +286,8 @@ def round_record(round_plan: RoundPlan, plan: StreamPlan, budget: int, result: d
     return plain_numbers({
         "stream_key": plan.key, "round": round_plan.index, "dataset": round_plan.dataset,
         "learns_from_periods": list(range(round_plan.index + 1)), "evaluated_on_period": round_plan.index + 1,
-        "rows": round_plan.split_counts(), "candidates": round_plan.n_candidates, "budget": budget,
+        "rows": round_plan.split_counts(), "candidates": round_plan.n_candidates,
+        "budget": selection.get("budget", budget),  # a round without training keeps every candidate
         "test_result": result.get("test_result"), "best_valid_result": result.get("best_valid_result"),
         "reference_results": result.get("reference_results"), "seconds": selection.get("seconds"),
         "started_from": {k: round_dict[k] for k in ("surrogate_init", "backend_init", "tiger_semantic_ids_file")
