@@ -166,6 +166,8 @@ def plot_comparison(comparison: dict, metric: str, path: str) -> None:
                   linestyle="--", label=ref)
     left.set(xlabel="round (evaluated on period round + 1)", ylabel=metric, title=f"{metric} per round")
     right.set(xlabel="round", ylabel="seconds", title="seconds per round (all stages)")
+    for axis in (left, right):
+        axis.set_xticks(rounds)
     left.legend(fontsize=7)
     right.legend(fontsize=7)
     fig.tight_layout()
