@@ -194,3 +194,26 @@ def test_a_failing_rank_fails_the_run_with_its_error(tmp_path):
     assert done.returncode != 0
     assert "rank 1 broke on purpose" in done.stderr
     assert time.perf_counter() - start < 200
+
+
+def test_a_stream_under_two_processes_gives_the_one_process_rounds(tmp_path):
+    """python -m recbole_dealrec.stream under torchrun: rank 0 writes the round datasets before the others read
+    them, every round's metrics are the one-process ones exactly (no training: epochs 0, the continued backend
+    starts from the previous round's weights), and the stream's files are written once."""
+    from test_stream import stream_dict, write_dataset
+
+    write_dataset(tmp_path / "data" / "toy", "toy", n_users=48, n_items=120)
+    reports = []
+    for nproc in (1, 2):
+        config = {**stream_dict(tmp_path, stream_periods=3, stream_update="incremental",
+                                stream_output=str(tmp_path / f"stream{nproc}")),
+                  **TINY_TIGER, "tiger_codebook_size": 16, "title_field": "title", "epochs": 0, "dataset": "toy",
+                  "eval_user_subset": None}
+        done = run(cli_argv(config) + ["--model=TIGER"], tmp_path, nproc, module="recbole_dealrec.stream")
+        assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "Error" in line)[-3000:]
+        reports.append(json.load(open(tmp_path / f"stream{nproc}" / "report.json")))
+    one, two = ([r["test_result"] for r in report["rounds"]] for report in reports)
+    assert one == two and len(one) == 2 and any(v for r in one for v in r.values())
+    assert [r["selection"]["world_size"] for r in reports[1]["rounds"]] == [2, 2]
+    started = [r["selection"]["backend_start_digest"] for r in reports[1]["rounds"]]
+    assert started[1] == reports[1]["rounds"][0]["selection"]["backend_export"]["digest"]
