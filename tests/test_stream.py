@@ -225,7 +225,7 @@ def test_incremental_rounds_continue_from_the_previous_round(tmp_path):
     scratch_report = run_stream("TIGER", "toy", config_dict={**config, "stream_update": "scratch",
                                                             "stream_output": str(tmp_path / "scratch")})
     itself = signal_drift([{**scratch_report, "update": "incremental"}, scratch_report])
-    assert itself == [{"stream": "dealrec / incremental", "round": 1, "influence_spearman": 1.0,
+    assert itself == [{"stream": "dealrec / incremental", "seed": 2020, "round": 1, "influence_spearman": 1.0,
                        "effort_spearman": 1.0, "selection_overlap": 1.0}]
     (drift,) = signal_drift([report, scratch_report])
     assert -1 <= drift["influence_spearman"] < 1 and 0 <= drift["selection_overlap"] <= 1
@@ -354,20 +354,38 @@ def test_a_stream_without_updates_tests_round_0s_backend_untrained(tmp_path):
                                                             stream_output=str(tmp_path / "other")))
 
 
-def test_streams_compare_side_by_side_and_refuse_another_cut(tmp_path):
+def test_streams_compare_side_by_side_paired_by_seed_and_refuse_another_cut(tmp_path, capsys):
     from recbole_dealrec.stream.__main__ import main
 
     write_dataset(tmp_path / "data" / "toy", "toy")
-    a = run_stream("SASRec", "toy", config_dict=stream_dict(tmp_path, stream_periods=3))
-    b = run_stream("SASRec", "toy", config_dict=stream_dict(tmp_path, stream_periods=3, sampler="full",
-                                                            selection_num=None, stream_output=str(tmp_path / "full")))
-    main(["compare", str(tmp_path / "stream"), str(tmp_path / "full"), "--out", str(tmp_path / "cmp")])
+    reports, folders = {}, []
+    for sampler in ("random", "full"):
+        for seed in (1, 2):
+            folder = tmp_path / f"{sampler}{seed}"
+            reports[sampler, seed] = run_stream("SASRec", "toy", config_dict=stream_dict(
+                tmp_path, stream_periods=3, sampler=sampler, seed=seed, stream_output=str(folder),
+                selection_num=8 if sampler == "random" else None))
+            folders.append(str(folder))
+    main(["compare", *folders, "--out", str(tmp_path / "cmp"), "--metric", "recall@10",
+          "--reference", "full / scratch"])
     table = (tmp_path / "cmp" / "streams.md").read_text()
     comparison = json.loads((tmp_path / "cmp" / "streams.json").read_text())
     assert [sorted(r["streams"]) for r in comparison["rounds"]] == [["full / scratch", "random / scratch"]] * 2
-    assert comparison["rounds"][1]["streams"]["full / scratch"]["test"] == b["rounds"][1]["test_result"]
-    assert comparison["rounds"][0]["streams"]["random / scratch"]["test"] == a["rounds"][0]["test_result"]
-    assert "| 0 | " in table and "random / scratch" in table and (tmp_path / "cmp" / "streams.png").stat().st_size
+    for record in comparison["rounds"]:
+        r = record["round"]
+        runs = record["streams"]["random / scratch"]["replicates"]
+        assert [run["test"] for run in runs] == [reports["random", s]["rounds"][r]["test_result"] for s in (1, 2)]
+        (row,) = record["against_reference"]
+        differences = [reports["random", s]["rounds"][r]["test_result"]["recall@10"]
+                       - reports["full", s]["rounds"][r]["test_result"]["recall@10"] for s in (1, 2)]
+        assert row["method"] == "random / scratch" and row["n"] == 2 and row["seeds"] == [1, 2]
+        assert row["mean_difference"] == pytest.approx(np.mean(differences), abs=1e-12)
+    assert "| 0 | " in table and "Against **full / scratch**, recall@10" in table
+    assert (tmp_path / "cmp" / "streams.png").stat().st_size
     run_stream("SASRec", "toy", config_dict=stream_dict(tmp_path, stream_periods=2, stream_output=str(tmp_path / "two")))
     with pytest.raises(SystemExit):
-        main(["compare", str(tmp_path / "stream"), str(tmp_path / "two"), "--out", str(tmp_path / "cmp2")])
+        main(["compare", folders[0], str(tmp_path / "two"), "--out", str(tmp_path / "cmp2")])
+    assert "another stream than" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", folders[0], folders[0], "--out", str(tmp_path / "cmp3")])
+    assert "the same stream (random / scratch, seed 1)" in capsys.readouterr().err

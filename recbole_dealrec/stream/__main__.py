@@ -19,10 +19,13 @@ def compare(argv: Sequence[str]) -> None:
                                      description="streams of one dataset and cut side by side, per round")
     parser.add_argument("folders", nargs="+", help="stream_output folders (each with its report.json)")
     parser.add_argument("--out", required=True, help="folder for streams.md, streams.json and streams.png")
-    parser.add_argument("--metric", default=None, help="the plotted metric (default: the last, e.g. recall@20)")
+    parser.add_argument("--metric", default=None, help="the compared and plotted metric (default: the last, e.g. "
+                        "recall@20)")
+    parser.add_argument("--reference", default=None, help="the stream label the others are compared with, paired by "
+                        "seed (e.g. 'random / scratch'; default: the stream not updated, '... / none', else the first)")
     args = parser.parse_args(argv)
     try:
-        write_comparison(args.folders, args.out, args.metric)
+        write_comparison(args.folders, args.out, args.metric, args.reference)
     except ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"wrote {args.out}/streams.md, streams.json, streams.png")

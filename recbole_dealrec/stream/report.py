@@ -17,9 +17,19 @@ from recbole_dealrec.utils import atomic_write
 SHARED_FACTS = ("dataset", "source_fingerprint", "cut", "cut_times", "interactions_per_period", "model")
 
 
+#: RecBole's default seed: a stream given none ran with it
+DEFAULT_SEED = 2020
+
+
 def stream_label(report: dict) -> str:
-    """``<sampler> / <update>`` (e.g. ``dealrec / incremental``)."""
+    """``<sampler> / <update>`` (e.g. ``dealrec / incremental``): streams of one label and other seeds are its
+    replicates."""
     return f"{report['run_keys'].get('sampler', 'full')} / {report['update']}"
+
+
+def stream_seed(report: dict) -> int:
+    """The seed the stream's runs derived every random step from (each seed a full-pipeline replicate)."""
+    return int(report["run_keys"].get("seed", DEFAULT_SEED))
 
 
 def load_streams(folders: Sequence[str]) -> list[dict]:
@@ -40,24 +50,49 @@ def load_streams(folders: Sequence[str]) -> list[dict]:
     return reports
 
 
-def compare_streams(folders: Sequence[str]) -> dict:
-    """Per round: each stream's metrics and seconds, and the reference rows (ranked on the round's test users)."""
+def compare_streams(folders: Sequence[str], metric: Optional[str] = None, reference: Optional[str] = None) -> dict:
+    """Per round: each stream label's replicates (one per seed: metrics, seconds), their means, the reference rows
+    (ranked on the round's test users, from the first stream of the first seed), and, for ``metric``, every label
+    against the ``reference`` label paired by seed (``experiment.statistics.compare_to_reference``: t-interval,
+    sign-flip p, Holm, MDE; a label with fewer than 2 paired seeds gets no interval)."""
+    import numpy as np
+
+    from recbole_dealrec.experiment.statistics import compare_to_reference
+
     reports = load_streams(folders)
+    seen: dict = {}
+    for folder, report in zip(folders, reports):
+        key = (stream_label(report), stream_seed(report))
+        if key in seen:
+            raise ConfigError(f"{folder}: the same stream ({key[0]}, seed {key[1]}) as {seen[key]}")
+        seen[key] = folder
+    labels = list(dict.fromkeys(stream_label(r) for r in reports))
     n_rounds = min(len(r["rounds"]) for r in reports)
     rounds = []
     for index in range(n_rounds):
-        records = [r["rounds"][index] for r in reports]
-        rounds.append({
-            "round": index, "evaluated_on_period": records[0]["evaluated_on_period"], "rows": records[0]["rows"],
-            "streams": {stream_label(r): {"test": rec["test_result"], "seconds": rec.get("seconds") or {},
-                                          "selected": rec["selection"].get("selected_users"),
-                                          "candidates": rec["candidates"], "started_from": rec.get("started_from", {})}
-                        for r, rec in zip(reports, records)},
-            "references": records[0].get("reference_results") or {},
-        })
+        streams = {}
+        for label in labels:
+            replicates = {stream_seed(r): r["rounds"][index] for r in reports if stream_label(r) == label}
+            runs = [{"seed": seed, "test": rec["test_result"] or {}, "seconds": rec.get("seconds") or {},
+                     "selected": rec["selection"].get("selected_users"), "candidates": rec["candidates"],
+                     "started_from": rec.get("started_from", {})} for seed, rec in sorted(replicates.items())]
+            names = sorted({m for run in runs for m in run["test"]})
+            streams[label] = {
+                "replicates": runs, "n": len(runs),
+                "mean": {m: float(np.mean([run["test"][m] for run in runs if m in run["test"]])) for m in names},
+                "mean_seconds": float(np.mean([sum(run["seconds"].values()) for run in runs])),
+                "mean_training_seconds": float(np.mean([run["seconds"].get("training", 0.0) for run in runs]))}
+        first = min(reports, key=stream_seed)["rounds"][index]
+        row = {"round": index, "evaluated_on_period": first["evaluated_on_period"], "rows": first["rows"],
+               "streams": streams, "references": first.get("reference_results") or {}}
+        if metric and reference and len(labels) > 1:
+            values = {label: {run["seed"]: run["test"][metric] for run in streams[label]["replicates"]
+                              if metric in run["test"]} for label in labels}
+            row["against_reference"] = compare_to_reference(values, reference=reference)
+        rounds.append(row)
     facts = {k: reports[0][k] for k in SHARED_FACTS}
-    return {**facts, "folders": [os.path.abspath(f) for f in folders], "rounds": rounds,
-            "signal_drift": signal_drift(reports)}
+    return {**facts, "folders": [os.path.abspath(f) for f in folders], "metric": metric, "reference": reference,
+            "rounds": rounds, "signal_drift": signal_drift(reports)}
 
 
 def round_folder(report: dict, index: int) -> str:
@@ -89,16 +124,16 @@ def signal_drift(reports: Sequence[dict]) -> list[dict]:
     the scratch selection the incremental one also chose."""
     from scipy.stats import spearmanr
 
-    by_label = {stream_label(r): r for r in reports}
+    by_label = {(stream_label(r), stream_seed(r)): r for r in reports}
     drift = []
     for report in reports:
         if report["update"] != "incremental":
             continue
-        scratch = by_label.get(f"{report['run_keys'].get('sampler', 'full')} / scratch")
+        scratch = by_label.get((f"{report['run_keys'].get('sampler', 'full')} / scratch", stream_seed(report)))
         if scratch is None:
             continue
         for index in range(1, min(len(report["rounds"]), len(scratch["rounds"]))):
-            row = {"stream": stream_label(report), "round": index}
+            row = {"stream": stream_label(report), "seed": stream_seed(report), "round": index}
             for name in sorted(report["rounds"][index]["selection"].get("signals") or {}):
                 a, b = round_signal(report, index, name), round_signal(scratch, index, name)
                 if a is None or b is None or a[1].ndim != 1:
@@ -113,36 +148,54 @@ def signal_drift(reports: Sequence[dict]) -> list[dict]:
     return drift
 
 
-def comparison_markdown(comparison: dict, metric: str) -> str:
-    """The per-round table: one line per stream and reference row; seconds = the round's stages, summed."""
+def comparison_markdown(comparison: dict) -> str:
+    """The per-round tables: each label's mean over its replicates (n), the reference rows, the labels against
+    the reference label for the comparison's metric, and the signals' drift."""
+    metric, reference = comparison["metric"], comparison["reference"]
     lines = [f"# Streams of {comparison['dataset']} ({comparison['model']}; periods cut by {comparison['cut']}, "
              f"{comparison['interactions_per_period']} interactions per period)", "",
              "Round r learns from periods 0..r and is evaluated on period r+1 (test users: those of period r+1 with "
-             "a history). One replicate per stream: no interval; the reference rows are ranked on the same users.", ""]
-    metrics = sorted({m for r in comparison["rounds"] for s in r["streams"].values() for m in (s["test"] or {})})
-    header = ["round", "test rows", "stream", *metrics, "seconds", "of which training"]
+             "a history). Each stream's seed is a full-pipeline replicate; a row is the mean over its n replicates. "
+             "The reference rows are ranked on the same users.", ""]
+    metrics = sorted({m for r in comparison["rounds"] for s in r["streams"].values() for m in s["mean"]})
+    header = ["round", "test rows", "stream", "n", *metrics, "seconds", "of which training"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in comparison["rounds"]:
         first = True
         for name, stream in record["streams"].items():
-            seconds = stream["seconds"]
             lines.append("| " + " | ".join([
                 str(record["round"]) if first else "", str(record["rows"]["test"]) if first else "", name,
-                *(f"{(stream['test'] or {}).get(m, float('nan')):.4f}" for m in metrics),
-                f"{sum(seconds.values()):.0f}", f"{seconds.get('training', 0.0):.0f}"]) + " |")
+                str(stream["n"]), *(f"{stream['mean'].get(m, float('nan')):.4f}" for m in metrics),
+                f"{stream['mean_seconds']:.0f}", f"{stream['mean_training_seconds']:.0f}"]) + " |")
             first = False
         for name, values in record["references"].items():
-            lines.append("| " + " | ".join(["", "", f"*{name}*", *(f"{values.get(m, float('nan')):.4f}" for m in metrics),
-                                            "", ""]) + " |")
+            lines.append("| " + " | ".join(["", "", f"*{name}*", "", *(f"{values.get(m, float('nan')):.4f}"
+                                                                          for m in metrics), "", ""]) + " |")
+    if any("against_reference" in r for r in comparison["rounds"]):
+        lines += ["", f"Against **{reference}**, {metric}, paired by seed (95% t-interval of the mean difference, "
+                  "exact sign-flip p, Holm over the streams compared; fewer than 2 paired seeds: no interval):", "",
+                  "| round | stream | n | mean difference | 95% interval | sign-flip p | Holm p | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for record in comparison["rounds"]:
+            for row in record.get("against_reference", []):
+                if "error" in row:
+                    lines.append(f"| {record['round']} | {row['method']} | {row['n']} | - | - | - | - | "
+                                 f"no interval: {row['n']} paired seed(s) |")
+                else:
+                    lines.append(f"| {record['round']} | {row['method']} | {row['n']} | {row['mean_difference']:+.4f} | "
+                                 f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] | {row['sign_flip_p']:.3g} | "
+                                 f"{row['holm_p']:.3g} | {row['verdict']} |")
     if comparison.get("signal_drift"):
-        lines += ["", "Incremental vs a fresh computation (the scratch stream of the same sampler, same round): Spearman's "
-                  "rho of each signal over the users both scored, and the share of the fresh selection also chosen.", ""]
-        columns = sorted({k for row in comparison["signal_drift"] for k in row} - {"stream", "round"})
-        lines += ["| stream | round | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)]
+        lines += ["", "Incremental vs a fresh computation (the scratch stream of the same sampler, seed and round): "
+                  "Spearman's rho of each signal over the users both scored, and the share of the fresh selection also "
+                  "chosen.", ""]
+        columns = sorted({k for row in comparison["signal_drift"] for k in row} - {"stream", "seed", "round"})
+        lines += ["| stream | seed | round | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 3)]
         for row in comparison["signal_drift"]:
-            lines.append(f"| {row['stream']} | {row['round']} | "
+            lines.append(f"| {row['stream']} | {row['seed']} | {row['round']} | "
                          + " | ".join(f"{row[c]:.3f}" if c in row else "-" for c in columns) + " |")
-    lines += ["", f"Plot: `streams.png` ({metric} per round of each stream, and seconds per round)."]
+    lines += ["", f"Plot: `streams.png` ({metric} per round of each stream, the mean over its replicates, and seconds "
+              "per round)."]
     return "\n".join(lines) + "\n"
 
 
@@ -157,10 +210,11 @@ def plot_comparison(comparison: dict, metric: str, path: str) -> None:
     names = list(comparison["rounds"][0]["streams"]) if comparison["rounds"] else []
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name in names:
-        left.plot(rounds, [(r["streams"][name]["test"] or {}).get(metric, float("nan")) for r in comparison["rounds"]],
-                  marker="o", label=name)
-        right.plot(rounds, [sum(r["streams"][name]["seconds"].values()) for r in comparison["rounds"]], marker="o",
-                   label=name)
+        n = comparison["rounds"][0]["streams"][name]["n"]
+        left.plot(rounds, [r["streams"][name]["mean"].get(metric, float("nan")) for r in comparison["rounds"]],
+                  marker="o", label=f"{name} (n={n})")
+        right.plot(rounds, [r["streams"][name]["mean_seconds"] for r in comparison["rounds"]], marker="o",
+                   label=f"{name} (n={n})")
     for ref in (comparison["rounds"][0]["references"] if comparison["rounds"] else {}):
         left.plot(rounds, [r["references"].get(ref, {}).get(metric, float("nan")) for r in comparison["rounds"]],
                   linestyle="--", label=ref)
@@ -176,17 +230,24 @@ def plot_comparison(comparison: dict, metric: str, path: str) -> None:
     plt.close(fig)
 
 
-def write_comparison(folders: Sequence[str], out: str, metric: Optional[str] = None) -> dict:
-    """``out/streams.{json,md,png}``; returns the comparison."""
-    comparison = compare_streams(folders)
-    metrics = sorted({m for r in comparison["rounds"] for s in r["streams"].values() for m in (s["test"] or {})})
+def write_comparison(folders: Sequence[str], out: str, metric: Optional[str] = None,
+                     reference: Optional[str] = None) -> dict:
+    """``out/streams.{json,md,png}``; returns the comparison. ``metric`` defaults to the last metric (e.g.
+    recall@20), ``reference`` to the stream not updated (``... / none``) when there is one, else the first."""
+    reports = load_streams(folders)
+    metrics = sorted({m for r in reports for rec in r["rounds"] for m in (rec["test_result"] or {})})
     metric = metric or (metrics[-1] if metrics else "")
     if metrics and metric not in metrics:
         raise ConfigError(f"--metric={metric}: allowed {', '.join(metrics)}")
+    labels = list(dict.fromkeys(stream_label(r) for r in reports))
+    reference = reference or next((label for label in labels if label.endswith("/ none")), labels[0])
+    if reference not in labels:
+        raise ConfigError(f"--reference={reference!r}: allowed {', '.join(labels)}")
+    comparison = compare_streams(folders, metric, reference)
     os.makedirs(out, exist_ok=True)
     with atomic_write(os.path.join(out, "streams.json"), encoding="utf-8") as handle:
         json.dump(comparison, handle, indent=1)
     with atomic_write(os.path.join(out, "streams.md"), encoding="utf-8") as handle:
-        handle.write(comparison_markdown(comparison, metric))
+        handle.write(comparison_markdown(comparison))
     plot_comparison(comparison, metric, os.path.join(out, "streams.png"))
     return comparison
