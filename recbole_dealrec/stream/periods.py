@@ -171,11 +171,10 @@ def column(frame: pd.DataFrame, field: str) -> Optional[str]:
 
 
 def write_round_dataset(frame: pd.DataFrame, labels: np.ndarray, period: np.ndarray, folder: str, name: str,
-                        source_folder: str, source_name: str, layer: Mapping[str, Any], round_index: int) -> dict:
+                        source_folder: str, source_name: str, layer: Mapping[str, Any], round_index: int) -> None:
     """Write round ``round_index``'s dataset ``<folder>`` (named ``name``): its ``.inter`` (the source's rows kept
     in this round, their columns, ``split`` and ``period``), the source's other atomic files (copied, e.g. the
-    titles of ``.item``) and its ``recbole_dealrec.yaml``. All or nothing (see ``utils.staged_folder``). Returns
-    the rows per split."""
+    titles of ``.item``) and its ``recbole_dealrec.yaml``. All or nothing (see ``utils.staged_folder``)."""
     separator = layer.get("field_separator") or "\t"
     split_field = layer.get("split_field")
     keep = labels != ""
@@ -201,4 +200,3 @@ def write_round_dataset(frame: pd.DataFrame, labels: np.ndarray, period: np.ndar
             handle.write(f"# Written by recbole_dealrec.stream: round {round_index} of dataset {source_name} "
                          "(train = periods up to the round, test = the next period).\n")
             yaml.safe_dump(keys, handle, sort_keys=False, allow_unicode=False)
-    return {split: int((labels == split).sum()) for split in SPLITS}

@@ -50,16 +50,18 @@ def load_streams(folders: Sequence[str]) -> list[dict]:
     return reports
 
 
-def compare_streams(folders: Sequence[str], metric: Optional[str] = None, reference: Optional[str] = None) -> dict:
+def compare_streams(folders: Sequence[str], metric: Optional[str] = None, reference: Optional[str] = None,
+                    reports: Optional[Sequence[dict]] = None) -> dict:
     """Per round: each stream label's replicates (one per seed: metrics, seconds), their means, the reference rows
     (ranked on the round's test users, from the first stream of the first seed), and, for ``metric``, every label
     against the ``reference`` label paired by seed (``experiment.statistics.compare_to_reference``: t-interval,
-    sign-flip p, Holm, MDE; a label with fewer than 2 paired seeds gets no interval)."""
+    sign-flip p, Holm, MDE; a label with fewer than 2 paired seeds gets no interval). ``reports``: the folders'
+    :func:`load_streams`, when the caller has read them already."""
     import numpy as np
 
     from recbole_dealrec.experiment.statistics import compare_to_reference
 
-    reports = load_streams(folders)
+    reports = list(reports) if reports is not None else load_streams(folders)
     seen: dict = {}
     for folder, report in zip(folders, reports):
         key = (stream_label(report), stream_seed(report))
@@ -243,7 +245,7 @@ def write_comparison(folders: Sequence[str], out: str, metric: Optional[str] = N
     reference = reference or next((label for label in labels if label.endswith("/ none")), labels[0])
     if reference not in labels:
         raise ConfigError(f"--reference={reference!r}: allowed {', '.join(labels)}")
-    comparison = compare_streams(folders, metric, reference)
+    comparison = compare_streams(folders, metric, reference, reports)
     os.makedirs(out, exist_ok=True)
     with atomic_write(os.path.join(out, "streams.json"), encoding="utf-8") as handle:
         json.dump(comparison, handle, indent=1)

@@ -110,6 +110,7 @@ def plan_stream(config: DealrecConfig, args: StreamArguments) -> tuple[StreamPla
     frame = periods.read_interactions(config)
     user_column = periods.column(frame, config["USER_ID_FIELD"])
     time_column = periods.column(frame, config["TIME_FIELD"]) if config["TIME_FIELD"] else None
+    times = frame[time_column].astype(float).to_numpy() if time_column else None
     if split_field:
         split_column = periods.column(frame, split_field)
         if split_column is None:
@@ -119,10 +120,8 @@ def plan_stream(config: DealrecConfig, args: StreamArguments) -> tuple[StreamPla
         if time_column is None:
             raise ConfigError(f"TIME_FIELD={config['TIME_FIELD']}: dataset {name}'s .inter has no such column; "
                               "periods need interaction times")
-        cut = periods.cut_by_time(frame[time_column].astype(float).to_numpy(), args.stream_periods,
-                                  args.stream_cut_times)
+        cut = periods.cut_by_time(times, args.stream_periods, args.stream_cut_times)
     users = frame[user_column].to_numpy()
-    times = frame[time_column].astype(float).to_numpy() if time_column else None
     order = periods.user_time_order(users, times, cut.period)
     # a user's first interaction is no sample's target: it never makes the user a candidate
     first_of_user = np.zeros(len(users), dtype=bool)
@@ -245,11 +244,11 @@ def write_round(folder: str, round_plan: RoundPlan, plan: StreamPlan, frame, con
         with open(marker, encoding="utf-8") as handle:
             if handle.read().strip() == plan.key:
                 return
-    counts = periods.write_round_dataset(frame, round_plan.labels, plan.cut.period, target, round_plan.dataset,
-                                         config["data_path"], config["dataset"], layer, round_plan.index)
+    periods.write_round_dataset(frame, round_plan.labels, plan.cut.period, target, round_plan.dataset,
+                                config["data_path"], config["dataset"], layer, round_plan.index)
     with atomic_write(marker, encoding="utf-8") as handle:
         handle.write(plan.key + "\n")
-    getLogger().info(set_color("[Stream]", "pink") + f" wrote {target}: {counts} (train / valid / test rows)")
+    getLogger().info(set_color("[Stream]", "pink") + f" wrote {target}: {round_plan.split_counts()} (rows per split)")
 
 
 def round_files(folder: str, index: int, model_class: type, args: StreamArguments, previous: Optional[dict],
