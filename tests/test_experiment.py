@@ -77,6 +77,7 @@ def test_blocks_override_axes_and_share_cells():
     ({"name": None}, r"`name`"),
     ({"blocks": [{"name": "a", "report": ["table9"]}]}, r"report \['table9'\] unknown"),
     ({"blocks": [{"name": "a", "lambda": [1]}]}, r"unknown key\(s\) \['lambda'\]"),
+    ({"report_reference": "Randon"}, r"report_reference 'Randon' is not a sampler label of the grid; allowed: "),
 ])
 def test_bad_grid_structure_fails_naming_the_key(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -120,12 +121,13 @@ def test_a_cell_whose_data_is_missing_fails_the_pre_check(tmp_path):
 def test_run_resume_failing_cell_and_foreign_results(tmp_path):
     results = str(tmp_path / "r.jsonl")
     broken_data(tmp_path)
-    grid = tiny_grid(tmp_path, blocks=[
+    blocks = [
         {"name": "ok"},
         # passes every pre-data check, fails on reading the data: recorded, and the grid goes on
         {"name": "broken", "seeds": [3], "datasets": ["broken"],
          "settings": {**TINY_SASREC, "data_path": str(tmp_path)}},
-    ])
+    ]
+    grid = tiny_grid(tmp_path, report_reference="Random", blocks=blocks)
     appended = run_grid(grid, results)
     assert [r["status"] for r in appended] == ["ok", "ok", "failed"]
     broken = appended[2]
@@ -135,6 +137,9 @@ def test_run_resume_failing_cell_and_foreign_results(tmp_path):
     assert ok["seconds"]["training"] > 0 and ok["fine_tuning_seconds"] == ok["seconds"]["training"]
     assert ok["peak_rss_mb"] > 0 and ok["code"]["package"] and os.path.isdir(ok["selection_folder"])
     assert ok["settings"]["seed"] == 1 and ok["grid"] == "tiny"
+    # the grid's report_reference travels with every record (the report's comparisons read it), unkeyed
+    assert ok["report_reference"] == "Random" and "report_reference" not in ok["settings"]
+    assert [c.key for c in grid.cells] == [c.key for c in tiny_grid(tmp_path, blocks=blocks).cells]
     assert len(read_results(results)) == 3
 
     # resume: finished cells are skipped, the failed one is tried again (and fails again)
@@ -198,7 +203,7 @@ def test_per_user_test_results_reproduce_recbole_metrics(tmp_path):
     assert 0 < hit.sum() < len(hit) and users["loss"][hit].mean() < users["loss"][~hit].mean()
 
 
-def synthetic(method, values, metric="recall@10", tags=("table2",), **settings):
+def synthetic(method, values, metric="recall@10", tags=("table2",), report_reference=None, **settings):
     out = []
     for seed, value in enumerate(values):
         cell = f"{method}-{seed}-{settings}"
@@ -208,6 +213,8 @@ def synthetic(method, values, metric="recall@10", tags=("table2",), **settings):
                     "test": {metric: value, "ndcg@10": value / 2}, "fine_tuning_seconds": 10.0,
                     "selection_seconds": 2.0, "selected_users": settings.get("selection_num", 8),
                     "seconds": {"training": 10.0}, "wall_seconds": 12.0})
+        if report_reference is not None:
+            out[-1]["report_reference"] = report_reference
     return out
 
 

@@ -15,6 +15,7 @@ A grid file::
     lambdas: [~]                     # dealrec_lambda for DEALRec-family samplers (~ = the sampler's own)
     surrogates: [~]                  # surrogate_model for samplers that score with one (~ = default)
     seeds: [2020]
+    report_reference: Random         # the sampler label Table 2 compares every method with (default: Random)
     blocks:                          # sub-grids; the cells are the union of their products
       - name: table2
         report: [table2]             # report forms the block feeds
@@ -38,7 +39,8 @@ from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.utils import folder_digest, stable_key
 
 AXES = ("datasets", "models", "samplers", "budgets", "lambdas", "surrogates", "seeds")
-GRID_KEYS = frozenset({"name", "description", "config_files", "settings", "blocks", "replicates", *AXES})
+GRID_KEYS = frozenset({"name", "description", "config_files", "settings", "blocks", "replicates", "report_reference",
+                       *AXES})
 #: what a cell's seed reseeds: ``full`` = the whole pipeline (the surrogate, hence every signal on it, the
 #: selection and the backend: a replicate); ``shared_surrogate`` = all but the surrogate, whose own seed
 #: (``surrogate_config.seed``, when the grid fixes it) stays: one surrogate and its signals for every seed, cheap,
@@ -76,6 +78,7 @@ class Cell:
     settings: dict
     key: str
     replicates: str = "full"  # the grid's REPLICATE_MODES entry: what the cell's seed reseeds
+    report_reference: Optional[str] = None  # the grid's sampler label Table 2 compares with (None: the default)
 
     def seeds(self) -> dict[str, Any]:
         """The seeds of the cell's stages (recorded with its result): the run's, the surrogate's (hence its
@@ -183,6 +186,7 @@ def expand_grid(spec: Mapping[str, Any], path: str = "<grid>", overrides: Option
     replicates = spec.get("replicates", "full")
     if replicates not in REPLICATE_MODES:
         raise ConfigError(f"grid {path}: `replicates` must be one of {list(REPLICATE_MODES)}, got {replicates!r}")
+    reference = None if spec.get("report_reference") is None else str(spec["report_reference"])
     name = spec.get("name")
     if not name or not isinstance(name, str):
         raise ConfigError(f"grid {path}: `name` (a string) is required; it ties a results file to its grid")
@@ -252,7 +256,10 @@ def expand_grid(spec: Mapping[str, Any], path: str = "<grid>", overrides: Option
                 cells[key] = dataclasses.replace(old, tags=tuple(dict.fromkeys(old.tags + tags)))
                 continue
             cells[key] = Cell(name, block_name, tags, str(label), str(model), dataset, tuple(files), settings, key,
-                              replicates)
+                              replicates, reference)
+    if reference is not None and reference not in {cell.method for cell in cells.values()}:
+        raise ConfigError(f"grid {path}: report_reference {reference!r} is not a sampler label of the grid; allowed: "
+                          f"{sorted({cell.method for cell in cells.values()})}")
     return Grid(name, path, tuple(cells.values()), replicates)
 
 

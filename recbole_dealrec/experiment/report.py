@@ -4,7 +4,7 @@
   in bold and the second underlined only where the paired (by seed) 95% t-interval of their difference with the
   methods below excludes zero, ties marked as ties; the paper's one-sample t-test of the best method's per-seed
   values against the second best's mean (scipy), in its own labelled column; and a comparison of every method
-  with the reference method (``report_reference`` in the records' settings, else ``random``):
+  with the reference method (the grid's ``report_reference``, recorded in each record, else ``random``):
   ``statistics.compare_to_reference`` (n, means, mean difference, t-interval, sign-flip p, Holm-adjusted p,
   MDE, a hierarchical bootstrap interval where per-user results with target items exist, a verdict).
 - Table 3 (``table3``): each method against full fine-tuning (``sampler: full``): metrics, fine-tuning and
@@ -28,7 +28,7 @@ from recbole_dealrec.experiment import statistics as stats_
 from recbole_dealrec.utils import atomic_write
 
 SIGNIFICANCE_LEVEL = 0.01
-#: The method every Table-2 method is compared with, unless the records' settings carry ``report_reference``.
+#: The method every Table-2 method is compared with, unless the records carry the grid's ``report_reference``.
 DEFAULT_REFERENCE = "random"
 #: Keys of a per-user results file that hold each user's target item (the bootstrap's clusters).
 TARGET_KEYS = ("target_item", "target_items", "cluster")
@@ -178,7 +178,7 @@ def _comparison_block(group: Sequence[dict], metrics: Sequence[str], results_dir
                       title: str) -> tuple[str, dict]:
     """Markdown of every method against the group's reference, per metric, and the rows behind it."""
     by_method = _groups(group, lambda r: r["method"])
-    asked = {r["settings"].get("report_reference") for r in group} - {None}
+    asked = {r.get("report_reference") for r in group} - {None}
     if len(asked) > 1:
         return f"**warning** ({title}): records disagree on `report_reference` ({sorted(map(str, asked))})", {}
     reference = asked.pop() if asked else DEFAULT_REFERENCE

@@ -107,6 +107,7 @@ def run_cell(cell: Cell, user_results: Optional[str] = None, user_loss: bool = F
         "version": RECORD_VERSION, "grid": cell.grid, "cell": cell.key, "block": cell.block, "tags": list(cell.tags),
         "method": cell.method, "model": cell.model, "dataset": cell.dataset, "settings": cell.settings,
         "config_files": list(cell.config_files), "replicates": cell.replicates, "seeds": cell.seeds(),
+        **({"report_reference": cell.report_reference} if cell.report_reference is not None else {}),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "code": code_version(),
     }
