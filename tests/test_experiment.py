@@ -13,7 +13,7 @@ from scipy import stats
 from conftest import TINY_SASREC
 from recbole_dealrec.experiment import expand_grid, load_grid, read_results, run_grid, write_report
 from recbole_dealrec.experiment.__main__ import main as experiment_main
-from recbole_dealrec.experiment.report import one_sample_ttest, table2, table3
+from recbole_dealrec.experiment.report import one_sample_ttest, seed_cv, table2, table3
 from recbole_dealrec.errors import ConfigError
 
 SMOKE_GRID = os.path.join(os.path.dirname(__file__), "..", "run_scripts", "grids", "smoke.yaml")
@@ -233,6 +233,10 @@ def test_table2_marks_and_ttest_match_scipy():
     row_a = [line for line in text.splitlines() if "| A |" in line][0]
     row_b = [line for line in text.splitlines() if "| B |" in line][0]
     assert "**0.3100 ± 0.0100**" in row_a and "<u>0.2100 ± 0.0100</u>" in row_b
+    # the seed CV column: sample std / mean of recall@10 over the seeds
+    assert "| seed CV (recall@10) |" in text
+    assert f"| {np.std(best, ddof=1) / np.mean(best):.2f} |" in row_a
+    assert seed_cv([0.2]) is None and seed_cv([0.0, 0.0]) is None
     assert "**" not in [line for line in text.splitlines() if "| C |" in line][0]
 
 

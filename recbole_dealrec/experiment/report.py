@@ -83,6 +83,15 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
+def seed_cv(values: Sequence[float]) -> Optional[float]:
+    """Coefficient of variation over seeds (sample std / mean): the replicate noise a comparison must beat.
+    None with fewer than 2 values or a mean of 0."""
+    if len(values) < 2:
+        return None
+    mean, sd = mean_std(values)
+    return sd / mean if mean > 0 else None
+
+
 def one_sample_ttest(best: Sequence[float], second_mean: float) -> Optional[float]:
     """p-value of the one-sample t-test of ``best`` (per-seed values) against the second best's mean; ``None``
     with fewer than 2 values or no spread (the test is undefined)."""
@@ -330,7 +339,8 @@ def table2(records: Sequence[dict], results_dir: str = ".") -> tuple[str, list[d
             blocks.append(block)
         k_sens = sensitivity_k(metrics)
         sens_header = [f"top-target share@{k_sens}", f"recall@{k_sens} w/o cold targets"] if k_sens else []
-        header = ["dataset", "model", "budget", "method", "seeds", *metrics, *sens_header]
+        cv_header = [f"seed CV (recall@{k_sens})"] if k_sens else []
+        header = ["dataset", "model", "budget", "method", "seeds", *metrics, *cv_header, *sens_header]
         for method in by_method:
             cells = []
             for k in metrics:
@@ -344,10 +354,11 @@ def table2(records: Sequence[dict], results_dir: str = ".") -> tuple[str, list[d
                     f"{text} (tie)" if mark == "tie" else text)
                 cells.append(text)
             sens = sensitivity_cells(by_method[method], k_sens, results_dir, cache) if k_sens else []
-            rows_out.append([dataset, model, budget, method, len(by_method[method]), *cells, *sens])
+            cv = [_fmt(seed_cv(values[method][f"recall@{k_sens}"]), 2)] if k_sens else []
+            rows_out.append([dataset, model, budget, method, len(by_method[method]), *cells, *cv, *sens])
         for name, cells_of in reference_rows(group, metrics).items():
             rows_out.append([dataset, model, budget, f"*{name}* (reference)", cells_of[0], *cells_of[1:],
-                             *(["-"] * len(sens_header))])
+                             *(["-"] * (len(cv_header) + len(sens_header)))])
     if not rows_out:
         return "", facts
     text = replicate_modes_line(chosen) + "\n\n" + _markdown(header, rows_out)
@@ -358,7 +369,8 @@ def table2(records: Sequence[dict], results_dir: str = ".") -> tuple[str, list[d
              "marked (tie); equal means are ties, whatever their order. *Reference* rows (the cells' runs rank "
              "their own test users by training popularity, by popularity over the recent window, and at random; "
              "seeds = cells) say what a trivial ranking reaches on the same users; cells run before the plugin "
-             "reported them have none. Sensitivity columns, mean over the cells (n) whose per-user results allow "
+             "reported them have none. *Seed CV*: sample std / mean of the first Recall over the seeds (how noisy "
+             "one replicate is). Sensitivity columns, mean over the cells (n) whose per-user results allow "
              "them: *top-target share*, the share of the hits that come from the single most-hit target item (near "
              "1: the number measures one item's popularity); *recall w/o cold targets*, Recall without the test "
              "users whose target never occurs in training (cells run before the plugin saved each target's "
