@@ -9,6 +9,11 @@ defaults); each further seed adds the signal's time plus ``*_epoch`` retraining 
 
     python run_scripts/bench_signals.py --dataset ml-100k --hidden 16 --layers 1 --max-len 10
     python run_scripts/bench_signals.py --dataset games --data_path <importer output's parent>   # paper size
+    python run_scripts/bench_signals.py --dataset games --data_path <...> --sampled --grand-users 2000
+
+``--sampled`` scores with the surrogate's sampled softmax (``surrogate_loss: sampled``) and also times GraNd's dense
+path (the whole item table's gradient per user) against the default sparse one (each user's own item rows), on the
+same users, printing the sparse / dense ratio and the largest difference of the norms.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from recbole_dealrec.scoring.signals import SignalContext
 from recbole_dealrec.scoring.training_dynamics import per_user_el2n, per_user_gradient_norms, per_user_gradient_norms_loop
 from recbole_dealrec.scoring.user_features import InteractionCount, TextEmbedding
 from recbole_dealrec.surrogate import SurrogateLoss, user_representations
+from recbole_dealrec.surrogate.loss import sampled_negatives
 from recbole_dealrec.model import get_model
 from recbole_dealrec.trainer import get_trainer
 
@@ -45,12 +51,14 @@ def main() -> None:
     parser.add_argument("--grand-users", type=int, default=None,
                         help="time GraNd on this many seeded users and extrapolate to all (its cost is linear in users)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sampled", action="store_true", help="surrogate_loss: sampled; GraNd sparse vs dense")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     extra = {"data_path": args.data_path} if args.data_path else {}
     config = DealrecConfig("SASRec", args.dataset, config_dict={
         "hidden_size": args.hidden, "inner_size": 4 * args.hidden, "n_layers": args.layers, "n_heads": 2,
-        "MAX_ITEM_LIST_LENGTH": args.max_len, "train_batch_size": 500, "show_progress": False, **extra})
+        "MAX_ITEM_LIST_LENGTH": args.max_len, "train_batch_size": 500, "show_progress": False,
+        **({"surrogate_loss": "sampled"} if args.sampled else {}), **extra})
     train_data, _, _ = data_preparation(config, create_dataset(config))
     dataset = train_data.dataset
     users = training_user_ids(dataset)
@@ -71,15 +79,21 @@ def main() -> None:
 
     timed("surrogate epoch", lambda: trainer._train_epoch(train_data, 0, show_progress=False))
     model.eval()
-    loss = SurrogateLoss(model)
+    loss = SurrogateLoss(model, negatives=sampled_negatives(config, model) if args.sampled else None)
     params = select_parameters(model.named_parameters(), [".*"])
     rng = np.random.default_rng(0)
     grand_users = users if args.grand_users is None else np.sort(rng.choice(users, size=min(args.grand_users, len(users)), replace=False))
     grand = timed("grand (all parameters, vmap)",
                   lambda: per_user_gradient_norms(loss, params, dataset, grand_users, args.batch_rows))
+    grand_seconds = seconds["grand (all parameters, vmap)"]  # on grand_users
     if len(grand_users) < len(users):
         seconds["grand (all parameters, vmap)"] *= len(users) / len(grand_users)
         print(f"  grand extrapolated from {len(grand_users)} users to all: {seconds['grand (all parameters, vmap)']:.2f} s")
+    if args.sampled:
+        dense = timed("grand dense item table (old path)", lambda: per_user_gradient_norms(
+            loss, params, dataset, grand_users, args.batch_rows, sparse_item_rows=False))
+        print(f"  grand sparse / dense: {grand_seconds / seconds['grand dense item table (old path)']:.3f}"
+              f" (same {len(grand_users)} users; max |sparse - dense| {(grand - dense).abs().max().item():.2e})")
     sample = rng.choice(grand_users, size=min(args.loop_users, len(grand_users)), replace=False)
     loop = timed(f"reference: grand loop, {len(sample)} users", lambda: per_user_gradient_norms_loop(loss, params, dataset, sample))
     position = {u: i for i, u in enumerate(grand_users.tolist())}

@@ -11,7 +11,7 @@ from recbole_dealrec.errors import ConfigError
 from recbole_dealrec.gradients.params import select_parameters
 from recbole_dealrec.model import get_model
 from recbole_dealrec.scoring.influence_core import directional_derivatives, per_sample_gradient_dot_loop
-from recbole_dealrec.scoring.training_dynamics import (per_user_el2n, per_user_gradient_norms,
+from recbole_dealrec.scoring.training_dynamics import (local_item_rows, per_user_el2n, per_user_gradient_norms,
                                                        per_user_gradient_norms_loop)
 from recbole_dealrec.surrogate import SurrogateLoss, user_batches
 from recbole_dealrec.surrogate.loss import (TARGET_SEQ_FIELD, SampledNegatives, check_surrogate_loss, sample_index_of,
@@ -49,6 +49,18 @@ def test_negatives_are_a_seeded_function_of_the_sample():
     items, hits = draws.candidates(np.array([5, 6, 7]), users, index)
     assert items.shape == (3, 2001) and items[:, 0].tolist() == [5, 6, 7]
     assert torch.equal(hits[:, 1:], items[:, 1:] == items[:, :1]) and hits[:, 1:].any() and not hits[:, 0].any()
+
+
+def test_local_item_rows_point_into_each_users_distinct_items():
+    item_seq = torch.tensor([[[0, 0, 5], [0, 5, 9]], [[3, 4, 2], [4, 2, 8]]])  # user 1: no padding in its inputs
+    items = torch.tensor([[[9, 30, 5], [12, 30, 1]], [[8, 1, 3], [6, 7, 7]]])
+    rows, seq, cand = local_item_rows(item_seq, items)
+    assert rows[0].tolist()[:6] == [0, 1, 5, 9, 12, 30] and rows[1].tolist() == [0, 1, 2, 3, 4, 6, 7, 8]
+    assert rows[0, 6:].tolist() == [0, 0]  # padding slots, never pointed at
+    for u in range(2):
+        assert torch.equal(rows[u][seq[u]], item_seq[u]) and torch.equal(rows[u][cand[u]], items[u])
+        assert (seq[u] < 6 + 2 * u).all() and (cand[u] < 6 + 2 * u).all()
+    assert (seq[1] > 0).all()  # row 0 (padding) stays slot 0 even where the user has no padding
 
 
 def test_sample_index_counts_each_users_targets_in_order():
@@ -119,8 +131,19 @@ def test_sampled_grand_and_el2n_equal_plain_references():
     loss = SurrogateLoss(model, "sum", sampled_negatives(config, model))
     users = np.array([1, 2, 3, 33, 100, 600, 7, 8])
     params = select_parameters(model.named_parameters(), [r"item_embedding", r"trm_encoder\.layer\.0\.feed"])
-    torch.testing.assert_close(per_user_gradient_norms(loss, params, dataset, users, 400),
-                               per_user_gradient_norms_loop(loss, params, dataset, users), rtol=1e-8, atol=1e-10)
+    loop = per_user_gradient_norms_loop(loss, params, dataset, users)
+    # the sparse path (each user's own item rows, the default), the dense one, and the loop: the same norms, also
+    # for users alone with their row count and in vmapped chunks of several (max_rows 400 vs 10,000)
+    for max_rows in (400, 10_000):
+        torch.testing.assert_close(per_user_gradient_norms(loss, params, dataset, users, max_rows), loop,
+                                   rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(per_user_gradient_norms(loss, params, dataset, users, max_rows,
+                                                           sparse_item_rows=False), loop, rtol=1e-8, atol=1e-10)
+    # only the item table, and every parameter but it
+    for patterns in ([r"item_embedding"], [r"^(?!item_embedding)"]):
+        some = select_parameters(model.named_parameters(), patterns)
+        torch.testing.assert_close(per_user_gradient_norms(loss, some, dataset, users, 10_000),
+                                   per_user_gradient_norms_loop(loss, some, dataset, users), rtol=1e-8, atol=1e-10)
     el2n = per_user_el2n(loss, dataset, users, 400)
     for user, value in zip(users, el2n):
         [batch] = user_batches(dataset, 10_000, user_ids=[user])

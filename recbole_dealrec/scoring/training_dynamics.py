@@ -46,27 +46,67 @@ def _rows_by_user(train_dataset, user_ids: np.ndarray) -> tuple[np.ndarray, list
     return user_ids, [grouped.rows_of(p) for p in position]
 
 
+#: The surrogate's item table, by its parameter name: the one parameter whose per-user gradient is sparse.
+ITEM_TABLE = "item_embedding.weight"
+
+
+def local_item_rows(item_seq: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each user's item rows touched by its sampled loss, and its indices re-pointed into them.
+
+    ``item_seq`` long ``[users, rows, L]`` (the inputs) and ``items`` long ``[users, rows, 1 + negatives]`` (target and
+    negatives) of users with the same row count. Returns ``(rows [users, K], local_seq, local_items)``: the sorted
+    distinct item ids each user touches, row 0 (padding) always first, right-padded with 0 to the chunk's largest K
+    (padding slots are never pointed at, so their gradient is 0), and the inputs as positions in that list. A
+    user's loss computed on ``table[rows[u]]`` with the local indices equals its loss on the whole table, and the
+    gradient of that local table holds exactly the non-zero rows of the dense gradient, each once.
+    """
+    users = item_seq.shape[0]
+    flat = torch.cat([torch.zeros(users, 1, dtype=item_seq.dtype), item_seq.reshape(users, -1),
+                      items.reshape(users, -1)], dim=1)
+    ordered = flat.sort(dim=1).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    slot = first.cumsum(1) - 1  # each sorted entry's slot among its user's distinct ids
+    sentinel = int(ordered.max()) + 1  # fills the slots past a user's K, keeping each row sorted for searchsorted
+    distinct = torch.full((users, int(first.sum(1).max())), sentinel, dtype=flat.dtype)
+    distinct.scatter_(1, slot, ordered)  # equal ids write the same slot with the same value
+    local = torch.searchsorted(distinct, flat[:, 1:])
+    rows = distinct.masked_fill(distinct == sentinel, 0)
+    split = item_seq[0].numel()
+    return rows, local[:, :split].reshape(item_seq.shape), local[:, split:].reshape(items.shape)
+
+
 def per_user_gradient_norms(
     loss: SurrogateLoss, params: dict[str, torch.Tensor], train_dataset, user_ids: np.ndarray, max_rows: int,
-    show_progress: bool = False,
+    show_progress: bool = False, sparse_item_rows: bool = True,
 ) -> torch.Tensor:
     """``|| grad_params L_u ||_2`` for every user in ``user_ids`` (int64 [U]): float64 ``[U]``, in that order.
 
     Exact per-user gradients without a per-user backward: users with the same number of training rows are
     stacked (no padding) and one ``vmap(grad)`` gives all their gradients (a user alone with its row count gets
-    one plain backward over its rows); about ``max_rows`` rows per call,
-    and at most ``GRADIENT_FLOATS_PER_CALL`` gradient entries held at once (every user's gradient is dense in
-    the item embedding, which the full softmax touches entirely).
+    one plain backward over its rows); about ``max_rows`` rows per call, and at most
+    ``GRADIENT_FLOATS_PER_CALL`` gradient entries held at once. The full softmax touches every row of the item
+    table, so that gradient is dense; with sampled negatives a user touches only its inputs, targets and
+    negatives, and ``sparse_item_rows`` (the default) differentiates a per-user table of those rows
+    (:func:`local_item_rows`) instead of the whole table: the same norms, from K x hidden gradient entries per user
+    instead of n_items x hidden, for the users whose rows can touch at most half of the table (for the others the
+    dense path is the cheaper). ``sparse_item_rows=False`` is the dense path always (benchmarks).
     """
     _, rows = _rows_by_user(train_dataset, np.asarray(user_ids, dtype=np.int64))
     fields = (loss.model.ITEM_SEQ, loss.model.ITEM_SEQ_LEN, loss.target_field, loss.model.USER_ID)
     inter = train_dataset.inter_feat
+    sparse = sparse_item_rows and loss.negatives is not None and ITEM_TABLE in params
     fixed = {k: v.detach() for k, v in params.items()}
+    shared = {k: v for k, v in fixed.items() if k != ITEM_TABLE}  # the local path's parameters besides the table
 
     def user_loss(p, user_fields):
         # user_fields: the rows' fields, then (sampled softmax) their candidates and hits
         row_fields, candidates = user_fields[:len(fields)], user_fields[len(fields):] or None
         return loss.row_losses(p, Interaction(dict(zip(fields, row_fields))), candidates).sum()
+
+    def local_loss(p, table, user_fields):
+        # the same loss on the user's own rows of the item table (indices already re-pointed into them)
+        return user_loss({**p, ITEM_TABLE: table}, user_fields)
 
     def with_candidates(user_fields):
         # sampled negatives: drawn here, outside vmap (a user's rows are its prefix samples in order)
@@ -84,18 +124,39 @@ def per_user_gradient_norms(
         # cheaper than vmap's per-sample machinery; the same gradient.
         grads = torch.autograd.grad(user_loss(leaves, user_fields), list(leaves.values()))
         return squared_norm(dict(zip(leaves, grads)))
+
+    def local_norms(user_fields, table_rows, seq, items):
+        # [users] squared norms from each user's local item table (vmapped with its re-pointed indices)
+        user_fields = (seq, *user_fields[1:len(fields)], items, *user_fields[len(fields) + 1:])
+        tables = fixed[ITEM_TABLE][table_rows]  # [users, K, hidden]
+
+        def norm_sq(p, table, one_user):
+            grads = torch.func.grad(local_loss, argnums=(0, 1))(p, table, one_user)
+            return squared_norm(grads[0]) + squared_norm({ITEM_TABLE: grads[1]})
+
+        return torch.func.vmap(norm_sq, in_dims=(None, 0, 0))(shared, tables, user_fields)
+
     counts = np.array([len(r) for r in rows])
     n_params = sum(p.numel() for p in params.values())
+    if sparse:
+        n_items, hidden = fixed[ITEM_TABLE].shape
+        touched_at_most = 1 + inter[fields[0]].shape[1] + 1 + loss.negatives.count  # distinct ids per row, 0 included
     out = torch.zeros(len(rows), dtype=torch.float64)
     chunks = []
     for count in np.unique(counts):
         members = np.flatnonzero(counts == count)
-        step = max(1, min(max_rows // int(count), GRADIENT_FLOATS_PER_CALL // n_params))
-        chunks += [members[i:i + step] for i in range(0, len(members), step)]
-    for members in tqdm(chunks, desc="per-user gradient norms", disable=not show_progress):
+        # the local table only where it is at most half the whole one even if every id the rows hold is distinct
+        local = sparse and 2 * int(count) * touched_at_most <= n_items
+        per_user = n_params - n_items * hidden + int(count) * touched_at_most * hidden if local else n_params
+        step = max(1, min(max_rows // int(count), GRADIENT_FLOATS_PER_CALL // per_user))
+        chunks += [(members[i:i + step], local) for i in range(0, len(members), step)]
+    for members, local in tqdm(chunks, desc="per-user gradient norms", disable=not show_progress):
         index = torch.from_numpy(np.stack([rows[m] for m in members]))  # [users, rows each]
         user_fields = with_candidates(tuple(inter[f][index] for f in fields))
-        if len(members) == 1:
+        if local:
+            table_rows = local_item_rows(user_fields[0], user_fields[len(fields)])
+            out[torch.from_numpy(members)] = local_norms(user_fields, *table_rows).detach()
+        elif len(members) == 1:
             out[int(members[0])] = single(tuple(f[0] for f in user_fields)).detach()
         else:
             out[torch.from_numpy(members)] = per_sample_squared_grad_norms(user_loss, fixed, user_fields).detach()
