@@ -119,7 +119,7 @@ def test_stream_runs_every_round_on_its_cut_and_resumes(tmp_path):
     ({}, r"^stream_periods / stream_cut_times: give one of them"),
     ({"stream_periods": 2, "stream_cut_times": [50]}, r"^stream_periods / stream_cut_times: give one of them"),
     ({"stream_cut_times": [60, 50]}, r"^stream_cut_times=\[60, 50\]: allowed a non-empty list of strictly increasing"),
-    ({"stream_periods": 3, "selection_num": 39}, r"^selection_num=39: round \d's new period \d has \d+ users"),
+    ({"stream_periods": 3, "selection_num": 39}, r"^selection_num=39 is above the number of users with training samples \(\d+\): round \d's new period \d has \d+ users"),
     ({"stream_periods": 3, "candidate_period": 1}, r"^candidate_period: the stream sets it"),
     ({"stream_periods": 3, "split_field": "split"}, r"^stream_periods / stream_cut_times: dataset toy is pre-split"),
     ({"stream_periods": 3, "stream_perods": 3}, r"^unknown key 'stream_perods'.*did you mean 'stream_periods'"),

@@ -149,12 +149,15 @@ def check_round_budgets(plan: StreamPlan, method) -> list[int]:
     budgets = []
     for round_plan in plan.rounds:
         n = round_plan.n_candidates
-        num = method.config["selection_num"]
-        if n == 0 or (num is not None and num > n):
-            raise ConfigError(f"selection_num={num}: round {round_plan.index}'s new period {round_plan.index} has "
-                              f"{n} users with a training interaction; lower selection_num or cut fewer periods")
-        budget = method.budget(n)
-        method.check_budget(budget, n)
+        where = (f"round {round_plan.index}'s new period {round_plan.index} has {n} users with a training "
+                 "interaction; lower selection_num or cut fewer periods")
+        if n == 0:
+            raise ConfigError(f"selection_num={method.config['selection_num']}: {where}")
+        try:
+            budget = method.budget(n)  # the sampler's own budget checks (resolve_budget, check_budget)
+            method.check_budget(budget, n)
+        except ConfigError as error:
+            raise ConfigError(f"{error}: {where}") from None
         budgets.append(budget)
     return budgets
 
