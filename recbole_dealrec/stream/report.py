@@ -97,27 +97,26 @@ def compare_streams(folders: Sequence[str], metric: Optional[str] = None, refere
             "rounds": rounds, "signal_drift": signal_drift(reports)}
 
 
-def round_folder(report: dict, index: int) -> str:
-    """Round ``index``'s folder of a stream (``rounds/r<k>``), from its selection's place."""
-    return os.path.dirname(os.path.dirname(report["rounds"][index]["selection"]["folder"]))
-
-
 def round_signal(report: dict, index: int, name: str) -> Optional[tuple]:
-    """``(user tokens, values)`` of signal ``name`` in round ``index`` (its cache entry), or None."""
-    import glob
-
+    """``(user tokens, values)`` of signal ``name`` in round ``index`` (the cache entry its selection recorded), or
+    None when the round's sampler did not use it or the entry is gone."""
     import numpy as np
 
-    found = glob.glob(os.path.join(round_folder(report, index), "*", "cache", f"{name}-*.npz"))
-    if len(found) != 1:
+    path = (selection_record(report, index).get("signals", {}).get(name) or {}).get("path")
+    if not path or not os.path.isfile(path):
         return None
-    with np.load(found[0], allow_pickle=False) as data:
+    with np.load(path, allow_pickle=False) as data:
         return data["user_id"].astype(str), data["values"]
 
 
-def selected_users(report: dict, index: int) -> set:
+def selection_record(report: dict, index: int) -> dict:
+    """Round ``index``'s ``selection.json`` (the selection's summary: users, signals, budget)."""
     with open(os.path.join(report["rounds"][index]["selection"]["folder"], "selection.json"), encoding="utf-8") as handle:
-        return set(json.load(handle)["users"])
+        return json.load(handle)
+
+
+def selected_users(report: dict, index: int) -> set:
+    return set(selection_record(report, index)["users"])
 
 
 def signal_drift(reports: Sequence[dict]) -> list[dict]:
