@@ -10,7 +10,10 @@ prompts of at most 128 tokens, 4 beams, at most 32 new tokens). When a beam sear
 learned (an untrained instruct model talks until ``max_new_tokens``), so the adapter first takes ``--train-steps``
 optimizer steps on the training samples of seeded users, as the main job's training does. The two paths then decode
 the same test batches, alternating which goes first per batch (the machine's load falls on both). Prints each
-path's seconds per user, the new / old ratio, the share of identical answers and the largest score difference.
+path's seconds per user, the new / old ratio, the share of identical answers and the largest score difference; and
+the tokens each path runs through the LLM's decoder (rows x positions of every call, counted by a forward pre-hook):
+the model's own arithmetic, which no change around the model removes, so new / old tokens bounds the time ratio an
+exact path can reach.
 """
 from __future__ import annotations
 
@@ -65,9 +68,19 @@ def main() -> None:
     answers = {"old": [], "new": []}
     scores = {"old": [], "new": []}
     paths = {"old": model.generate_reference, "new": model.generate}
+    tokens = {"old": 0, "new": 0}
+    counting = {"path": None}
+
+    def count_tokens(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        shape = ids.shape if ids is not None else kwargs["inputs_embeds"].shape[:2]
+        tokens[counting["path"]] += int(shape[0]) * int(shape[1])
+
+    model.llm.get_decoder().register_forward_pre_hook(count_tokens, with_kwargs=True)
     steps = []
     for i, batch in enumerate(histories):
         for name in (("old", "new") if i % 2 == 0 else ("new", "old")):
+            counting["path"] = name
             start = time.perf_counter()
             texts, beam_scores = paths[name](batch)
             times[name] += time.perf_counter() - start
@@ -81,6 +94,8 @@ def main() -> None:
     print(f"  HF generate + prompt cache (old): {times['old']:7.1f} s  {times['old'] / users:6.3f} s/user")
     print(f"  prompts leave when done (new):    {times['new']:7.1f} s  {times['new'] / users:6.3f} s/user")
     print(f"  new / old: {times['new'] / times['old']:.3f}")
+    print(f"  decoder tokens (rows x positions, prompts included): old {tokens['old']}, new {tokens['new']}, "
+          f"new / old {tokens['new'] / max(tokens['old'], 1):.3f}")
     steps = torch.cat(steps).double()
     print(f"  decoding steps per prompt: mean {steps.mean():.1f}, min {steps.min():.0f}, max {steps.max():.0f} "
           f"(HF's batch runs every prompt to its batch's last step)")

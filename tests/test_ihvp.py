@@ -8,6 +8,8 @@ non-convex Hessian for the dense-Hessian check.
 
 import logging
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,6 +123,28 @@ def test_cg_matches_exact(problem, damping):
     assert res.residual == pytest.approx(
         relative_residual(problem["hvp"], res.x, problem["v"], damping), rel=1e-6)
     assert res.iterations <= problem["m"] + 5
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-2])
+def test_cg_warm_start_reaches_the_same_solution_in_fewer_steps(problem, damping):
+    x_ref = exact_solve(problem["H"], problem["v"], damping)
+    cold = conjugate_gradient(problem["hvp"], problem["v"], damping=damping, tol=1e-8)
+    # from the solution itself: no step, the true residual reported
+    at = conjugate_gradient(problem["hvp"], problem["v"], damping=damping, tol=1e-8, x0=x_ref)
+    assert at.converged and at.iterations == 0 and at.residual < 1e-8 and torch.equal(at.x, x_ref)
+    # from the solution of a nearby system (v moved by 1%): the same solution, to the same tolerance, sooner
+    generator = torch.Generator().manual_seed(5)
+    near = exact_solve(problem["H"], problem["v"] + 0.01 * problem["v"].norm() * torch.randn(
+        problem["m"], generator=generator, dtype=DT) / math.sqrt(problem["m"]), damping)
+    warm = conjugate_gradient(problem["hvp"], problem["v"], damping=damping, tol=1e-8, x0=near)
+    assert warm.converged and warm.residual < 1e-8 and _rel(warm.x, x_ref) < 1e-6
+    assert warm.iterations < cold.iterations
+    # from anywhere: still the solution
+    far = conjugate_gradient(problem["hvp"], problem["v"], damping=damping, tol=1e-10,
+                             x0=torch.randn(problem["m"], generator=generator, dtype=DT))
+    assert _rel(far.x, x_ref) < 1e-7
+    with pytest.raises(ValueError, match="x0 must have v's shape"):
+        conjugate_gradient(problem["hvp"], problem["v"], x0=torch.zeros(problem["m"] + 1, dtype=DT))
 
 
 def test_exact_via_dispatcher_from_hvp_and_hessian(problem):

@@ -366,3 +366,49 @@ def test_scores_on_each_target_equal_a_per_user_loop(run_config, target):
     assert scale > 1e-4
     torch.testing.assert_close(torch.as_tensor(scored.scores, dtype=torch.float64), expected, rtol=1e-4,
                                atol=1e-3 * scale)
+
+
+@pytest.mark.filterwarnings("ignore:iHVP solve")
+def test_ihvp_export_then_warm_start_gives_the_cold_scores_in_fewer_steps(run_config, tmp_path):
+    """influence_ihvp_export / influence_ihvp_init: CG from the exported solution solves the same system to the same
+    tolerance (the scores a cold start gives, up to it) in fewer steps; the warm start counts in the cache key by the
+    file's content."""
+    run_config.final_config_dict.update(cg_max_iter=200, ihvp_tol=1e-6, influence_ihvp_export=str(tmp_path / "a.pt"))
+    cold, cold_meta = influence_signal(run_config)
+    assert os.path.isfile(tmp_path / "a.pt") and not cold_meta["warm_start"] and cold_meta["iterations"] > 3
+    run_config.final_config_dict.update(influence_ihvp_init=str(tmp_path / "a.pt"), influence_ihvp_export=None)
+    warm, warm_meta = influence_signal(run_config)
+    assert warm_meta["cached"] is False and warm_meta["warm_start"]  # not the cold entry: another key
+    assert warm_meta["iterations"] <= 1 and warm_meta["residual"] <= 1e-6
+    np.testing.assert_array_equal(warm.user_ids, cold.user_ids)
+    np.testing.assert_allclose(warm.values, cold.values, rtol=0, atol=1e-4 * np.abs(cold.values).max())
+
+
+def test_ihvp_init_carries_item_rows_by_token_and_rejects_bad_input(tmp_path, run_config):
+    from recbole_dealrec.scoring.influence import load_ihvp, save_ihvp
+
+    model, dataset = untrained("SASRec")
+    params = select_parameters(model.named_parameters(), [r"^item_embedding", r"layer\.0\.multi_head_attention\.dense\.bias$"])
+    solution = {k: torch.arange(v.numel(), dtype=v.dtype).reshape(v.shape) + 1.0 for k, v in params.items()}
+    save_ihvp(str(tmp_path / "x.pt"), solution, dataset)
+    start, carried = load_ihvp(str(tmp_path / "x.pt"), params, dataset)
+    torch.testing.assert_close(start, torch.cat([t.reshape(-1) for t in solution.values()]))
+    # an earlier run whose items were these, reversed, without the last: rows follow the tokens, the new item's is 0
+    saved = torch.load(tmp_path / "x.pt", weights_only=True)
+    tokens = saved["item_tokens"]
+    table = saved["ihvp"]["item_embedding.weight"]
+    kept = [0] + list(range(len(tokens) - 2, 0, -1))
+    torch.save({"ihvp": {**saved["ihvp"], "item_embedding.weight": table[kept]},
+                "item_tokens": [tokens[i] for i in kept]}, tmp_path / "older.pt")
+    start, carried = load_ihvp(str(tmp_path / "older.pt"), params, dataset)
+    rows = start[:table.numel()].reshape(table.shape)
+    assert carried == len(tokens) - 2
+    torch.testing.assert_close(rows[:-1], table[:-1]) and torch.testing.assert_close(rows[-1], torch.zeros_like(rows[-1]))
+    with pytest.raises(ConfigError, match=r"influence_ihvp_init=.*its parameters"):
+        load_ihvp(str(tmp_path / "x.pt"), {"item_embedding.weight": params["item_embedding.weight"]}, dataset)
+    run_config["influence_ihvp_init"] = str(tmp_path / "missing.pt")
+    with pytest.raises(ConfigError, match=r"^influence_ihvp_init='.*missing.pt': no such file"):
+        check_influence_config(run_config)
+    run_config.final_config_dict.update(influence_ihvp_init=str(tmp_path / "x.pt"), ihvp_solver="lissa")
+    with pytest.raises(ConfigError, match=r"^influence_ihvp_init is a start for ihvp_solver: cg only"):
+        check_influence_config(run_config)

@@ -185,8 +185,9 @@ def test_candidate_period_outside_a_round_dataset_names_the_missing_column(tiny_
 
 
 def test_incremental_rounds_continue_from_the_previous_round(tmp_path):
-    """TIGER with DEALRec's signals: round 1 warm-starts the surrogate from round 0's (item rows by token), starts
-    TIGER from round 0's tested weights (bit for bit) and reads round 0's item IDs (every item keeps its ID)."""
+    """TIGER with DEALRec's signals: round 1 warm-starts the surrogate from round 0's (item rows by token), starts CG
+    from round 0's iHVP solution, starts TIGER from round 0's tested weights (bit for bit) and reads round 0's item
+    IDs (every item keeps its ID)."""
     import torch
 
     from recbole_dealrec.config import DealrecConfig
@@ -205,7 +206,12 @@ def test_incremental_rounds_continue_from_the_previous_round(tmp_path):
     assert first["started_from"] == {}
     assert second["started_from"] == {
         "surrogate_init": str(rounds / "r0" / "surrogate.pt"), "backend_init": str(rounds / "r0" / "backend.pt"),
-        "tiger_semantic_ids_file": os.path.join(first["selection"]["folder"], "semantic_ids.tsv")}
+        "tiger_semantic_ids_file": os.path.join(first["selection"]["folder"], "semantic_ids.tsv"),
+        "influence_ihvp_init": str(rounds / "r0" / "ihvp.pt")}
+    # CG starts from round 0's iHVP solution (round 0 itself from zero), and every round exports its own
+    influence = [r["selection"]["signals"]["influence"] for r in (first, second)]
+    assert [i["warm_start"] for i in influence] == [False, True] and all(i["converged"] for i in influence)
+    assert (rounds / "r1" / "ihvp.pt").is_file()
     # the backend starts round 1 with the weights round 0 was tested with, bit for bit
     assert second["selection"]["backend_start_digest"] == first["selection"]["backend_export"]["digest"]
     assert first["selection"]["backend_start_digest"] != first["selection"]["backend_export"]["digest"]
@@ -225,10 +231,14 @@ def test_incremental_rounds_continue_from_the_previous_round(tmp_path):
     scratch_report = run_stream("TIGER", "toy", config_dict={**config, "stream_update": "scratch",
                                                             "stream_output": str(tmp_path / "scratch")})
     itself = signal_drift([{**scratch_report, "update": "incremental"}, scratch_report])
+    steps = second["selection"]["signals"]["influence"]["iterations"]
+    fresh_steps = scratch_report["rounds"][1]["selection"]["signals"]["influence"]["iterations"]
     assert itself == [{"stream": "dealrec / incremental", "seed": 2020, "round": 1, "influence_spearman": 1.0,
-                       "effort_spearman": 1.0, "selection_overlap": 1.0}]
+                       "effort_spearman": 1.0, "selection_overlap": 1.0, "influence_cg_steps": fresh_steps,
+                       "influence_cg_steps_fresh": fresh_steps}]
     (drift,) = signal_drift([report, scratch_report])
     assert -1 <= drift["influence_spearman"] < 1 and 0 <= drift["selection_overlap"] <= 1
+    assert (drift["influence_cg_steps"], drift["influence_cg_steps_fresh"]) == (steps, fresh_steps)
 
     # the warm-started surrogate starts from round 0's rows, matched by item token; a fresh one does not
     round1 = {"data_path": str(tmp_path / "stream" / "datasets"), "surrogate_config": TINY_SURROGATE,

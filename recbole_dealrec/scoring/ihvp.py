@@ -164,8 +164,11 @@ def conjugate_gradient(
     max_iter: Optional[int] = None,
     tol: float = 1e-6,
     show_progress: bool = False,
+    x0: Optional[Tensor] = None,
 ) -> SolveResult:
-    """Conjugate gradient on ``(H + damping I) x = v`` from ``x_0 = 0`` (a tqdm bar per step with ``show_progress``).
+    """Conjugate gradient on ``(H + damping I) x = v`` from ``x_0 = 0``, or from ``x0`` [m] (a warm start: an
+    earlier solution of a nearby system; one HVP more for its residual, and the same stopping rule, so the result
+    meets the same tolerance), with a tqdm bar per step with ``show_progress``.
 
     ``damping`` is the effective damping (added to every eigenvalue of ``H``).
     ``max_iter=None`` means ``min(m, 1000)`` (CG is exact after ``m`` steps in
@@ -190,11 +193,19 @@ def conjugate_gradient(
     def a_mul(p: Tensor) -> Tensor:
         return hvp(p) + damping * p
 
-    r = v.clone()  # r = v - A x with x = 0
+    if x0 is None:
+        r = v.clone()  # r = v - A x with x = 0
+    else:
+        if x0.shape != v.shape:
+            raise ValueError(f"x0 must have v's shape {tuple(v.shape)}, got {tuple(x0.shape)}")
+        x = x0.to(v.dtype).clone()
+        r = v - a_mul(x)
     p = r.clone()
     rs = torch.dot(r, r)
     it = 0
-    converged = False
+    converged = math.sqrt(float(rs)) / v_norm <= tol
+    if converged:  # the start already meets the tolerance
+        max_iter = 0
     bar = None
     if show_progress:
         from tqdm.auto import tqdm

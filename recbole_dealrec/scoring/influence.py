@@ -76,6 +76,8 @@ class InfluenceArguments(StageArguments):
     lissa_batch_users: int
     influence_batch_rows: int
     influence_target: str
+    influence_ihvp_init: Optional[str]
+    influence_ihvp_export: Optional[str]
     seed: int
 
     def check(self) -> None:
@@ -101,6 +103,14 @@ class InfluenceArguments(StageArguments):
         for key in ("lissa_depth", "lissa_repeats", "lissa_batch_users", "cg_max_iter", "influence_batch_rows",
                     "influence_power_iters"):
             check_integer(key, getattr(self, key), 1)
+        init = self.influence_ihvp_init
+        if init is not None:
+            if str(self.ihvp_solver).lower() != "cg":
+                raise ConfigError(f"influence_ihvp_init is a start for ihvp_solver: cg only, got ihvp_solver="
+                                  f"{self.ihvp_solver!r}; set ihvp_solver: cg or influence_ihvp_init: ~")
+            if not os.path.isfile(str(init)):
+                raise ConfigError(f"influence_ihvp_init={init!r}: no such file (one a run's influence_ihvp_export "
+                                  "wrote); ~ = a cold start")
 
 
 def check_influence_config(config: Mapping[str, Any]) -> None:
@@ -181,6 +191,31 @@ def _mean_gradient(loss: SurrogateLoss, params, batches: list[UserBatch], m: int
     return distributed.ordered_sum(len(batches), block_mean_gradient, like=torch.zeros(m, dtype=flatten(params).dtype))
 
 
+def save_ihvp(path: str, solution: Mapping[str, torch.Tensor], train_dataset) -> None:
+    """``influence_ihvp_export``: the iHVP solution by parameter name and the item tokens its item rows belong to."""
+    from recbole_dealrec.surrogate.train import item_tokens
+
+    with atomic_write(path, "wb") as handle:
+        torch.save({"ihvp": {k: v.detach().cpu() for k, v in solution.items()},
+                    "item_tokens": item_tokens(train_dataset)}, handle)
+
+
+def load_ihvp(path: str, params: Mapping[str, torch.Tensor], train_dataset) -> tuple[torch.Tensor, int]:
+    """``influence_ihvp_init`` as a flat start [m] for ``params`` (this run's scored parameters), item rows matched by
+    token, new items' rows 0 (:func:`~recbole_dealrec.surrogate.train.carry_item_rows`); and the item rows carried."""
+    from recbole_dealrec.surrogate.train import carry_item_rows, item_tokens
+
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or set(saved) != {"ihvp", "item_tokens"}:
+        raise ConfigError(f"influence_ihvp_init={path}: not a file influence_ihvp_export wrote")
+    if set(saved["ihvp"]) != set(params):
+        raise ConfigError(f"influence_ihvp_init={path}: its parameters ({sorted(saved['ihvp'])[:3]}...) are not the "
+                          f"run's scored ones ({sorted(params)[:3]}...); another influence_params or surrogate")
+    start, carried = carry_item_rows(saved["ihvp"], saved["item_tokens"], {k: torch.zeros_like(v) for k, v in params.items()},
+                                     item_tokens(train_dataset), f"influence_ihvp_init={path}")
+    return flatten({k: start[k] for k in params}), carried
+
+
 def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_progress: bool = False) -> ScoredUsers:
     """Influence score of every user with training samples in the surrogate's train data (``config``: a run's config,
     or anything :meth:`InfluenceArguments.from_config` reads)."""
@@ -222,6 +257,10 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     kwargs: dict[str, Any] = {}
     if solver == "cg":
         kwargs.update(max_iter=args.cg_max_iter, show_progress=show_progress)
+        if args.influence_ihvp_init:
+            kwargs["x0"], carried = load_ihvp(str(args.influence_ihvp_init), params, surrogate.train_dataset)
+            logger.info(set_color("[Influence]", "pink") + f" CG starts from {args.influence_ihvp_init} "
+                        f"({carried} item rows carried over by token)")
     elif solver == "lissa":
         scale = float(args.lissa_scale)
         generator = torch.Generator().manual_seed(int(args.seed))
@@ -238,6 +277,8 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
                 f"{result.iterations} iterations, damping {result.effective_damping}")
 
     direction = unflatten(result.x, params)
+    if args.influence_ihvp_export and distributed.is_main():
+        save_ihvp(str(args.influence_ihvp_export), direction, surrogate.train_dataset)
     scores = distributed.map_blocks(batches, lambda part: directional_derivatives(loss, params, direction, part).double(),
                                     block_size=1).cpu().numpy()  # one batch a block: the batches are the fixed units
     n_local = len(distributed.owned_blocks(len(batches)))
@@ -248,6 +289,7 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     meta = {"target": args.influence_target, "solver": solver, "residual": result.residual, "iterations": result.iterations,
             "effective_damping": result.effective_damping, "damping": damping, "converged": result.converged,
             "scored_parameters": m, "parameter_names": list(params), "n_users": n_users,
+            "warm_start": bool(args.influence_ihvp_init),
             "mode": ("sequence" if windows == "sliding" else f"sequence ({windows})") if sequence else "prefix", "world_size": distributed.world_size()}
     return ScoredUsers(np.asarray(tokens).astype(str), scores, meta)
 
@@ -262,6 +304,18 @@ class Influence(Signal):
 
     def check_config(self, config) -> None:
         check_influence_config(config)
+
+    def cache_payload(self, ctx: SignalContext) -> dict[str, Any]:
+        """The keys' payload, but a warm start counts by its file's content (where it lies does not change the
+        scores) and only when set, and the export not at all (the old keys stay valid)."""
+        from recbole_dealrec.utils import file_checksum
+
+        payload = super().cache_payload(ctx)
+        init = payload.pop("influence_ihvp_init")
+        payload.pop("influence_ihvp_export")
+        if init:
+            payload["ihvp_init"] = file_checksum(str(init))
+        return payload
 
     def check_data(self, ctx: SignalContext) -> None:
         """``influence_params`` must match some parameter of the (untrained) surrogate, before it trains."""

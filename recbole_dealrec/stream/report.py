@@ -121,8 +121,9 @@ def selected_users(report: dict, index: int) -> set:
 
 def signal_drift(reports: Sequence[dict]) -> list[dict]:
     """How far an incremental round's signals and selection are from a fresh (scratch) computation of the same
-    sampler and round: per round >= 1 and signal, Spearman's rho over the users both scored, and the share of
-    the scratch selection the incremental one also chose."""
+    sampler and round: per round >= 1 and signal, Spearman's rho over the users both scored, the share of the
+    scratch selection the incremental one also chose, and influence's CG steps in both (the incremental round's
+    start from the previous round's iHVP solution)."""
     from scipy.stats import spearmanr
 
     by_label = {(stream_label(r), stream_seed(r)): r for r in reports}
@@ -143,6 +144,11 @@ def signal_drift(reports: Sequence[dict]) -> list[dict]:
                 shared = [i for i, t in enumerate(a[0]) if t in position]
                 rho = spearmanr(a[1][shared], b[1][[position[a[0][i]] for i in shared]]).statistic
                 row[f"{name}_spearman"] = float(rho)
+            # the work reused: CG steps from the previous round's iHVP solution against the fresh round's from zero
+            steps = [(selection_record(r, index).get("signals", {}).get("influence") or {}).get("iterations")
+                     for r in (report, scratch)]
+            if None not in steps:
+                row["influence_cg_steps"], row["influence_cg_steps_fresh"] = int(steps[0]), int(steps[1])
             mine, fresh = selected_users(report, index), selected_users(scratch, index)
             row["selection_overlap"] = len(mine & fresh) / max(len(fresh), 1)
             drift.append(row)
@@ -188,13 +194,15 @@ def comparison_markdown(comparison: dict) -> str:
                                  f"{row['holm_p']:.3g} | {row['verdict']} |")
     if comparison.get("signal_drift"):
         lines += ["", "Incremental vs a fresh computation (the scratch stream of the same sampler, seed and round): "
-                  "Spearman's rho of each signal over the users both scored, and the share of the fresh selection also "
-                  "chosen.", ""]
+                  "Spearman's rho of each signal over the users both scored, the share of the fresh selection also "
+                  "chosen, and influence's CG steps (incremental: from the previous round's iHVP solution; fresh: from "
+                  "zero; the same tolerance).", ""]
         columns = sorted({k for row in comparison["signal_drift"] for k in row} - {"stream", "seed", "round"})
         lines += ["| stream | seed | round | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 3)]
         for row in comparison["signal_drift"]:
             lines.append(f"| {row['stream']} | {row['seed']} | {row['round']} | "
-                         + " | ".join(f"{row[c]:.3f}" if c in row else "-" for c in columns) + " |")
+                         + " | ".join("-" if c not in row else str(row[c]) if isinstance(row[c], int) else f"{row[c]:.3f}"
+                                      for c in columns) + " |")
     lines += ["", f"Plot: `streams.png` ({metric} per round of each stream, the mean over its replicates, and seconds "
               "per round)."]
     return "\n".join(lines) + "\n"

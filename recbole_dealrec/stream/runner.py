@@ -256,12 +256,13 @@ def write_round(folder: str, round_plan: RoundPlan, plan: StreamPlan, frame, con
 
 def round_files(folder: str, index: int, model_class: type, args: StreamArguments, previous: Optional[dict],
                 config) -> dict:
-    """The keys of round ``index``'s run that name files: what it exports (its surrogate, a generative backend's
-    weights) and, in an incremental round, what it starts from (the previous round's exports, the backend's
+    """The keys of round ``index``'s run that name files: what it exports (its surrogate, its iHVP solution, a
+    generative backend's weights) and, in an incremental round, what it starts from (the previous round's exports,
+    CG from its iHVP solution, the backend's
     :meth:`~GenerativeBackend.continuation_keys`) and its epochs (``stream_warm_epochs``)."""
     own = os.path.join(folder, "rounds", f"r{index}")
     generative = issubclass(model_class, GenerativeBackend)
-    keys = {"surrogate_export": os.path.join(own, "surrogate.pt"),
+    keys = {"surrogate_export": os.path.join(own, "surrogate.pt"), "influence_ihvp_export": os.path.join(own, "ihvp.pt"),
             **({"backend_export": os.path.join(own, "backend.pt")} if generative else {})}
     if not args.continues or index == 0:
         return keys
@@ -273,6 +274,9 @@ def round_files(folder: str, index: int, model_class: type, args: StreamArgument
     surrogate = os.path.join(before, "surrogate.pt")
     if os.path.isfile(surrogate):  # a sampler without signals from a surrogate trains none
         keys["surrogate_init"] = surrogate
+    ihvp = os.path.join(before, "ihvp.pt")
+    if os.path.isfile(ihvp):  # written where the round computed influence: CG starts from its solution
+        keys["influence_ihvp_init"] = ihvp
     if args.stream_warm_epochs is not None:
         block = dict(config["surrogate_config"] or {})
         keys.update({"epochs": args.stream_warm_epochs,
@@ -292,8 +296,8 @@ def round_record(round_plan: RoundPlan, plan: StreamPlan, budget: int, result: d
         "budget": selection.get("budget", budget),  # a round without training keeps every candidate
         "test_result": result.get("test_result"), "best_valid_result": result.get("best_valid_result"),
         "reference_results": result.get("reference_results"), "seconds": selection.get("seconds"),
-        "started_from": {k: round_dict[k] for k in ("surrogate_init", "backend_init", "tiger_semantic_ids_file")
-                         if k in round_dict},
+        "started_from": {k: round_dict[k] for k in ("surrogate_init", "backend_init", "tiger_semantic_ids_file",
+                                                    "influence_ihvp_init") if k in round_dict},
         "selection": selection,
     })
 

@@ -121,33 +121,45 @@ def warm_start(model: torch.nn.Module, dataset, path: str) -> dict[str, int]:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(saved, dict) or set(saved) != {"state", "item_tokens"}:
         raise ConfigError(f"surrogate_init={path}: not a file surrogate_export wrote (weights and item tokens)")
-    old_tokens, new_tokens = saved["item_tokens"], item_tokens(dataset)
-    old_index = {t: i for i, t in enumerate(old_tokens)}
-    pairs = [(i, old_index[t]) for i, t in enumerate(new_tokens) if i > 0 and t in old_index]
-    new_rows = torch.tensor([p[0] for p in pairs], dtype=torch.long)
-    old_rows = torch.tensor([p[1] for p in pairs], dtype=torch.long)
     own = model.state_dict()
     if set(saved["state"]) != set(own):
         raise ConfigError(f"surrogate_init={path}: its tensors ({len(saved['state'])}) are not those of the run's "
                           f"{type(model).__name__} ({len(own)}); another surrogate_model or size")
+    state, carried = carry_item_rows(saved["state"], saved["item_tokens"], own, item_tokens(dataset),
+                                     f"surrogate_init={path}")
+    model.load_state_dict(state)
+    return {"items_carried": carried, "items_new": len(item_tokens(dataset)) - 1 - carried}
+
+
+def carry_item_rows(saved: Mapping[str, torch.Tensor], old_tokens: Sequence[str], start: Mapping[str, torch.Tensor],
+                    new_tokens: Sequence[str], source: str) -> tuple[dict[str, torch.Tensor], int]:
+    """``saved`` tensors (of a model of a dataset whose items were ``old_tokens``) moved onto ``start`` (the same
+    names, of a dataset whose items are ``new_tokens``; index 0 = padding): a tensor of the same shape is copied; an
+    item table (first dimension = the item count, plus the same number of extra rows, e.g. BERT4Rec's mask) gets
+    the saved row of each item token both datasets hold, in the new order, its padding row and its extra rows;
+    the rows of new items keep ``start``'s. Returns ``(tensors, item rows carried)``; ``ConfigError`` naming
+    ``source`` on a shape that fits neither way."""
+    old_index = {t: i for i, t in enumerate(old_tokens)}
+    pairs = [(i, old_index[t]) for i, t in enumerate(new_tokens) if i > 0 and t in old_index]
+    new_rows = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+    old_rows = torch.tensor([p[1] for p in pairs], dtype=torch.long)
     state = {}
-    for name, value in own.items():
-        old = saved["state"][name]
+    for name, value in start.items():
+        old = saved[name]
         extra = value.shape[0] - len(new_tokens) if value.dim() else None
         if extra is not None and extra >= 0 and old.shape[0] - len(old_tokens) == extra and old.shape[1:] == value.shape[1:]:
             rows = value.clone()
             rows[0] = old[0]  # the padding row
-            rows[new_rows] = old[old_rows]
+            rows[new_rows] = old[old_rows].to(rows.dtype)
             if extra:
                 rows[len(new_tokens):] = old[len(old_tokens):]
             state[name] = rows
         elif old.shape == value.shape:
-            state[name] = old
+            state[name] = old.to(value.dtype)
         else:
-            raise ConfigError(f"surrogate_init={path}: {name} has shape {tuple(old.shape)}, the run's surrogate "
-                              f"{tuple(value.shape)}; another size")
-    model.load_state_dict(state)
-    return {"items_carried": len(pairs), "items_new": len(new_tokens) - 1 - len(pairs)}
+            raise ConfigError(f"{source}: {name} has shape {tuple(old.shape)}, the run's {tuple(value.shape)}; "
+                              "another size")
+    return state, len(pairs)
 
 
 def initial_surrogate(scfg, dataset):
