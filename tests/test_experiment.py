@@ -240,6 +240,20 @@ def test_table2_marks_and_ttest_match_scipy():
     assert "**" not in [line for line in text.splitlines() if "| C |" in line][0]
 
 
+def test_budget_label_of_every_kind_of_selection():
+    from recbole_dealrec.experiment.report import budget_of
+
+    (record,) = synthetic("Random", [0.1])
+    assert budget_of(record) == "8-shot"
+    record["settings"] = {"sampler": "random", "selection_ratio": 0.1}
+    assert budget_of(record) == "r=0.1"
+    record["settings"] = {"sampler": "file", "selection_file": "users.tsv"}  # a file's selection: its size
+    record["selected_users"] = 1024
+    assert budget_of(record) == "1024 users"
+    record["settings"] = {"sampler": "full"}
+    assert budget_of(record) == "full"
+
+
 def test_table3_percent_change_against_full():
     full = synthetic("Full", [0.2], tags=("table3",))
     full[0]["settings"] = {"sampler": "full", "seed": 0}
@@ -249,6 +263,15 @@ def test_table3_percent_change_against_full():
     row = [line for line in text.splitlines() if "| DEALRec |" in line][0]
     assert "+25.0%" in row  # recall 0.25 vs 0.2
     assert "-88.0%" in row  # time (10 + 2) vs 100
+    # a grid runs full fine-tuning once and replicates the methods in Table 2: those join Table 3, means over seeds (n)
+    replicated = synthetic("Random", [0.1, 0.3, 0.2])
+    other = synthetic("Random", [0.9])
+    for record in other:
+        record["model"] = "GRU4Rec"  # no full cell of its own: not in Table 3
+    text = table3(full + few + replicated + other)
+    row = [line for line in text.splitlines() if "| Random |" in line]
+    assert len(row) == 1 and "| 3 | 0.2000 |" in row[0] and "+0.0%" in row[0]
+    assert "| DEALRec | 8-shot | 1 |" in text and "GRU4Rec" not in text
 
 
 def test_report_writes_tables_and_figures(tmp_path):

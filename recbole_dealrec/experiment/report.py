@@ -74,6 +74,8 @@ def budget_of(record: dict) -> str:
         return f"{s['selection_num']}-shot"
     if s.get("selection_ratio") is not None:
         return f"r={s['selection_ratio']}"
+    if record.get("selected_users") is not None:  # a budget the sampler does not take (a selection file): its size
+        return f"{record['selected_users']} users"
     return "?"
 
 
@@ -414,7 +416,12 @@ def _pct(value: Optional[float], reference: Optional[float]) -> str:
 
 
 def table3(records: Sequence[dict]) -> str:
-    chosen = [r for r in records if "table3" in r.get("tags", [])]
+    """Each method against full fine-tuning of the same dataset and model: the cells tagged ``table3``, and where a
+    dataset and model has a full cell tagged so, its Table 2 cells too (a grid runs full fine-tuning once, in a
+    block of its own, and compares the replicated methods with it); means over the seeds (n)."""
+    with_full = {(r["dataset"], r["model"]) for r in records if "table3" in r.get("tags", []) and keeps_every_user(r)}
+    chosen = [r for r in records if "table3" in r.get("tags", [])
+              or ("table2" in r.get("tags", []) and (r["dataset"], r["model"]) in with_full)]
     metrics = metric_names(chosen)
     rows = []
     for (dataset, model), group in _groups(chosen, lambda r: (r["dataset"], r["model"])).items():
@@ -425,7 +432,8 @@ def table3(records: Sequence[dict]) -> str:
             means = _mean_metrics(rs, metrics)
             tune = float(np.mean([r["fine_tuning_seconds"] or 0 for r in rs]))
             select = float(np.mean([r["selection_seconds"] or 0 for r in rs]))
-            row = [dataset, model, method, budget, *[_fmt(m) for m in means], f"{tune:.0f}", f"{select:.0f}"]
+            row = [dataset, model, method, budget, str(len({r["settings"].get("seed") for r in rs})), *[_fmt(m) for m in means],
+                   f"{tune:.0f}", f"{select:.0f}"]
             if budget != "full":
                 row += [" / ".join(_pct(m, ref) for m, ref in zip(means, ref_metrics)), _pct(tune + select, ref_time)]
             else:
@@ -433,7 +441,7 @@ def table3(records: Sequence[dict]) -> str:
             rows.append(row)
     if not rows:
         return ""
-    header = ["dataset", "model", "method", "budget", *metrics, "fine-tuning s", "selection s",
+    header = ["dataset", "model", "method", "budget", "seeds", *metrics, "fine-tuning s", "selection s",
               f"% change vs full ({', '.join(metrics)})", "% change of time (fine-tuning + selection)"]
     return _markdown(header, rows) + ("\n\nSelection seconds: every signal's own compute time (kept with its cache "
                                       "entry, so a cell that reused it still reports it) plus the selection step.")
