@@ -379,18 +379,29 @@ def test_ihvp_export_then_warm_start_gives_the_cold_scores_in_fewer_steps(run_co
     run_config.final_config_dict.update(influence_ihvp_init=str(tmp_path / "a.pt"), influence_ihvp_export=None)
     warm, warm_meta = influence_signal(run_config)
     assert warm_meta["cached"] is False and warm_meta["warm_start"]  # not the cold entry: another key
+    # the export is the entry's artifact: a run that reuses the cold entry exports the same bytes, whatever the cache
+    run_config.final_config_dict.update(influence_ihvp_init=None, influence_ihvp_export=str(tmp_path / "b.pt"))
+    again, again_meta = influence_signal(run_config)
+    assert again_meta["cached"] is True
+    assert (tmp_path / "b.pt").read_bytes() == (tmp_path / "a.pt").read_bytes()
+    # an entry that lost its artifact is not reused: it is computed again, the same scores and the same bytes
+    os.unlink(again_meta["artifacts"]["ihvp.pt"])
+    (tmp_path / "b.pt").unlink()
+    redone, redone_meta = influence_signal(run_config)
+    assert redone_meta["cached"] is False and (tmp_path / "b.pt").read_bytes() == (tmp_path / "a.pt").read_bytes()
+    np.testing.assert_array_equal(redone.values, cold.values)
     assert warm_meta["iterations"] <= 1 and warm_meta["residual"] <= 1e-6
     np.testing.assert_array_equal(warm.user_ids, cold.user_ids)
     np.testing.assert_allclose(warm.values, cold.values, rtol=0, atol=1e-4 * np.abs(cold.values).max())
 
 
 def test_ihvp_init_carries_item_rows_by_token_and_rejects_bad_input(tmp_path, run_config):
-    from recbole_dealrec.scoring.influence import load_ihvp, save_ihvp
+    from recbole_dealrec.scoring.influence import ihvp_bytes, load_ihvp
 
     model, dataset = untrained("SASRec")
     params = select_parameters(model.named_parameters(), [r"^item_embedding", r"layer\.0\.multi_head_attention\.dense\.bias$"])
     solution = {k: torch.arange(v.numel(), dtype=v.dtype).reshape(v.shape) + 1.0 for k, v in params.items()}
-    save_ihvp(str(tmp_path / "x.pt"), solution, dataset)
+    (tmp_path / "x.pt").write_bytes(ihvp_bytes(solution, dataset))
     start, carried = load_ihvp(str(tmp_path / "x.pt"), params, dataset)
     torch.testing.assert_close(start, torch.cat([t.reshape(-1) for t in solution.values()]))
     # an earlier run whose items were these, reversed, without the last: rows follow the tokens, the new item's is 0

@@ -16,8 +16,10 @@ by double backprop, indefinite on a trained SASRec; the paper's choice with LiSS
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import shutil
 from logging import getLogger
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -191,13 +193,18 @@ def _mean_gradient(loss: SurrogateLoss, params, batches: list[UserBatch], m: int
     return distributed.ordered_sum(len(batches), block_mean_gradient, like=torch.zeros(m, dtype=flatten(params).dtype))
 
 
-def save_ihvp(path: str, solution: Mapping[str, torch.Tensor], train_dataset) -> None:
-    """``influence_ihvp_export``: the iHVP solution by parameter name and the item tokens its item rows belong to."""
+IHVP_ARTIFACT = "ihvp.pt"
+
+
+def ihvp_bytes(solution: Mapping[str, torch.Tensor], train_dataset) -> bytes:
+    """The iHVP solution by parameter name and the item tokens its item rows belong to, as the bytes of the
+    ``ihvp.pt`` artifact of the influence cache entry (``influence_ihvp_export`` copies it)."""
     from recbole_dealrec.surrogate.train import item_tokens
 
-    with atomic_write(path, "wb") as handle:
-        torch.save({"ihvp": {k: v.detach().cpu() for k, v in solution.items()},
-                    "item_tokens": item_tokens(train_dataset)}, handle)
+    buffer = io.BytesIO()
+    torch.save({"ihvp": {k: v.detach().cpu() for k, v in solution.items()}, "item_tokens": item_tokens(train_dataset)},
+               buffer)
+    return buffer.getvalue()
 
 
 def load_ihvp(path: str, params: Mapping[str, torch.Tensor], train_dataset) -> tuple[torch.Tensor, int]:
@@ -277,8 +284,6 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
                 f"{result.iterations} iterations, damping {result.effective_damping}")
 
     direction = unflatten(result.x, params)
-    if args.influence_ihvp_export and distributed.is_main():
-        save_ihvp(str(args.influence_ihvp_export), direction, surrogate.train_dataset)
     scores = distributed.map_blocks(batches, lambda part: directional_derivatives(loss, params, direction, part).double(),
                                     block_size=1).cpu().numpy()  # one batch a block: the batches are the fixed units
     n_local = len(distributed.owned_blocks(len(batches)))
@@ -291,7 +296,8 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
             "scored_parameters": m, "parameter_names": list(params), "n_users": n_users,
             "warm_start": bool(args.influence_ihvp_init),
             "mode": ("sequence" if windows == "sliding" else f"sequence ({windows})") if sequence else "prefix", "world_size": distributed.world_size()}
-    return ScoredUsers(np.asarray(tokens).astype(str), scores, meta)
+    artifacts = {IHVP_ARTIFACT: ihvp_bytes(direction, surrogate.train_dataset)} if distributed.is_main() else {}
+    return ScoredUsers(np.asarray(tokens).astype(str), scores, meta, artifacts)
 
 
 @SIGNALS.register("influence")
@@ -301,9 +307,18 @@ class Influence(Signal):
     depends_on = ("seed",)
     sharded = True
     uses_surrogate = True
+    #: the iHVP solution, kept with the scores: a run that reuses them exports the bytes the computing run had
+    artifacts = (IHVP_ARTIFACT,)
 
     def check_config(self, config) -> None:
         check_influence_config(config)
+
+    def export(self, ctx: SignalContext, result: ScoredUsers) -> None:
+        """``influence_ihvp_export``: a copy of the entry's iHVP solution (atomic; rank 0)."""
+        target = ctx.config["influence_ihvp_export"]
+        if target and distributed.is_main():
+            with open(result.meta["artifacts"][IHVP_ARTIFACT], "rb") as source, atomic_write(str(target), "wb") as handle:
+                shutil.copyfileobj(source, handle)
 
     def cache_payload(self, ctx: SignalContext) -> dict[str, Any]:
         """The keys' payload, but a warm start counts by its file's content (where it lies does not change the

@@ -93,6 +93,8 @@ class Signal(abc.ABC):
     uses_surrogate: ClassVar[bool] = False
     #: computed by every rank of a torch.distributed run, each on its share of the users (else rank 0 alone)
     sharded: ClassVar[bool] = False
+    #: by-products :meth:`compute` returns beside the values (``ScoredUsers.artifacts``), cached with them
+    artifacts: ClassVar[tuple[str, ...]] = ()
 
     def check_config(self, config: Mapping[str, Any]) -> None:
         """Validate this signal's keys before any data is read (override where needed)."""
@@ -120,6 +122,10 @@ class Signal(abc.ABC):
     @abc.abstractmethod
     def compute(self, ctx: SignalContext) -> ScoredUsers:
         """Values for every candidate user (``ctx.candidate_tokens``), with facts for the metadata."""
+
+    def export(self, ctx: SignalContext, result: ScoredUsers) -> None:
+        """After the values are computed or reused: write what the run's keys ask for from them (its
+        ``meta['artifacts']``), the same bytes whichever happened (override where needed)."""
 
 
 SIGNALS: Registry[type[Signal]] = Registry("signal")
@@ -173,7 +179,8 @@ def compute_signals(
     for name, signal in signals.items():
         with timer(f"{name} signal"):
             result = cached_user_scores(config, name, signal.cache_payload(ctx), lambda s=signal: s.compute(ctx),
-                                        collective=signal.sharded)
+                                        collective=signal.sharded, artifacts=signal.artifacts)
+            signal.export(ctx, result)
         _check_values(name, np.asarray(result.scores, dtype=np.float64))
         ids = np.asarray(train_dataset.token2id(train_dataset.uid_field, list(result.tokens)), dtype=np.int64)
         values = np.asarray(result.scores, dtype=np.float64 if np.ndim(result.scores) == 1 else np.float32)
