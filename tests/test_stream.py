@@ -2,6 +2,7 @@
 pre-split dataset, its candidates, bad input before any training, and a resumable run on real RecBole data."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -123,6 +124,7 @@ def test_stream_runs_every_round_on_its_cut_and_resumes(tmp_path):
     ({"stream_periods": 3, "candidate_period": 1}, r"^candidate_period: the stream sets it"),
     ({"stream_periods": 3, "split_field": "split"}, r"^stream_periods / stream_cut_times: dataset toy is pre-split"),
     ({"stream_periods": 3, "stream_perods": 3}, r"^unknown key 'stream_perods'.*did you mean 'stream_periods'"),
+    ({"stream_periods": 3, "stream_ihvp_warm_start": "yes"}, r"^stream_ihvp_warm_start must be a bool \(its property file's type\), got 'yes'"),
 ])
 def test_bad_stream_input_fails_before_any_round(tmp_path, extra, message):
     write_dataset(tmp_path / "data" / "toy", "toy")
@@ -197,7 +199,8 @@ def test_incremental_rounds_continue_from_the_previous_round(tmp_path):
     from tests.conftest import TINY_SURROGATE, TINY_TIGER
 
     write_dataset(tmp_path / "data" / "toy", "toy", n_users=48, n_items=120)
-    config = {**stream_dict(tmp_path, stream_periods=3, stream_update="incremental", stream_warm_epochs=1),
+    config = {**stream_dict(tmp_path, stream_periods=3, stream_update="incremental", stream_warm_epochs=1,
+                            stream_ihvp_warm_start=True),
               **TINY_TIGER, "tiger_codebook_size": 16, "title_field": "title", "sampler": "dealrec", "dealrec_lambda": 0.5,
               "surrogate_config": TINY_SURROGATE}
     report = run_stream("TIGER", "toy", config_dict=config)
@@ -399,3 +402,21 @@ def test_streams_compare_side_by_side_paired_by_seed_and_refuse_another_cut(tmp_
     with pytest.raises(SystemExit):
         main(["compare", folders[0], folders[0], "--out", str(tmp_path / "cmp3")])
     assert "the same stream (random / scratch, seed 1)" in capsys.readouterr().err
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_an_incremental_round_starts_cg_from_the_previous_solution_only_when_asked(tmp_path, warm_start):
+    """stream_ihvp_warm_start (off by default): round r's influence_ihvp_init is round r-1's exported solution."""
+    from recbole_dealrec.model.registry import MODELS
+    from recbole_dealrec.stream.runner import StreamArguments, round_files
+
+    config = {**stream_dict(tmp_path, stream_periods=3, stream_update="incremental"), "surrogate_config": None}
+    if warm_start:
+        config["stream_ihvp_warm_start"] = True
+    args = StreamArguments.of_run(collections.defaultdict(lambda: None, config))  # a config reads None for a key not given
+    assert args.stream_ihvp_warm_start is warm_start
+    (tmp_path / "s" / "rounds" / "r0").mkdir(parents=True)
+    (tmp_path / "s" / "rounds" / "r0" / "ihvp.pt").write_bytes(b"x")
+    keys = round_files(str(tmp_path / "s"), 1, MODELS.get("TIGER"), args, {"selection": {"folder": str(tmp_path)}},
+                       config)
+    assert keys["influence_ihvp_export"] == str(tmp_path / "s" / "rounds" / "r1" / "ihvp.pt")  # always exported
+    assert keys.get("influence_ihvp_init") == (str(tmp_path / "s" / "rounds" / "r0" / "ihvp.pt") if warm_start else None)

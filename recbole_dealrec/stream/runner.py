@@ -58,6 +58,7 @@ class StreamArguments(StageArguments):
     stream_output: str
     stream_update: str
     stream_warm_epochs: Optional[int]
+    stream_ihvp_warm_start: bool
 
     def check(self) -> None:
         if self.stream_update not in STREAM_UPDATES:
@@ -258,7 +259,7 @@ def round_files(folder: str, index: int, model_class: type, args: StreamArgument
                 config) -> dict:
     """The keys of round ``index``'s run that name files: what it exports (its surrogate, its iHVP solution, a
     generative backend's weights) and, in an incremental round, what it starts from (the previous round's exports,
-    CG from its iHVP solution, the backend's
+    with ``stream_ihvp_warm_start`` CG from its iHVP solution, the backend's
     :meth:`~GenerativeBackend.continuation_keys`) and its epochs (``stream_warm_epochs``)."""
     own = os.path.join(folder, "rounds", f"r{index}")
     generative = issubclass(model_class, GenerativeBackend)
@@ -275,7 +276,7 @@ def round_files(folder: str, index: int, model_class: type, args: StreamArgument
     if os.path.isfile(surrogate):  # a sampler without signals from a surrogate trains none
         keys["surrogate_init"] = surrogate
     ihvp = os.path.join(before, "ihvp.pt")
-    if os.path.isfile(ihvp):  # written where the round computed influence: CG starts from its solution
+    if args.stream_ihvp_warm_start and os.path.isfile(ihvp):  # written where the round computed influence
         keys["influence_ihvp_init"] = ihvp
     if args.stream_warm_epochs is not None:
         block = dict(config["surrogate_config"] or {})
