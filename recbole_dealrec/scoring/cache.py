@@ -50,7 +50,7 @@ def save_scores(path: str, tokens: np.ndarray, scores: np.ndarray, meta: Mapping
     """Write ``path`` (``.npz``: ``user_id`` tokens, exact ``values``) and its ``.json`` metadata, each atomically."""
     with atomic_write(path, "wb", checksum=True) as handle:
         np.savez(handle, user_id=np.asarray(tokens).astype(str), values=np.asarray(scores))
-    with atomic_write(path[: -len(".npz")] + ".json", checksum=True, encoding="utf-8") as handle:
+    with atomic_write(artifact_path(path, "json"), checksum=True, encoding="utf-8") as handle:
         json.dump(dict(meta), handle, indent=2, default=str)
 
 
@@ -61,7 +61,8 @@ def load_scores(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def artifact_path(entry: str, name: str) -> str:
-    """Where the artifact ``name`` of the cache entry ``entry`` (its ``.npz``) lies."""
+    """Where the file ``name`` (an artifact, or ``json``: the metadata) of the cache entry ``entry`` (its ``.npz``)
+    lies."""
     return entry[: -len(".npz")] + "." + name
 
 
@@ -80,7 +81,7 @@ def cached_user_scores(
     wait and then read the entry.
     """
     path = os.path.join(cache_dir(config), f"{stage}-{stable_key(key_payload)}.npz")
-    meta_path = path[: -len(".npz")] + ".json"
+    meta_path = artifact_path(path, "json")
     extra = {name: artifact_path(path, name) for name in artifacts}
     # every file checked (and a bad one removed) every time, by rank 0 only
     cached = distributed.broadcast_object(all([cache_entry_ok(f) for f in (path, meta_path, *extra.values())])
