@@ -339,6 +339,9 @@ def test_scores_on_each_target_equal_a_per_user_loop(run_config, target):
     surrogate = train_surrogate(config)
     scored = influence_scores(config, surrogate)
     assert scored.meta["target"] == target
+    # each part's seconds are kept (no power iteration: the damping is fixed here)
+    assert list(scored.meta["part_seconds"]) == ["influence: mean gradient v", "influence: iHVP solve",
+                                                 "influence: scores <grad L_u, H^-1 v>"]
     model = surrogate.model.double()
     loss = SurrogateLoss(model, config["influence_user_loss"])
     params = select_parameters(model.named_parameters(), pattern)

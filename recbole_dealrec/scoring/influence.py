@@ -44,7 +44,7 @@ from recbole_dealrec.model import get_model
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, UserBatch, user_batches
 from recbole_dealrec.surrogate.loss import USER_LOSSES, concat_user_batches, supports_sequence_mode
 from recbole_dealrec.surrogate.train import surrogate_config, surrogate_key
-from recbole_dealrec.utils import atomic_write, cache_dir, cache_entry_ok, stable_key
+from recbole_dealrec.utils import StageTimer, atomic_write, cache_dir, cache_entry_ok, stable_key
 
 #: Allowed values of ``influence_target``: whose loss the scores are the influence on (``v`` of ``H^-1 v``).
 TARGETS = ("train", "validation")
@@ -250,13 +250,17 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
         target_batches = user_batches(surrogate.valid_dataset, args.influence_batch_rows, sequence=False)
     else:
         target_batches = batches
-    v = _mean_gradient(loss, params, target_batches, m)
+    # each part's seconds and peak are logged and kept in the metadata: where a large dataset's time goes
+    timer = StageTimer()
+    with timer("influence: mean gradient v"):
+        v = _mean_gradient(loss, params, target_batches, m)
     ensure_finite(v, "mean gradient")
     hvp = hessian_vector_product(args, loss, params, surrogate.train_dataset, batches)
     solver = str(args.ihvp_solver).lower()
     damping = args.influence_damping
     if damping == "auto":
-        damping, top = auto_damping(args, hvp, m, v.dtype)
+        with timer("influence: damping (power iteration)"):
+            damping, top = auto_damping(args, hvp, m, v.dtype)
         logger.info(set_color("[Influence]", "pink") + f" damping {damping:.3e} = influence_damping_ratio "
                     f"{args.influence_damping_ratio} x largest Hessian eigenvalue {top:.3e} "
                     f"({args.influence_power_iters} power-iteration HVPs)")
@@ -278,14 +282,16 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
                                         args.lissa_batch_users)
                       ))
         damping = lissa_damping_for(damping, scale)
-    result = solve(solver, v, hvp=hvp, damping=damping, tol=args.ihvp_tol, **kwargs)
+    with timer("influence: iHVP solve"):
+        result = solve(solver, v, hvp=hvp, damping=damping, tol=args.ihvp_tol, **kwargs)
     ensure_finite(result.x, "ihvp")
     logger.info(set_color("[Influence]", "pink") + f" {solver}: relative residual {result.residual}, "
                 f"{result.iterations} iterations, damping {result.effective_damping}")
 
     direction = unflatten(result.x, params)
-    scores = distributed.map_blocks(batches, lambda part: directional_derivatives(loss, params, direction, part).double(),
-                                    block_size=1).cpu().numpy()  # one batch a block: the batches are the fixed units
+    with timer("influence: scores <grad L_u, H^-1 v>"):
+        scores = distributed.map_blocks(batches, lambda part: directional_derivatives(loss, params, direction, part).double(),
+                                        block_size=1).cpu().numpy()  # one batch a block: the batches are the fixed units
     n_local = len(distributed.owned_blocks(len(batches)))
     user_ids = np.concatenate([b.user_ids for b in batches])
     if distributed.active():
@@ -294,7 +300,7 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     meta = {"target": args.influence_target, "solver": solver, "residual": result.residual, "iterations": result.iterations,
             "effective_damping": result.effective_damping, "damping": damping, "converged": result.converged,
             "scored_parameters": m, "parameter_names": list(params), "n_users": n_users,
-            "warm_start": bool(args.influence_ihvp_init),
+            "warm_start": bool(args.influence_ihvp_init), "part_seconds": dict(timer.seconds),
             "mode": ("sequence" if windows == "sliding" else f"sequence ({windows})") if sequence else "prefix", "world_size": distributed.world_size()}
     artifacts = {IHVP_ARTIFACT: ihvp_bytes(direction, surrogate.train_dataset)} if distributed.is_main() else {}
     return ScoredUsers(np.asarray(tokens).astype(str), scores, meta, artifacts)
