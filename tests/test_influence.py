@@ -90,6 +90,46 @@ def test_mean_user_loss_gauss_newton_equals_the_exact_gauss_newton_of_the_weight
     torch.testing.assert_close(ggn, dense, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("model_name,softmax,user_loss,sequence,dtype", [
+    ("SASRec", "full", "sum", True, torch.float32), ("SASRec", "full", "mean", False, torch.float64),
+    ("SASRec", "sampled", "sum", True, torch.float32), ("SASRec", "sampled", "mean", False, torch.float64),
+    ("BERT4Rec", "full", "sum", False, torch.float32)])
+def test_gauss_newton_hvp_keeping_linearisations_gives_the_recomputed_bits(model_name, softmax, user_loss, sequence, dtype):
+    """influence_hvp_cache_gb: a product on a kept batch (its linearize / vjp / softmax reused) is the recomputed
+    product bit for bit, on every later call, for every surrogate loss form, and a spent budget recomputes."""
+    from recbole_dealrec.surrogate.loss import KeptLinearizations, sampled_negatives
+
+    config = DealrecConfig(model_name, "ml-100k", config_dict={
+        **TINY, **({"surrogate_loss": "sampled", "surrogate_negatives": 7} if softmax == "sampled" else {})})
+    train, _, _ = data_preparation(config, create_dataset(config))
+    torch.manual_seed(0)
+    model = get_model(model_name)(config, train.dataset).to(dtype).eval()
+    loss = SurrogateLoss(model, user_loss, sampled_negatives(config, model) if softmax == "sampled" else None)
+    params = select_parameters(model.named_parameters(), [".*"])
+    batches = user_batches(train.dataset, 300, user_ids=np.arange(1, 13), sequence=sequence)
+    assert len(batches) > 1
+    keep = KeptLinearizations(gb=4.0)
+    recomputed, kept = loss.gauss_newton_hvp(params, batches, 12), loss.gauss_newton_hvp(params, batches, 12, keep=keep)
+    generator = torch.Generator().manual_seed(3)
+    m = sum(p.numel() for p in params.values())
+    for _ in range(3):  # the first call builds and keeps, the later ones reuse
+        x = torch.randn(m, generator=generator, dtype=dtype)
+        expected = recomputed(x)
+        assert expected.abs().max() > 0 and torch.equal(kept(x), expected)
+    assert keep.kept_batches == len(batches) and keep.recomputed_batches == 0 and keep.kept_bytes >= 0
+    spent = KeptLinearizations(gb=0.0)  # nothing fits: every batch recomputed, the same product
+    assert torch.equal(loss.gauss_newton_hvp(params, batches, 12, keep=spent)(x), expected)
+    assert spent.kept_batches == 0
+
+
+def test_kept_linearisations_budget_closes_at_the_first_batch_that_does_not_fit():
+    from recbole_dealrec.surrogate.loss import KeptLinearizations
+
+    keep = KeptLinearizations(gb=1000 / 2**30)  # 1,000 bytes
+    assert keep.take(600) and not keep.take(500) and not keep.take(1)  # closed: later batches are recomputed
+    assert (keep.kept_batches, keep.recomputed_batches, keep.kept_bytes, keep.left_bytes) == (1, 2, 600, 0)
+
+
 @pytest.mark.parametrize("hessian", ["gauss_newton", "exact"])
 def test_lissa_steps_use_the_hessian_its_residual_is_checked_against(hessian):
     """The stochastic HVP on a batch of every user equals the full HVP of the same influence_hessian."""

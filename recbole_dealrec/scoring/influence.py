@@ -42,12 +42,15 @@ from recbole_dealrec.scoring.influence_core import (
 from recbole_dealrec.scoring.signals import SIGNALS, Signal, SignalContext
 from recbole_dealrec.model import get_model
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, UserBatch, user_batches
-from recbole_dealrec.surrogate.loss import USER_LOSSES, concat_user_batches, supports_sequence_mode
+from recbole_dealrec.surrogate.loss import USER_LOSSES, KeptLinearizations, concat_user_batches, supports_sequence_mode
 from recbole_dealrec.surrogate.train import surrogate_config, surrogate_key
 from recbole_dealrec.utils import StageTimer, atomic_write, cache_dir, cache_entry_ok, stable_key
 
 #: Allowed values of ``influence_target``: whose loss the scores are the influence on (``v`` of ``H^-1 v``).
 TARGETS = ("train", "validation")
+
+#: Keys that change where the outputs go or how fast they come, never the scores: not part of a cache key.
+UNKEYED = ("influence_ihvp_export", "influence_hvp_cache_gb")
 
 #: Users the Hessian is estimated on with ``influence_hessian_users: auto``.
 AUTO_HESSIAN_USERS = 2000
@@ -80,6 +83,7 @@ class InfluenceArguments(StageArguments):
     influence_target: str
     influence_ihvp_init: Optional[str]
     influence_ihvp_export: Optional[str]
+    influence_hvp_cache_gb: float
     seed: int
 
     def check(self) -> None:
@@ -99,6 +103,7 @@ class InfluenceArguments(StageArguments):
             raise ConfigError(f"influence_damping must be auto or a number >= 0, got {damping!r}")
         for key in ("influence_damping_ratio", "lissa_scale", "ihvp_tol"):
             check_number(key, getattr(self, key), 0, low_open=True)
+        check_number("influence_hvp_cache_gb", self.influence_hvp_cache_gb, 0)
         subset = self.influence_hessian_users
         if subset not in (None, "auto") and (not isinstance(subset, int) or subset < 1):
             raise ConfigError(f"influence_hessian_users must be auto, ~ (all users) or an integer >= 1, got {subset!r}")
@@ -131,10 +136,11 @@ def _user_sampler(singles: list[UserBatch], users_per_step: int):
 
 
 def hessian_vector_product(args: InfluenceArguments, loss: SurrogateLoss, params, train_dataset,
-                           batches: list[UserBatch]):
+                           batches: list[UserBatch], keep: Optional[KeptLinearizations] = None):
     """The HVP the solver uses: ``influence_hessian`` over all users, or over ``influence_hessian_users``
     users drawn with ``seed`` (an unbiased estimate of H that makes every HVP that much cheaper). Under
-    torch.distributed each rank passes over its share of those users and the products are summed."""
+    torch.distributed each rank passes over its share of those users and the products are summed. ``keep``: the
+    Gauss-Newton products keep their batches' linearisations within that budget (the same bits, faster)."""
     n_users = sum(len(b) for b in batches)
     subset = args.influence_hessian_users
     if subset == "auto":
@@ -149,7 +155,7 @@ def hessian_vector_product(args: InfluenceArguments, loss: SurrogateLoss, params
     def block_hvp(block: range):
         part = [batches[i] for i in block]
         if args.influence_hessian == "gauss_newton":
-            return loss.gauss_newton_hvp(params, part, n_users)
+            return loss.gauss_newton_hvp(params, part, n_users, keep=keep)
         return make_hvp(loss, params, part, n_users)
 
     blocks = distributed.fixed_blocks(len(batches), distributed.REDUCTION_BLOCKS)
@@ -255,7 +261,8 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     with timer("influence: mean gradient v"):
         v = _mean_gradient(loss, params, target_batches, m)
     ensure_finite(v, "mean gradient")
-    hvp = hessian_vector_product(args, loss, params, surrogate.train_dataset, batches)
+    keep = KeptLinearizations(args.influence_hvp_cache_gb) if args.influence_hvp_cache_gb > 0 else None
+    hvp = hessian_vector_product(args, loss, params, surrogate.train_dataset, batches, keep)
     solver = str(args.ihvp_solver).lower()
     damping = args.influence_damping
     if damping == "auto":
@@ -287,6 +294,10 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     ensure_finite(result.x, "ihvp")
     logger.info(set_color("[Influence]", "pink") + f" {solver}: relative residual {result.residual}, "
                 f"{result.iterations} iterations, damping {result.effective_damping}")
+    if keep is not None and (keep.kept_batches or keep.recomputed_batches):
+        logger.info(set_color("[Influence]", "pink") + f" the HVPs kept {keep.kept_batches} Hessian batches' "
+                    f"linearisations ({keep.kept_bytes / 2**30:.2f} GB of influence_hvp_cache_gb "
+                    f"{args.influence_hvp_cache_gb}); {keep.recomputed_batches} recomputed at every product")
 
     direction = unflatten(result.x, params)
     with timer("influence: scores <grad L_u, H^-1 v>"):
@@ -301,6 +312,8 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
             "effective_damping": result.effective_damping, "damping": damping, "converged": result.converged,
             "scored_parameters": m, "parameter_names": list(params), "n_users": n_users,
             "warm_start": bool(args.influence_ihvp_init), "part_seconds": dict(timer.seconds),
+            "hvp_kept": None if keep is None else {"batches": keep.kept_batches, "recomputed": keep.recomputed_batches,
+                                                   "gb": round(keep.kept_bytes / 2**30, 3)},
             "mode": ("sequence" if windows == "sliding" else f"sequence ({windows})") if sequence else "prefix", "world_size": distributed.world_size()}
     artifacts = {IHVP_ARTIFACT: ihvp_bytes(direction, surrogate.train_dataset)} if distributed.is_main() else {}
     return ScoredUsers(np.asarray(tokens).astype(str), scores, meta, artifacts)
@@ -333,7 +346,8 @@ class Influence(Signal):
 
         payload = super().cache_payload(ctx)
         init = payload.pop("influence_ihvp_init")
-        payload.pop("influence_ihvp_export")
+        for key in UNKEYED:
+            payload.pop(key)
         if init:
             payload["ihvp_init"] = file_checksum(str(init))
         return payload
@@ -358,8 +372,9 @@ CHECK_SUMMARY_KEYS = ("target", "user_loss", "retrain", "group_size", "agreement
 
 def influence_check_path(config) -> str:
     """The cache entry recording the retraining check of this config's surrogate and influence keys."""
-    key = stable_key({"surrogate": surrogate_key(config),
-                      "influence": dataclasses.asdict(InfluenceArguments.from_config(config))})
+    arguments = {k: v for k, v in dataclasses.asdict(InfluenceArguments.from_config(config)).items()
+                 if k != "influence_hvp_cache_gb"}  # speed only (the export stays: the keys of recorded checks)
+    key = stable_key({"surrogate": surrogate_key(config), "influence": arguments})
     return os.path.join(cache_dir(config), f"influence-check-{key}.json")
 
 

@@ -16,6 +16,7 @@ every batch, every pass and every process, so the per-user loss, its gradients a
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ from torch.func import functional_call
 
 from recbole_dealrec.data.user_rows import rows_by_user
 from recbole_dealrec.errors import ConfigError, check_choice, check_integer
+from recbole_dealrec.utils import resident_bytes as _resident_bytes
 
 #: Allowed values of ``influence_user_loss``: how a user's prefix losses make its loss.
 USER_LOSSES = ("mean", "sum")
@@ -532,6 +534,30 @@ class _CandidatePredict(torch.nn.Module):
         return candidate_logits(hidden, self.model.item_embedding.weight, items, hits)
 
 
+class KeptLinearizations:
+    """A memory budget shared by HVP closures (:meth:`SurrogateLoss.gauss_newton_hvp`) for the linearisations they
+    keep. A batch's cost is the resident memory its linearisation added, measured once as it is built; batches are
+    kept in the order they are first met until the budget is spent (a batch that does not fit is recomputed every
+    time, as every later one)."""
+
+    def __init__(self, gb: float) -> None:
+        self.left_bytes = float(gb) * 2**30
+        self.kept_batches = 0
+        self.recomputed_batches = 0
+        self.kept_bytes = 0
+
+    def take(self, nbytes: int) -> bool:
+        """Keep a batch that added ``nbytes``: True while it fits (else the budget closes)."""
+        if 0 < self.left_bytes and nbytes <= self.left_bytes:
+            self.left_bytes -= max(nbytes, 0)
+            self.kept_bytes += max(nbytes, 0)
+            self.kept_batches += 1
+            return True
+        self.left_bytes = 0
+        self.recomputed_batches += 1
+        return False
+
+
 class SurrogateLoss:
     """``loss(params, batch: UserBatch) -> Tensor[users]``: the per-user loss (module docstring).
 
@@ -618,32 +644,57 @@ class SurrogateLoss:
             interaction[self.model.ITEM_SEQ], interaction[self.model.ITEM_SEQ_LEN], None, None, items, hits))
         return F.cross_entropy(logits, torch.zeros_like(items[:, 0]), reduction="none")
 
-    def gauss_newton_hvp(self, params: dict[str, torch.Tensor], batches: Sequence[UserBatch], n_total: int):
+    def gauss_newton_hvp(self, params: dict[str, torch.Tensor], batches: Sequence[UserBatch], n_total: int,
+                         keep: Optional[KeptLinearizations] = None):
         """HVP with the Gauss-Newton Hessian G = (1/n) sum_rows J^T (diag(p) - p p^T) J, on flat vectors.
 
         The exact Hessian of a trained SASRec is indefinite (CG meets negative curvature at any small
         damping); G drops the second-order term of the network and is positive semi-definite, the usual
         choice of influence-function libraries for cross-entropy losses. ``influence_hessian`` picks it.
+
+        ``keep``: a memory budget for batches' linearisations, kept across calls (the solvers call one HVP dozens
+        of times on the same batches): the logits' tangent map (``torch.func.linearize``), their ``vjp`` and the
+        softmax, so a later product on that batch runs neither of the two primal forward passes nor the softmax.
+        The same bits as recomputing them (tested). None: recompute every time (LiSSA: a fresh batch each step).
         """
         from recbole_dealrec.gradients.params import flatten, unflatten
 
         fixed = {k: v.detach() for k, v in params.items()}
+        kept: dict[int, tuple] = {}
+
+        def product(prob, weights, jv, vjp_fn) -> torch.Tensor:
+            # J^T (diag(p) - p p^T) (J x), each target weighted by its user's loss form
+            u = (prob * jv - prob * (prob * jv).sum(-1, keepdim=True)) * weights
+            (grad,) = vjp_fn(u)
+            return flatten(grad).detach() / n_total
 
         def hvp(x: torch.Tensor) -> torch.Tensor:
             tangent = unflatten(x, fixed)
             out = torch.zeros_like(x)
-            for batch in batches:
+            for index, batch in enumerate(batches):
                 def f(p):
                     return self.target_logits(p, batch)
 
-                logits, jv = torch.func.jvp(f, (fixed,), (tangent,))
-                prob = torch.softmax(logits.detach(), dim=-1)
-                jv = jv.detach()
-                weights = self.row_weights(batch).to(prob.dtype)[:, None]
-                u = (prob * jv - prob * (prob * jv).sum(-1, keepdim=True)) * weights
-                _, vjp_fn = torch.func.vjp(f, fixed)
-                (grad,) = vjp_fn(u)
-                out += flatten(grad).detach() / n_total
+                if index in kept:
+                    jvp_fn, vjp_fn, prob, weights = kept[index]
+                    out += product(prob, weights, jvp_fn(tangent).detach(), vjp_fn)
+                elif keep is not None and keep.left_bytes > 0:
+                    before = _resident_bytes()
+                    with warnings.catch_warnings():  # torch.fx's constant folding inside linearize, harmless
+                        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+                        _, jvp_fn = torch.func.linearize(f, fixed)
+                        logits, vjp_fn = torch.func.vjp(f, fixed)
+                        prob = torch.softmax(logits.detach(), dim=-1)
+                        weights = self.row_weights(batch).to(prob.dtype)[:, None]
+                        out += product(prob, weights, jvp_fn(tangent).detach(), vjp_fn)  # materialises it
+                    if keep.take(_resident_bytes() - before):
+                        kept[index] = (jvp_fn, vjp_fn, prob, weights)
+                else:
+                    logits, jv = torch.func.jvp(f, (fixed,), (tangent,))
+                    prob = torch.softmax(logits.detach(), dim=-1)
+                    weights = self.row_weights(batch).to(prob.dtype)[:, None]
+                    _, vjp_fn = torch.func.vjp(f, fixed)
+                    out += product(prob, weights, jv.detach(), vjp_fn)
             return out
 
         return hvp
