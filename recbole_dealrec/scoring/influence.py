@@ -291,6 +291,7 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
         damping = lissa_damping_for(damping, scale)
     with timer("influence: iHVP solve"):
         result = solve(solver, v, hvp=hvp, damping=damping, tol=args.ihvp_tol, **kwargs)
+    del hvp, kwargs  # the kept linearisations go with the HVP, before the scores pass over every user
     ensure_finite(result.x, "ihvp")
     logger.info(set_color("[Influence]", "pink") + f" {solver}: relative residual {result.residual}, "
                 f"{result.iterations} iterations, damping {result.effective_damping}")
