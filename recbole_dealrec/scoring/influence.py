@@ -298,7 +298,8 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     if keep is not None and (keep.kept_batches or keep.recomputed_batches):
         logger.info(set_color("[Influence]", "pink") + f" the HVPs kept {keep.kept_batches} Hessian batches' "
                     f"linearisations ({keep.kept_bytes / 2**30:.2f} GB of influence_hvp_cache_gb "
-                    f"{args.influence_hvp_cache_gb}); {keep.recomputed_batches} recomputed at every product")
+                    f"{args.influence_hvp_cache_gb}); {keep.recomputed_batches} recomputed at every product"
+                    + (" (the surrogate's traced tangent map gave other bits than eager forward mode)" if keep.other_bits else ""))
 
     direction = unflatten(result.x, params)
     with timer("influence: scores <grad L_u, H^-1 v>"):
@@ -314,7 +315,7 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
             "scored_parameters": m, "parameter_names": list(params), "n_users": n_users,
             "warm_start": bool(args.influence_ihvp_init), "part_seconds": dict(timer.seconds),
             "hvp_kept": None if keep is None else {"batches": keep.kept_batches, "recomputed": keep.recomputed_batches,
-                                                   "gb": round(keep.kept_bytes / 2**30, 3)},
+                                                   "gb": round(keep.kept_bytes / 2**30, 3), "other_bits": keep.other_bits},
             "mode": ("sequence" if windows == "sliding" else f"sequence ({windows})") if sequence else "prefix", "world_size": distributed.world_size()}
     artifacts = {IHVP_ARTIFACT: ihvp_bytes(direction, surrogate.train_dataset)} if distributed.is_main() else {}
     return ScoredUsers(np.asarray(tokens).astype(str), scores, meta, artifacts)

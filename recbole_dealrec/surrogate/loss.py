@@ -538,23 +538,27 @@ class KeptLinearizations:
     """A memory budget shared by HVP closures (:meth:`SurrogateLoss.gauss_newton_hvp`) for the linearisations they
     keep. A batch's cost is the resident memory its linearisation added, measured once as it is built; batches are
     kept in the order they are first met until the budget is spent (a batch that does not fit is recomputed every
-    time, as every later one)."""
+    time, as every later one), and only while the kept product is the recomputed one bit for bit."""
 
     def __init__(self, gb: float) -> None:
         self.left_bytes = float(gb) * 2**30
         self.kept_batches = 0
         self.recomputed_batches = 0
         self.kept_bytes = 0
+        self.other_bits = False  # a kept product differed from the recomputed one: nothing kept from then on
 
-    def take(self, nbytes: int) -> bool:
-        """Keep a batch that added ``nbytes``: True while it fits (else the budget closes)."""
-        if 0 < self.left_bytes and nbytes <= self.left_bytes:
+    def take(self, nbytes: int, same_bits: bool = True) -> bool:
+        """Keep a batch that added ``nbytes`` and whose kept product equals the recomputed one bit for bit: True
+        while both hold (else the budget closes: the next batches are recomputed, as a model whose linearisation
+        gave other bits gives them on every batch)."""
+        if same_bits and 0 < self.left_bytes and nbytes <= self.left_bytes:
             self.left_bytes -= max(nbytes, 0)
             self.kept_bytes += max(nbytes, 0)
             self.kept_batches += 1
             return True
         self.left_bytes = 0
         self.recomputed_batches += 1
+        self.other_bits = self.other_bits or not same_bits
         return False
 
 
@@ -655,7 +659,8 @@ class SurrogateLoss:
         ``keep``: a memory budget for batches' linearisations, kept across calls (the solvers call one HVP dozens
         of times on the same batches): the logits' tangent map (``torch.func.linearize``), their ``vjp`` and the
         softmax, so a later product on that batch runs neither of the two primal forward passes nor the softmax.
-        The same bits as recomputing them (tested). None: recompute every time (LiSSA: a fresh batch each step).
+        A batch is kept only if its first kept product equals the recomputed one bit for bit (checked then), so the
+        products never depend on the budget. None: recompute every time (LiSSA: a fresh batch each step).
         """
         from recbole_dealrec.gradients.params import flatten, unflatten
 
@@ -667,6 +672,13 @@ class SurrogateLoss:
             u = (prob * jv - prob * (prob * jv).sum(-1, keepdim=True)) * weights
             (grad,) = vjp_fn(u)
             return flatten(grad).detach() / n_total
+
+        def recomputed(f, batch: UserBatch, tangent) -> torch.Tensor:
+            logits, jv = torch.func.jvp(f, (fixed,), (tangent,))
+            prob = torch.softmax(logits.detach(), dim=-1)
+            weights = self.row_weights(batch).to(prob.dtype)[:, None]
+            _, vjp_fn = torch.func.vjp(f, fixed)
+            return product(prob, weights, jv.detach(), vjp_fn)
 
         def hvp(x: torch.Tensor) -> torch.Tensor:
             tangent = unflatten(x, fixed)
@@ -686,15 +698,16 @@ class SurrogateLoss:
                         logits, vjp_fn = torch.func.vjp(f, fixed)
                         prob = torch.softmax(logits.detach(), dim=-1)
                         weights = self.row_weights(batch).to(prob.dtype)[:, None]
-                        out += product(prob, weights, jvp_fn(tangent).detach(), vjp_fn)  # materialises it
-                    if keep.take(_resident_bytes() - before):
+                        fast = product(prob, weights, jvp_fn(tangent).detach(), vjp_fn)  # materialises it
+                    # Checked once against the recomputed product: kept only when the bits agree. A traced tangent
+                    # map can run other kernels than eager forward mode (GRU4Rec's recurrent cell does), and the
+                    # scores must not depend on the budget.
+                    exact = recomputed(f, batch, tangent)
+                    out += exact
+                    if keep.take(_resident_bytes() - before, same_bits=torch.equal(fast, exact)):
                         kept[index] = (jvp_fn, vjp_fn, prob, weights)
                 else:
-                    logits, jv = torch.func.jvp(f, (fixed,), (tangent,))
-                    prob = torch.softmax(logits.detach(), dim=-1)
-                    weights = self.row_weights(batch).to(prob.dtype)[:, None]
-                    _, vjp_fn = torch.func.vjp(f, fixed)
-                    out += product(prob, weights, jv.detach(), vjp_fn)
+                    out += recomputed(f, batch, tangent)
             return out
 
         return hvp
