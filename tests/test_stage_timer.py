@@ -14,8 +14,8 @@ def test_each_stage_logs_its_own_peak(caplog):
     base = resident_bytes() / 2**30
     with caplog.at_level(logging.INFO):
         with timer("allocate"):
-            block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched, held for a few samples
-            time.sleep(0.1)
+            block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched, held for many samples
+            time.sleep(0.5)  # long enough for the sampling thread to run on a loaded machine (0.1 s missed it once)
             del block
         with timer("small"):
             time.sleep(0.05)
