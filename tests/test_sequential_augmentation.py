@@ -110,3 +110,103 @@ def test_the_built_dataset_releases_its_history_lists_and_the_splits_keep_theirs
         assert {"item_id_list", "timestamp_list", "item_length"} <= set(part.inter_feat.columns)
     assert not {"item_id_list", "timestamp_list"} & set(dataset.inter_feat.columns)
     assert dataset.inter_num == len(train) + len(valid) + len(test)  # the rows (and scalar columns) stay
+
+
+def _lists_before_the_split(dataset_class: type) -> type:
+    """The build of ``dataset_class`` with the whole table's history lists built first and each split indexing its
+    rows of them (what the plugin did before it built each split's own lists): the reference."""
+
+    class ListsBeforeTheSplit(dataset_class):
+        def build(self):
+            datasets = self.split_prefix_samples()  # not deferred: data_augmentation builds the whole table's lists
+            self.release_history_lists()
+            return datasets
+
+    return ListsBeforeTheSplit
+
+
+def _tagged_dataset(tmp_path) -> dict:
+    folder = tmp_path / "tagged"
+    folder.mkdir()
+    rows = [f"{u}\t{(u * 7 + t) % 23}\t{(t * 5 + u) % 11}\t{' '.join(str(x) for x in range(t % 4 + 1))}\t{0.5 * t}"
+            for u in range(40) for t in range(3 + u % 9)]
+    (folder / "tagged.inter").write_text(
+        "\n".join(["user_id:token\titem_id:token\ttimestamp:float\ttags:token_seq\tscore:float", *rows]) + "\n")
+    return {"data_path": str(tmp_path), "numerical_features": ["score"], "sequence_list_fields": "all",
+            "load_col": {"inter": ["user_id", "item_id", "timestamp", "tags", "score"]}}
+
+
+@pytest.mark.parametrize("case", ["ml-100k LS", "ml-100k RS", "tagged", "presplit"])
+@pytest.mark.parametrize("max_len, block_rows", [(3, 7), (50, 1 << 18)])
+def test_each_splits_own_history_lists_equal_lists_built_before_the_split(tmp_path, monkeypatch, case, max_len,
+                                                                          block_rows):
+    """Issue 25 (memory): build() cuts each split's history lists from its own rows, in blocks; every split's every
+    column (and the test targets) equals RecBole's own build (its lists built on the whole table, then indexed by
+    the split); the pre-split dataset, which RecBole has not, equals its build with the whole table's lists first
+    (the eager lists are RecBole's: the tests above)."""
+    from recbole_dealrec.data.dataset import PresplitSequentialDataset
+
+    dataset_class, name, keys = ArraySequentialDataset, "ml-100k", {"sequence_list_fields": "all"}
+    if case == "ml-100k RS":
+        keys["eval_args"] = {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": "user", "mode": "full"}
+    elif case == "tagged":
+        name, keys = "tagged", _tagged_dataset(tmp_path)
+    elif case == "presplit":
+        from test_importer import write_paper_folder
+
+        from recbole_dealrec.data.importer import import_paper_dataset
+
+        write_paper_folder(tmp_path / "paper")
+        import_paper_dataset(str(tmp_path / "paper"), str(tmp_path / "data" / "games"))
+        dataset_class, name, keys = PresplitSequentialDataset, "games", {"data_path": str(tmp_path / "data")}
+    config = DealrecConfig("SASRec", name, config_dict={"MAX_ITEM_LIST_LENGTH": max_len, **keys})
+    monkeypatch.setattr(ArraySequentialDataset, "HISTORY_BLOCK_ROWS", block_rows)
+    reference_class = _lists_before_the_split(dataset_class) if case == "presplit" else SequentialDataset
+    ours, reference = dataset_class(config).build(), reference_class(config).build()
+    assert "item_id_list" in ours[0].inter_feat.columns
+    for part, expected in zip(ours, reference):
+        assert set(part.inter_feat.columns) == set(expected.inter_feat.columns)
+        assert len(part) == len(expected) > 0
+        for field in expected.inter_feat.columns:
+            a, b = part.inter_feat[field], expected.inter_feat[field]
+            assert a.dtype == b.dtype and torch.equal(a, b), field
+        assert torch.equal(getattr(part, "multi_targets", torch.zeros(0)), getattr(expected, "multi_targets", torch.zeros(0)))
+
+
+def test_datasets_at_one_window_share_their_history_lists_and_equal_a_fresh_build(caplog):
+    """The backend's and the surrogate's datasets at one window length hold their history lists once (the same
+    tensors, logged); at another length, or from other values, they are their own; every built column equals a
+    build in a fresh state; a list nobody holds any more is not kept alive for sharing."""
+    import gc
+    import logging
+
+    import recbole_dealrec.data.dataset as module
+
+    def splits(length, **keys):
+        config = DealrecConfig("SASRec", "ml-100k", config_dict={"MAX_ITEM_LIST_LENGTH": length, **keys})
+        return create_dataset(config).build()
+
+    module._last_loaded.clear()
+    module._last_built_lists.clear()
+    backend = splits(20)
+    with caplog.at_level(logging.INFO):
+        surrogate = splits(20)
+    assert "history lists item_id_list, timestamp_list (window 20) shared" in caplog.text
+    for a, b in zip(backend, surrogate):
+        for field in ("item_id_list", "timestamp_list"):
+            assert a.inter_feat[field] is b.inter_feat[field]
+        assert a.inter_feat is not b.inter_feat  # a sort or a new column of one split stays its own
+    other = splits(5)
+    assert other[0].inter_feat["item_id_list"].data_ptr() != backend[0].inter_feat["item_id_list"].data_ptr()
+    filtered = splits(20, user_inter_num_interval="[30,inf)")  # other rows: other lists
+    assert len(filtered[0]) < len(backend[0])
+    module._last_loaded.clear()
+    module._last_built_lists.clear()
+    fresh = splits(20)
+    for shared, expected in zip(surrogate, fresh):
+        assert set(shared.inter_feat.columns) == set(expected.inter_feat.columns)
+        for field in expected.inter_feat.columns:
+            assert torch.equal(shared.inter_feat[field], expected.inter_feat[field]), field
+    del backend, surrogate, fresh, other, filtered, a, b, shared, expected
+    gc.collect()
+    assert all(b.tensor is None for b in module._last_built_lists)

@@ -13,7 +13,9 @@ The paper's data come pre-split (split by global time, then one line per user an
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import weakref
 from logging import getLogger
 from typing import Any, Mapping, Optional
 
@@ -154,18 +156,75 @@ class ArraySequentialDataset(SequentialDataset):
                     properties.pop(list_field, None)
                 delattr(self, f"{field}_list_field")
 
+    #: the column that carries each prefix sample's first history row (an index into ``_history_values``) from the
+    #: augmentation to the split, while the history lists are not built yet
+    HISTORY_START = "_history_start"
+    #: prefix samples per block when a history list is built (bounds the index block: 8 MB per 1,000 x 1,000)
+    HISTORY_BLOCK_ROWS = 1 << 18
+
     def build(self) -> list[SequentialDataset]:
-        datasets = super().build()
+        """The train/valid/test splits, each with its own history lists, built after the split from each split's
+        own rows: the whole augmented table never holds them (on Book-sized data the lists are gigabytes, and the
+        train split copied them a second time). Every column and row equals building the lists before the split
+        (tested)."""
+        self._defer_history_lists = True
+        try:
+            datasets = self.split_prefix_samples()
+        finally:
+            self._defer_history_lists = False
+        built: list[_BuiltList] = []
+        for part in datasets:
+            part.build_history_lists(built)
+        _last_built_lists[:] = built  # what the next dataset of this process may share
+        shared = sorted({b.name for b in built if b.shared})
+        if shared:
+            getLogger().info(f"[Data] {self.config['dataset']}: history lists {', '.join(shared)} (window "
+                             f"{self.config['MAX_ITEM_LIST_LENGTH']}) shared with the dataset built before in this "
+                             "run (the same rows cut from the same values: held once)")
         self.release_history_lists()
         return datasets
 
+    def split_prefix_samples(self) -> list[SequentialDataset]:
+        """RecBole's split (``eval_args``) of the augmented rows."""
+        return super().build()
+
     def release_history_lists(self) -> None:
-        """Drop the whole augmented table's history lists once the splits are built: each split indexed its own
-        copy of its rows, and nothing reads this dataset's lists after (the run keeps it for its token maps and
-        counts, which stay). On Book-sized data the lists are gigabytes held twice without this."""
+        """Drop the whole augmented table's history lists (and their sources) once the splits are built: nothing
+        reads this dataset's lists after (the run keeps it for its token maps and counts, which stay)."""
         suffix = self.config["LIST_SUFFIX"]
-        lists = [f + suffix for f in self.listed_fields()]
+        lists = {f + suffix for f in self.listed_fields()} | {self.HISTORY_START}
         self.inter_feat = Interaction({k: v for k, v in self.inter_feat.interaction.items() if k not in lists})
+        self._history_values = None
+
+    def build_history_lists(self, built: Optional[list] = None) -> None:
+        """Build this dataset's ``[rows, MAX_ITEM_LIST_LENGTH]`` history lists from each row's history start and
+        length, in blocks of :attr:`HISTORY_BLOCK_ROWS` rows (no ``[rows, L]`` index or mask of the whole table);
+        the lists follow the row's other columns, in :meth:`listed_fields` order, as RecBole's do.
+
+        A list whose inputs (values, starts, lengths, shape) equal, bit for bit, those of a list the last
+        :meth:`build` of this process made is that list's tensor, not a copy (:data:`_last_built_lists`); each list
+        made or shared here is appended to ``built``."""
+        if self.HISTORY_START not in self.inter_feat.interaction:
+            return
+        columns = dict(self.inter_feat.interaction)
+        start = columns.pop(self.HISTORY_START)
+        length = columns[self.item_list_length_field]
+        for field, value in self._history_values.items():
+            list_field = getattr(self, f"{field}_list_field")
+            list_len = self.field2seqlen[list_field]
+            shape = (len(start), list_len) if isinstance(list_len, int) else (len(start),) + tuple(list_len)
+            if (self.field2type[field] in [FeatureType.FLOAT, FeatureType.FLOAT_SEQ]
+                    and field in self.config["numerical_features"]):
+                shape += (2,)
+            same = next((b for b in _last_built_lists if b.made_from(value, start, length, shape)), None)
+            made = same.tensor if same is not None else None
+            if made is None:
+                made = _history_list(value, start, length, shape, self.HISTORY_BLOCK_ROWS)
+            if built is not None:
+                built.append(_BuiltList(list_field, value, start, length, weakref.ref(made), same is not None))
+            columns[list_field] = made
+        self.inter_feat = Interaction(columns)
+        self._history_values = None
 
     def data_augmentation(self) -> None:
         self.logger.debug("data_augmentation (array operations)")
@@ -182,28 +241,65 @@ class ArraySequentialDataset(SequentialDataset):
         # RecBole's window: the history slides by one once it holds max_len items
         seq_start = np.maximum(user_start[target], target - max_len)
         length = target - seq_start
-        keep = torch.from_numpy(np.arange(max_len)[None, :] < length[:, None])  # [N, max_len]
-        # the source row of every kept list place, in row-major order: seq_start + 0 .. length - 1 per sample (no
-        # [N, max_len] index matrix: at Book size it would be 2 GB of int64)
-        first_place = np.cumsum(length) - length
-        source = torch.from_numpy(np.repeat(seq_start - first_place, length) + np.arange(int(length.sum())))
         new_data = self.inter_feat[torch.from_numpy(target)]
-        new_dict = {self.item_list_length_field: torch.tensor(length, dtype=torch.int64)}
         self.history_end = {field: self.inter_feat[field][torch.from_numpy(target - 1)]
                             for field in self.history_end_fields}  # the row before a target ends its history
-        for field in self.listed_fields():
-            list_field = getattr(self, f"{field}_list_field")
-            list_len = self.field2seqlen[list_field]
-            shape = (len(target), list_len) if isinstance(list_len, int) else (len(target),) + tuple(list_len)
-            if (self.field2type[field] in [FeatureType.FLOAT, FeatureType.FLOAT_SEQ]
-                    and field in self.config["numerical_features"]):
-                shape += (2,)
-            value = self.inter_feat[field]
-            values = torch.zeros(shape, dtype=value.dtype)
-            values[keep] = value[source].reshape((-1,) + tuple(shape[2:]))
-            new_dict[list_field] = values
-        new_data.update(Interaction(new_dict))
+        # the listed fields' values at every interaction (sorted by user and time): the lists are cut from them
+        self._history_values = {field: self.inter_feat[field] for field in self.listed_fields()}
+        new_data.update(Interaction({self.item_list_length_field: torch.tensor(length, dtype=torch.int64),
+                                     self.HISTORY_START: torch.from_numpy(seq_start)}))
         self.inter_feat = new_data
+        if not getattr(self, "_defer_history_lists", False):  # augmented outside build(): the lists now
+            self.build_history_lists()
+
+
+@dataclasses.dataclass
+class _BuiltList:
+    """A history list a build made (or shared), with the inputs it was cut from."""
+
+    name: str
+    value: torch.Tensor  # [interactions, ...] the field's values, sorted by user and time
+    start: torch.Tensor  # [rows] each row's first history interaction
+    length: torch.Tensor  # [rows]
+    made: Any  # weakref.ref to the [rows, L, ...] list: a dataset that is gone does not keep its lists alive
+    shared: bool = False
+
+    @property
+    def tensor(self) -> Optional[torch.Tensor]:
+        return self.made()
+
+    def made_from(self, value: torch.Tensor, start: torch.Tensor, length: torch.Tensor, shape: tuple) -> bool:
+        """Whether :func:`_history_list` on these inputs gives this list (equal inputs, bit for bit), still held."""
+        tensor = self.tensor
+        return (tensor is not None and tuple(tensor.shape) == tuple(shape) and tensor.dtype == value.dtype
+                and self.value.shape == value.shape and self.start.shape == start.shape
+                and torch.equal(self.start, start) and torch.equal(self.length, length)
+                and (self.value is value or torch.equal(self.value, value)))
+
+
+#: The history lists of the last :meth:`ArraySequentialDataset.build` in this process. The backend's and the
+#: surrogate's datasets at one window length cut the same lists from one reading of the files: the second shares the
+#: first's tensors (3 GB at Book size, window 50). Shared tensors are read, never written in place (RecBole's
+#: loaders and the plugin's stages index them into new batches). One build's worth: the next build replaces it.
+_last_built_lists: list[_BuiltList] = []
+
+
+def _history_list(value: torch.Tensor, start: torch.Tensor, length: torch.Tensor, shape: tuple,
+                  block_rows: int) -> torch.Tensor:
+    """``out[r, j] = value[start[r] + j]`` for ``j < length[r]``, zero after (RecBole's padded history list).
+
+    value: ``[interactions, ...]``; start, length: ``[rows]`` int64; shape: ``(rows, L, ...)``; returns ``shape``
+    of ``value``'s dtype. Built ``block_rows`` rows at a time."""
+    out = torch.zeros(shape, dtype=value.dtype)
+    if len(value) == 0:
+        return out
+    places = torch.arange(shape[1])
+    for begin in range(0, shape[0], block_rows):
+        rows = slice(begin, begin + block_rows)
+        keep = places[None, :] < length[rows, None]  # [block, L]
+        index = (start[rows, None] + places[None, :]).clamp_(max=len(value) - 1)
+        out[rows][keep] = value[index[keep]].reshape((-1,) + tuple(shape[2:]))
+    return out
 
 
 class PresplitSequentialDataset(ArraySequentialDataset):
@@ -214,10 +310,11 @@ class PresplitSequentialDataset(ArraySequentialDataset):
         self.history_end_fields = (self.split_field,)  # the split of each history's last item (build)
         super().__init__(config)
 
-    def build(self) -> list[SequentialDataset]:
+    def split_prefix_samples(self) -> list[SequentialDataset]:
+        """The paper's split by ``split_field`` (module docstring), instead of RecBole's ``eval_args``."""
         self._change_feat_format()  # to tensors, then RecBole's prefix augmentation
         # inter_feat is already augmented: one row per (user, target interaction), sorted by user and time,
-        # with the target's split in `split_field` and the history's splits in `<split_field>_list`.
+        # with the target's split in `split_field` (the history's last split in `history_end`).
         token_id = self.field2token_id[self.split_field]
         missing = [s for s in SPLITS if s not in token_id]
         if missing:
@@ -247,7 +344,6 @@ class PresplitSequentialDataset(ArraySequentialDataset):
 
         datasets = [self.copy(self.inter_feat[torch.from_numpy(rows)]) for rows in (train_rows, valid_rows, test_rows)]
         datasets[2].multi_targets = targets
-        self.release_history_lists()
         return datasets
 
 
