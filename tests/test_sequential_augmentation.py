@@ -42,17 +42,21 @@ def test_only_the_lists_asked_for_are_built(lists, dropped):
     assert_same_samples(config, dropped)
 
 
-@pytest.mark.parametrize("max_len", [2, 7])
-def test_token_seq_and_numerical_fields_equal_recboles(tmp_path, max_len):
+def _tagged_dataset(tmp_path) -> dict:
     folder = tmp_path / "tagged"
     folder.mkdir()
     rows = [f"{u}\t{(u * 7 + t) % 23}\t{(t * 5 + u) % 11}\t{' '.join(str(x) for x in range(t % 4 + 1))}\t{0.5 * t}"
             for u in range(40) for t in range(3 + u % 9)]
     (folder / "tagged.inter").write_text(
         "\n".join(["user_id:token\titem_id:token\ttimestamp:float\ttags:token_seq\tscore:float", *rows]) + "\n")
-    config = DealrecConfig("SASRec", "tagged", config_dict={
-        "data_path": str(tmp_path), "MAX_ITEM_LIST_LENGTH": max_len, "numerical_features": ["score"],
-        "load_col": {"inter": ["user_id", "item_id", "timestamp", "tags", "score"]}, "sequence_list_fields": "all"})
+    return {"data_path": str(tmp_path), "numerical_features": ["score"], "sequence_list_fields": "all",
+            "load_col": {"inter": ["user_id", "item_id", "timestamp", "tags", "score"]}}
+
+
+@pytest.mark.parametrize("max_len", [2, 7])
+def test_token_seq_and_numerical_fields_equal_recboles(tmp_path, max_len):
+    config = DealrecConfig("SASRec", "tagged", config_dict={"MAX_ITEM_LIST_LENGTH": max_len,
+                                                            **_tagged_dataset(tmp_path)})
     assert_same_samples(config)
     config["sequence_list_fields"] = ["tags"]
     assert_same_samples(config, ["score_list"])
@@ -123,17 +127,6 @@ def _lists_before_the_split(dataset_class: type) -> type:
             return datasets
 
     return ListsBeforeTheSplit
-
-
-def _tagged_dataset(tmp_path) -> dict:
-    folder = tmp_path / "tagged"
-    folder.mkdir()
-    rows = [f"{u}\t{(u * 7 + t) % 23}\t{(t * 5 + u) % 11}\t{' '.join(str(x) for x in range(t % 4 + 1))}\t{0.5 * t}"
-            for u in range(40) for t in range(3 + u % 9)]
-    (folder / "tagged.inter").write_text(
-        "\n".join(["user_id:token\titem_id:token\ttimestamp:float\ttags:token_seq\tscore:float", *rows]) + "\n")
-    return {"data_path": str(tmp_path), "numerical_features": ["score"], "sequence_list_fields": "all",
-            "load_col": {"inter": ["user_id", "item_id", "timestamp", "tags", "score"]}}
 
 
 @pytest.mark.parametrize("case", ["ml-100k LS", "ml-100k RS", "tagged", "presplit"])
