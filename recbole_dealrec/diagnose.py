@@ -35,10 +35,10 @@ from recbole_dealrec.config import (PROPERTIES_DIR, DealrecConfig, StageArgument
 from recbole_dealrec.data import create_dataset, data_preparation, prune_train_data, training_user_ids
 from recbole_dealrec.errors import ConfigError, check_integer
 from recbole_dealrec.model import get_model
-from recbole_dealrec.scoring.influence import InfluenceArguments, influence_scores, record_influence_check
+from recbole_dealrec.scoring.influence import (InfluenceArguments, influence_scores, record_influence_check,
+                                              scored_in_sequence_mode)
 from recbole_dealrec.surrogate import SurrogateLoss, SurrogateRun, user_batches
-from recbole_dealrec.surrogate.loss import sampled_negatives
-from recbole_dealrec.surrogate.loss import supports_sequence_mode
+from recbole_dealrec.surrogate.loss import check_windows, sampled_negatives
 from recbole_dealrec.surrogate.train import private_checkpoint_dir, training_data_and_loss, surrogate_config, surrogate_trainer
 from recbole_dealrec.utils import atomic_write
 
@@ -94,13 +94,14 @@ def removal_agreement(predicted: Sequence[float], measured: Sequence[float], see
 # ---------------------------------------------------------------------------------------------- the surrogate
 
 def empirical_risk(model: torch.nn.Module, train_dataset, user_loss: str, batch_rows: int, sequence: bool,
-                   negatives=None) -> float:
+                   negatives=None, windows: str = "sliding") -> float:
     """``R = (1/n) sum_u L_u`` over every user of ``train_dataset`` (``user_loss``: mean or sum of a user's prefix
-    losses; ``negatives``: the sampled softmax the scores are of, None = full), in eval mode."""
+    losses; ``negatives``: the sampled softmax the scores are of, None = full; ``sequence``, ``windows``: the rows
+    the scores are of, :func:`~recbole_dealrec.scoring.influence.scored_in_sequence_mode`), in eval mode."""
     loss = SurrogateLoss(model, user_loss, negatives)
     total, n = 0.0, 0
     with torch.no_grad():
-        for batch in user_batches(train_dataset, batch_rows, sequence=sequence and supports_sequence_mode(model)):
+        for batch in user_batches(train_dataset, batch_rows, sequence=sequence, windows=windows):
             losses = loss({}, batch).double()
             total, n = total + float(losses.sum()), n + len(losses)
     return total / n
@@ -138,11 +139,12 @@ def influence_check(config: DealrecConfig, args: CheckArguments,
     # the quantity the scores predict the change of: the training risk over all users, or the validation loss
     validation = influence.influence_target == "validation"
     target_dataset = valid_data.dataset if validation else full_dataset
-    sequence = bool(influence.influence_sequence_mode) and not validation
+    windows = "sliding" if validation else check_windows(scfg["surrogate_windows"])
 
-    def risk(model) -> float:
+    def risk(model) -> float:  # of the rows the scores are of: one validation row per user, or the training rows
+        sequence = not validation and scored_in_sequence_mode(influence.influence_sequence_mode, windows, model)
         return empirical_risk(model, target_dataset, influence.influence_user_loss, influence.influence_batch_rows,
-                              sequence, sampled_negatives(scfg, model))
+                              sequence, sampled_negatives(scfg, model), windows)
 
     say(f"training the surrogate on all users (seed {args.seed}, {args.check_retrain})")
     full_model = retrain(scfg, config, train_data, valid_data, args.check_retrain, args.seed)

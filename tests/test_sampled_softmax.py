@@ -324,3 +324,43 @@ def test_fused_sampled_cross_entropy_equals_autograd(weighted):
     got = torch.autograd.grad(fused_sampled_cross_entropy(hidden, weight, items, hits, w, chunk=8), (hidden, weight))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_every_pass_of_the_influence_loss_uses_the_surrogates_windows():
+    """The rows each pass builds (the scores', the Hessian's drawn users', the check's risk) are the surrogate's
+    windows: with chunked windows, the HVP on ``influence_hessian_users`` drawn users equals the Gauss-Newton
+    product on those users' chunked rows, not on RecBole's sliding ones (it did, before: a Hessian of another loss,
+    and on long users hundreds of rows each)."""
+    import os
+
+    from recbole_dealrec.config import PROPERTIES_DIR, read_property_file
+    from recbole_dealrec.diagnose import empirical_risk
+    from recbole_dealrec.scoring.influence import InfluenceArguments, hessian_vector_product, scored_in_sequence_mode
+
+    config, model, dataset = untrained()
+    loss = SurrogateLoss(model, "mean", sampled_negatives(config, model))
+    params = select_parameters(model.named_parameters(), [r"trm_encoder\.layer\.0\.multi_head_attention\.dense\.bias$"])
+    users = np.arange(1, 41)
+    chunked = user_batches(dataset, 10_000, user_ids=users, sequence=True, windows="chunked")
+    defaults = read_property_file(os.path.join(PROPERTIES_DIR, "signal", "influence.yaml"))
+    args = InfluenceArguments.from_config({**defaults, "influence_hessian_users": 12, "influence_batch_rows": 10_000,
+                                           "influence_hvp_cache_gb": 0, "seed": 3})
+    drawn = np.random.default_rng(3).choice(users, size=12, replace=False)  # the users the HVP draws (seed)
+    x = torch.randn(sum(p.numel() for p in params.values()), generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    products = {}
+    for windows in ("chunked", "sliding"):
+        rows = user_batches(dataset, 10_000, user_ids=drawn, sequence=True, windows=windows)
+        products[windows] = loss.gauss_newton_hvp(params, rows, 12)(x)
+    assert not torch.allclose(products["chunked"], products["sliding"])  # long users: the windows differ
+    hvp = hessian_vector_product(args, loss, params, dataset, chunked, windows="chunked")
+    torch.testing.assert_close(hvp(x), products["chunked"], rtol=1e-12, atol=1e-14)
+    # the scores' rows: chunked windows are scored in sequence mode even without influence_sequence_mode
+    assert scored_in_sequence_mode(False, "chunked", model) and not scored_in_sequence_mode(False, "sliding", model)
+    # the check's risk is of the same rows: the mean of the users' chunked losses
+    small = dataset.copy(dataset.inter_feat[torch.from_numpy(np.flatnonzero(np.isin(
+        dataset.inter_feat["user_id"].numpy(), users)))])
+    with torch.no_grad():
+        expected = float(sum(loss({}, b).double().sum() for b in chunked)) / len(users)
+    risk = empirical_risk(model, small, "mean", 10_000, True, sampled_negatives(config, model), "chunked")
+    assert risk == pytest.approx(expected, rel=1e-12)

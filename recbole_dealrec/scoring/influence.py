@@ -135,12 +135,23 @@ def _user_sampler(singles: list[UserBatch], users_per_step: int):
     return sample
 
 
+def scored_in_sequence_mode(influence_sequence_mode: bool, windows: str, model) -> bool:
+    """Whether the influence loss runs on one row per user window (sequence mode) rather than RecBole's prefix rows:
+    with ``influence_sequence_mode``, and always with chunked windows (their prefix samples exist in sequence mode
+    only); a surrogate without sequence mode (BERT4Rec, GRU4Rec) is scored on its prefix rows. Every pass that
+    scores, or checks, the influence loss asks this (the scores, the Hessian, LiSSA's steps, the check's risk)."""
+    return (bool(influence_sequence_mode) or windows == "chunked") and supports_sequence_mode(model)
+
+
 def hessian_vector_product(args: InfluenceArguments, loss: SurrogateLoss, params, train_dataset,
-                           batches: list[UserBatch], keep: Optional[KeptLinearizations] = None):
+                           batches: list[UserBatch], keep: Optional[KeptLinearizations] = None,
+                           windows: str = "sliding"):
     """The HVP the solver uses: ``influence_hessian`` over all users, or over ``influence_hessian_users``
     users drawn with ``seed`` (an unbiased estimate of H that makes every HVP that much cheaper). Under
     torch.distributed each rank passes over its share of those users and the products are summed. ``keep``: the
-    Gauss-Newton products keep their batches' linearisations within that budget (the same bits, faster)."""
+    Gauss-Newton products keep their batches' linearisations within that budget (the same bits, faster).
+    ``windows``: the rows ``batches`` were built with (``surrogate_windows``); the drawn users' batches are built
+    alike, so the Hessian is of the loss the gradients are (chunked rows, not RecBole's sliding ones)."""
     n_users = sum(len(b) for b in batches)
     subset = args.influence_hessian_users
     if subset == "auto":
@@ -149,7 +160,7 @@ def hessian_vector_product(args: InfluenceArguments, loss: SurrogateLoss, params
         users = np.concatenate([b.user_ids for b in batches])
         chosen = np.random.default_rng(int(args.seed)).choice(users, size=subset, replace=False)
         batches = user_batches(train_dataset, args.influence_batch_rows, user_ids=chosen,
-                               sequence=batches[0].targets is not None)
+                               sequence=batches[0].targets is not None, windows=windows)
         n_users = subset
     # One HVP per fixed block of user batches, added in block order: the same bits for any number of processes.
     def block_hvp(block: range):
@@ -238,8 +249,7 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
     loss = SurrogateLoss(model, args.influence_user_loss, surrogate.negatives)
     params = select_parameters(model.named_parameters(), list(args.influence_params))
     windows = surrogate.windows
-    # chunked windows are other prefix samples than RecBole's rows: they exist in sequence mode only
-    sequence = (bool(args.influence_sequence_mode) or windows == "chunked") and supports_sequence_mode(model)
+    sequence = scored_in_sequence_mode(args.influence_sequence_mode, windows, model)
     batches = user_batches(surrogate.train_dataset, args.influence_batch_rows, sequence=sequence, windows=windows)
     n_users = sum(len(b) for b in batches)
     m = sum(p.numel() for p in params.values())
@@ -262,7 +272,7 @@ def influence_scores(config: Mapping[str, Any], surrogate: SurrogateRun, show_pr
         v = _mean_gradient(loss, params, target_batches, m)
     ensure_finite(v, "mean gradient")
     keep = KeptLinearizations(args.influence_hvp_cache_gb) if args.influence_hvp_cache_gb > 0 else None
-    hvp = hessian_vector_product(args, loss, params, surrogate.train_dataset, batches, keep)
+    hvp = hessian_vector_product(args, loss, params, surrogate.train_dataset, batches, keep, windows)
     solver = str(args.ihvp_solver).lower()
     damping = args.influence_damping
     if damping == "auto":
