@@ -481,6 +481,34 @@ def check_loaded_data(config, dataset) -> None:
                             "and inflate Recall/NDCG; deduplicate the .inter file unless repeats are meant")
 
 
+#: Score entries (rows x items) one full-sort evaluation batch of a sequential model may hold. RecBole's
+#: ``eval_batch_size`` counts rows there (score entries for the other models), and the batch's score matrix, its
+#: positives' matrix and the top-k's copies each grow with the item count: 4,096 rows x Book's 86k items are 1.4 GB
+#: each, the surrogate's validation peaked at 11.4 GB. 2^27 entries = 512 MB of float32 scores; below it (ml-100k's
+#: and Games' 4,096 rows) nothing changes.
+FULL_SORT_SCORE_ENTRIES = 1 << 27
+
+
+def bounded_full_sort_rows(config, loader, item_num: int):
+    """``loader``, or the same full-sort loader rebuilt with fewer rows per batch when a sequential model's
+    ``eval_batch_size`` rows x ``item_num`` items exceed :data:`FULL_SORT_SCORE_ENTRIES` (logged). The metrics are
+    per user, so the batch size changes the memory only."""
+    if not isinstance(loader, FullSortEvalDataLoader) or not loader.is_sequential:
+        return loader
+    rows = max(1, FULL_SORT_SCORE_ENTRIES // item_num)
+    configured = config["eval_batch_size"]
+    if configured <= rows:
+        return loader
+    getLogger().info(f"[Data] {config['dataset']}: full-sort evaluation in batches of {rows} rows, not eval_batch_size "
+                     f"{configured}: {configured} x {item_num} items would hold {configured * item_num * 4 / 2**30:.1f} "
+                     f"GB of scores per matrix (FULL_SORT_SCORE_ENTRIES)")
+    config["eval_batch_size"] = rows
+    try:
+        return type(loader)(config, loader.dataset, loader._sampler, shuffle=False)
+    finally:
+        config["eval_batch_size"] = configured
+
+
 def data_preparation(config, dataset):
     """RecBole's ``data_preparation``; a pre-split test set gets the multi-target evaluation loader. A split that
     leaves no training, validation or test user is an error naming the split (RecBole would fail deep inside, or
@@ -489,6 +517,7 @@ def data_preparation(config, dataset):
     train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
     if getattr(test_data.dataset, "multi_targets", None) is not None:
         test_data = MultiTargetFullSortEvalDataLoader(config, test_data.dataset, test_data._sampler, shuffle=False)
+    valid_data, test_data = (bounded_full_sort_rows(config, loader, dataset.item_num) for loader in (valid_data, test_data))
     sizes = []
     for name, loader in (("train", train_data), ("valid", valid_data), ("test", test_data)):
         part = loader.dataset
