@@ -124,7 +124,8 @@ def main() -> None:
     parser.add_argument("--surrogate-loss", default="sampled", choices=["full", "sampled"])
     parser.add_argument("--negatives", type=int, default=100)
     parser.add_argument("--windows", default="chunked", choices=["sliding", "chunked"])
-    parser.add_argument("--fit-from", type=int, default=300_000, help="fit k over datasets with this many interactions")
+    parser.add_argument("--fit-from", type=int, default=250_000,
+                        help="fit k over datasets with this many interactions (Games has 293,173: from Games on)")
     parser.add_argument("--output-dir", default="saved/bench_scale")
     parser.add_argument("--out", required=True, help="folder for results.jsonl, table.md and scale.png")
     parser.add_argument("--one", help=argparse.SUPPRESS)
