@@ -364,3 +364,39 @@ def test_every_pass_of_the_influence_loss_uses_the_surrogates_windows():
         expected = float(sum(loss({}, b).double().sum() for b in chunked)) / len(users)
     risk = empirical_risk(model, small, "mean", 10_000, True, sampled_negatives(config, model), "chunked")
     assert risk == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gather_rows_gives_advanced_indexings_bits_in_every_mode(dtype):
+    """The candidates' gather (F.embedding) against plain ``weight[items]``: the forward, the gradient (repeated
+    items accumulate in the same order), forward-mode jvp and the double backward of the exact Hessian, bit for bit."""
+    from recbole_dealrec.surrogate.loss import candidate_logits, gather_rows
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 8, generator=gen, dtype=dtype)
+    hidden = torch.randn(30, 8, generator=gen, dtype=dtype)
+    items = torch.randint(1, 40, (30, 11), generator=gen)  # many repeats: the accumulation order matters
+    hits = items == items[:, :1]
+    hits[:, 0] = False
+
+    def plain(h, w):
+        return torch.einsum("td,tcd->tc", h, w[items]).masked_fill(hits, float("-inf"))
+
+    def fast(h, w):
+        return candidate_logits(h, w, items, hits)
+
+    assert torch.equal(gather_rows(weight, items), weight[items])
+
+    def loss(fn, h, w):
+        return F.cross_entropy(fn(h, w), torch.zeros(30, dtype=torch.long), reduction="sum")
+
+    grads = {}
+    for name, fn in (("plain", plain), ("fast", fast)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        g_h, g_w = torch.autograd.grad(loss(fn, h, w), (h, w), create_graph=True)
+        tangent = torch.randn(40, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        (hvp_w,) = torch.autograd.grad((g_w * tangent).sum(), (w,))
+        _, jv = torch.func.jvp(lambda w_: fn(hidden, w_), (weight,), (tangent,))
+        grads[name] = (g_h.detach(), g_w.detach(), hvp_w, jv)
+    for a, b in zip(grads["plain"], grads["fast"]):
+        assert torch.equal(a, b)

@@ -85,8 +85,15 @@ def candidate_logits(hidden: torch.Tensor, weight: torch.Tensor, items: torch.Te
     """Logits of each target's candidates (:meth:`SampledNegatives.candidates`): ``hidden`` ``[targets, d]``,
     ``weight`` ``[n_items, d]``, ``items`` / ``hits`` ``[targets, C]``; ``[targets, C]``, accidental hits at -inf.
     The label of every row is 0 (the target comes first)."""
-    logits = torch.einsum("td,tcd->tc", hidden, weight[items])
+    logits = torch.einsum("td,tcd->tc", hidden, gather_rows(weight, items))
     return logits.masked_fill(hits, float("-inf"))
+
+
+def gather_rows(weight: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """``weight[items]``: the rows of ``weight`` ``[n_items, d]`` at ``items`` (long, any shape), ``[*items.shape, d]``.
+    By ``F.embedding``, whose kernels give the same bits as advanced indexing forward, backward and in forward mode,
+    ~1.7x faster on the sampled softmax's ``[targets, 101]`` candidates (aten::index was half of a scores pass)."""
+    return F.embedding(items, weight)
 
 
 def sample_index_of(segment) -> np.ndarray:
@@ -389,7 +396,7 @@ class _FusedSampledCrossEntropy(_GradientInForward):
         grad_weight = torch.zeros_like(weight) if needs_grad else None
         for start in range(0, len(items), chunk):
             h, cand = hidden[start:start + chunk], items[start:start + chunk]
-            emb = weight[cand]  # [c, C, d]
+            emb = gather_rows(weight, cand)  # [c, C, d]
             logits = torch.einsum("td,tcd->tc", h, emb).masked_fill(hits[start:start + chunk], float("-inf"))
             lse = torch.logsumexp(logits, dim=1)
             losses = lse - logits[:, 0]
