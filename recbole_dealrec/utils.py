@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -20,6 +21,33 @@ def resident_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library is not glibc (macOS, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap pages freed tensors left behind back to the system (glibc ``malloc_trim(0)``); True where it ran.
+
+    Tensors below glibc's mmap threshold (up to 32 MB once larger blocks have been freed) live on the heap, and their
+    pages stay resident after they are freed: after the Book-sized surrogate's training 1.15 GB of the process's
+    5.51 GB was such free heap, and every later stage's peak sat on top of it. Called as every stage and every
+    surrogate training epoch ends. Frees nothing that is in use; changes no result."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 class StageTimer:
@@ -57,6 +85,7 @@ class StageTimer:
             sampler.join()
         self.seconds[stage] = round(time.perf_counter() - start, 2)
         self.peak_gb[stage] = round(max(peak[0], resident_bytes()) / 2**30, 3)
+        release_freed_memory()  # the next stage's peak starts from what is in use, not from this stage's free heap
         getLogger().info(f"[Time] {stage}: {self.seconds[stage]:.1f} s, peak RSS {self.peak_gb[stage]:.2f} GB")
 
 

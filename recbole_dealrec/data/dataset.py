@@ -484,9 +484,10 @@ def check_loaded_data(config, dataset) -> None:
 #: Score entries (rows x items) one full-sort evaluation batch of a sequential model may hold. RecBole's
 #: ``eval_batch_size`` counts rows there (score entries for the other models), and the batch's score matrix, its
 #: positives' matrix and the top-k's copies each grow with the item count: 4,096 rows x Book's 86k items are 1.4 GB
-#: each, the surrogate's validation peaked at 11.4 GB. 2^27 entries = 512 MB of float32 scores; below it (ml-100k's
-#: and Games' 4,096 rows) nothing changes.
-FULL_SORT_SCORE_ENTRIES = 1 << 27
+#: each, the surrogate's validation peaked at 11.4 GB. 72 x 2^20 entries = 288 MiB of float32 scores per matrix
+#: (Book-sized: 875 rows, about 1.2 GB for the batch's matrices together; 2^27 left 2.1 GB on top of the data, the
+#: stage's peak); ml-100k's and Games' 4,096 rows (Games: 71.0M entries) are under it and unchanged.
+FULL_SORT_SCORE_ENTRIES = 72 << 20
 
 
 def bounded_full_sort_rows(config, loader, item_num: int):

@@ -34,7 +34,7 @@ from recbole_dealrec.surrogate.loss import (SampledNegatives, SequenceTrainingLo
                                            check_user_weighting, sampled_negatives, sequence_row_lengths,
                                            sequence_train_dataset, supports_sequence_mode)
 from recbole_dealrec.utils import (atomic_write, cache_dir, cache_entry_ok, dataset_fingerprint, file_checksum,
-                                   rng_untouched, stable_key)
+                                   release_freed_memory, rng_untouched, stable_key)
 
 #: The plugin keys of the data and surrogate stages, the only plugin keys the trained weights depend on (every other
 #: plugin key belongs to a later stage; RecBole's keys all count).
@@ -218,6 +218,7 @@ class EarlyTrainHooks:
             self.loss_func.set_epoch(epoch_idx)
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func or self.loss_func,
                                     show_progress=show_progress)
+        release_freed_memory()  # the epoch's freed batches, before RecBole's validation scores every item
         path = self.snapshot_paths.get(epoch_idx + 1)
         if path is not None and distributed.is_main() and not cache_entry_ok(path):
             _save_state(self.model, path)
