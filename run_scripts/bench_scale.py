@@ -55,8 +55,10 @@ def run_one(args) -> dict:
     config = DealrecConfig("SASRec", args.one, config_dict={
         **({"data_path": args.one_path} if args.one_path else {}), "output_dir": args.output_dir,
         "show_progress": False, "sampler": "dealrec", "dealrec_lambda": 0, "selection_ratio": args.ratio,
+        **json.loads(args.set or "{}"),
         "surrogate_config": {**SURROGATE, "epochs": args.surrogate_epochs, "surrogate_loss": args.surrogate_loss,
-                             "surrogate_negatives": args.negatives, "surrogate_windows": args.windows}})
+                             "surrogate_negatives": args.negatives, "surrogate_windows": args.windows,
+                             **json.loads(args.surrogate_set or "{}")}})
     method, model_class = check_run_config(config)
     setup = pipeline.setup_run(config, method, model_class)
     start = time.perf_counter()
@@ -66,7 +68,8 @@ def run_one(args) -> dict:
     return {"dataset": args.one, "interactions": int(inter), "users": int(data.dataset.user_num - 1),
             "items": int(data.dataset.item_num - 1), "seconds": setup.timer.seconds, "peak_gb": setup.timer.peak_gb,
             "total_s": time.perf_counter() - start, "surrogate_loss": args.surrogate_loss,
-            "surrogate_windows": args.windows, "surrogate_epochs": args.surrogate_epochs}
+            "surrogate_windows": args.windows, "surrogate_epochs": args.surrogate_epochs,
+            "set": json.loads(args.set or "{}"), "surrogate_set": json.loads(args.surrogate_set or "{}")}
 
 
 def fit_exponent(rows: list[dict]) -> float:
@@ -128,6 +131,10 @@ def main() -> None:
                         help="fit k over datasets with this many interactions (Games has 293,173: from Games on)")
     parser.add_argument("--output-dir", default="saved/bench_scale")
     parser.add_argument("--out", required=True, help="folder for results.jsonl, table.md and scale.png")
+    parser.add_argument("--set", default=None, help='run keys as JSON, e.g. \'{"influence_batch_rows": 512, '
+                        '"influence_hvp_cache_gb": 0}\' (the keys that bound memory)')
+    parser.add_argument("--surrogate-set", default=None, help='surrogate_config keys as JSON, e.g. '
+                        '\'{"train_batch_size": 512}\'')
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--one-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,6 +155,8 @@ def main() -> None:
         command = [sys.executable, __file__, "--one", name, "--out", args.out, "--ratio", str(args.ratio),
                    "--surrogate-epochs", str(args.surrogate_epochs), "--surrogate-loss", args.surrogate_loss,
                    "--negatives", str(args.negatives), "--windows", args.windows, "--output-dir", args.output_dir]
+        command += ["--set", args.set] if args.set else []
+        command += ["--surrogate-set", args.surrogate_set] if args.surrogate_set else []
         if path:
             command += ["--one-path", path]
         done_run = subprocess.run(command, capture_output=True, text=True)
