@@ -52,13 +52,14 @@ def run_one(args) -> dict:
     from recbole_dealrec.config import DealrecConfig
     from recbole_dealrec.quick_start import check_run_config
 
+    run_keys, surrogate_keys = json.loads(args.set or "{}"), json.loads(args.surrogate_set or "{}")
     config = DealrecConfig("SASRec", args.one, config_dict={
         **({"data_path": args.one_path} if args.one_path else {}), "output_dir": args.output_dir,
         "show_progress": False, "sampler": "dealrec", "dealrec_lambda": 0, "selection_ratio": args.ratio,
-        **json.loads(args.set or "{}"),
+        **run_keys,
         "surrogate_config": {**SURROGATE, "epochs": args.surrogate_epochs, "surrogate_loss": args.surrogate_loss,
                              "surrogate_negatives": args.negatives, "surrogate_windows": args.windows,
-                             **json.loads(args.surrogate_set or "{}")}})
+                             **surrogate_keys}})
     method, model_class = check_run_config(config)
     setup = pipeline.setup_run(config, method, model_class)
     start = time.perf_counter()
@@ -69,7 +70,7 @@ def run_one(args) -> dict:
             "items": int(data.dataset.item_num - 1), "seconds": setup.timer.seconds, "peak_gb": setup.timer.peak_gb,
             "total_s": time.perf_counter() - start, "surrogate_loss": args.surrogate_loss,
             "surrogate_windows": args.windows, "surrogate_epochs": args.surrogate_epochs,
-            "set": json.loads(args.set or "{}"), "surrogate_set": json.loads(args.surrogate_set or "{}")}
+            "set": run_keys, "surrogate_set": surrogate_keys}
 
 
 def fit_exponent(rows: list[dict]) -> float:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 # Run in a fresh interpreter: late in the suite the pytest process holds gigabytes of freed heap, and the 300 MiB
 # block below can be carved out of pages that are already resident, so RSS need not rise at all (CI saw base and
 # peak both at 5.203 GB). A fresh process has no such reserve, and the allocation shows as it does in a real job.
@@ -69,7 +71,7 @@ _FRAGMENTED = textwrap.dedent(
 def test_freed_heap_goes_back_to_the_system_as_each_stage_ends():
     run = subprocess.run([sys.executable, "-c", _FRAGMENTED], capture_output=True, text=True, timeout=120, check=True)
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    if not result["ran"]:  # not glibc: nothing to release (and nothing to test)
-        return
+    if not result["ran"]:
+        pytest.skip("not glibc: no malloc_trim, nothing to release")
     assert result["released"] < result["held"] - 0.5  # the 0.76 GB of freed 64 KB blocks left the process
     assert result["after_stage"] < result["released"] + 0.3  # the timer released the stage's own churn
