@@ -269,13 +269,15 @@ def _all_samplers():
 
 @pytest.mark.parametrize("sampler", _all_samplers())
 def test_every_sampler_chooses_among_the_new_periods_users_only(tmp_path, sampler):
-    """candidate_period for every sampler: the selection and the pruned training rows are the new period's users'."""
+    """candidate_period for every sampler: the selection and the pruned training rows are the new period's users';
+    no sampler's stages read the train table's history lists whole."""
     from recbole_dealrec import pipeline
     from recbole_dealrec.config import DealrecConfig
     from recbole_dealrec.quick_start import check_run_config
     from recbole_dealrec.stream.runner import StreamArguments, plan_stream, write_round
     from recbole_dealrec.stream import periods as stream_periods
     from recbole_dealrec.config import PROPERTIES_DIR
+    from recbole_dealrec.data.dataset import HistoryListInteraction
     from tests.conftest import TINY_SURROGATE, TINY_TIGER
 
     write_dataset(tmp_path / "data" / "toy", "toy", n_users=48, n_items=120)
@@ -298,8 +300,12 @@ def test_every_sampler_chooses_among_the_new_periods_users_only(tmp_path, sample
     config = DealrecConfig("TIGER", "toy-r1", config_dict=keys)
     method, model_class = check_run_config(config)
     setup = pipeline.setup_run(config, method, model_class)
+    HistoryListInteraction.whole_list_reads.clear()
     data = pipeline.load_data(setup)
     selected = pipeline.select_users(setup, data)
+    # issue 25: no stage reads a train table's history lists whole (they are cut for the rows each stage takes)
+    assert isinstance(data.train_data.dataset.inter_feat, HistoryListInteraction)
+    assert HistoryListInteraction.whole_list_reads == {}
     dataset = data.train_data.dataset
     chosen = set(dataset.id2token(dataset.uid_field, selected.selection.user_ids).tolist())
     assert chosen and chosen <= new_period

@@ -165,16 +165,17 @@ class ArraySequentialDataset(SequentialDataset):
     def build(self) -> list[SequentialDataset]:
         """The train/valid/test splits, each with its own history lists, built after the split from each split's
         own rows: the whole augmented table never holds them (on Book-sized data the lists are gigabytes, and the
-        train split copied them a second time). Every column and row equals building the lists before the split
-        (tested)."""
+        train split copied them a second time). The train split's lists are never held whole: they are cut from
+        the field's values whenever rows are taken (:class:`HistoryListInteraction`; 2.8 GB on Book-sized data,
+        window 50). Every column and row equals building the lists before the split (tested)."""
         self._defer_history_lists = True
         try:
             datasets = self.split_prefix_samples()
         finally:
             self._defer_history_lists = False
         built: list[_BuiltList] = []
-        for part in datasets:
-            part.build_history_lists(built)
+        for number, part in enumerate(datasets):
+            part.build_history_lists(built, cut_on_access=number == 0)
         _last_built_lists[:] = built  # what the next dataset of this process may share
         shared = sorted({b.name for b in built if b.shared})
         if shared:
@@ -196,19 +197,21 @@ class ArraySequentialDataset(SequentialDataset):
         self.inter_feat = Interaction({k: v for k, v in self.inter_feat.interaction.items() if k not in lists})
         self._history_values = None
 
-    def build_history_lists(self, built: Optional[list] = None) -> None:
+    def build_history_lists(self, built: Optional[list] = None, cut_on_access: bool = False) -> None:
         """Build this dataset's ``[rows, MAX_ITEM_LIST_LENGTH]`` history lists from each row's history start and
         length, in blocks of :attr:`HISTORY_BLOCK_ROWS` rows (no ``[rows, L]`` index or mask of the whole table);
         the lists follow the row's other columns, in :meth:`listed_fields` order, as RecBole's do.
 
-        A list whose inputs (values, starts, lengths, shape) equal, bit for bit, those of a list the last
-        :meth:`build` of this process made is that list's tensor, not a copy (:data:`_last_built_lists`); each list
-        made or shared here is appended to ``built``."""
+        ``cut_on_access``: the lists are not built; the table becomes a :class:`HistoryListInteraction` that cuts
+        them for the rows taken (the same values). Otherwise a list whose inputs (values, starts, lengths, shape)
+        equal, bit for bit, those of a list the last :meth:`build` of this process made is that list's tensor, not a
+        copy (:data:`_last_built_lists`); each list made or shared here is appended to ``built``."""
         if self.HISTORY_START not in self.inter_feat.interaction:
             return
         columns = dict(self.inter_feat.interaction)
         start = columns.pop(self.HISTORY_START)
         length = columns[self.item_list_length_field]
+        to_cut = {}
         for field, value in self._history_values.items():
             list_field = getattr(self, f"{field}_list_field")
             list_len = self.field2seqlen[list_field]
@@ -216,6 +219,9 @@ class ArraySequentialDataset(SequentialDataset):
             if (self.field2type[field] in [FeatureType.FLOAT, FeatureType.FLOAT_SEQ]
                     and field in self.config["numerical_features"]):
                 shape += (2,)
+            if cut_on_access:
+                to_cut[list_field] = (value, shape[1:])
+                continue
             same = next((b for b in _last_built_lists if b.made_from(value, start, length, shape)), None)
             made = same.tensor if same is not None else None
             if made is None:
@@ -223,7 +229,11 @@ class ArraySequentialDataset(SequentialDataset):
             if built is not None:
                 built.append(_BuiltList(list_field, value, start, length, weakref.ref(made), same is not None))
             columns[list_field] = made
-        self.inter_feat = Interaction(columns)
+        if cut_on_access:
+            self.inter_feat = HistoryListInteraction(columns, start, to_cut, self.item_list_length_field,
+                                                     self.HISTORY_BLOCK_ROWS)
+        else:
+            self.inter_feat = Interaction(columns)
         self._history_values = None
 
     def data_augmentation(self) -> None:
@@ -300,6 +310,101 @@ def _history_list(value: torch.Tensor, start: torch.Tensor, length: torch.Tensor
         index = (start[rows, None] + places[None, :]).clamp_(max=len(value) - 1)
         out[rows][keep] = value[index[keep]].reshape((-1,) + tuple(shape[2:]))
     return out
+
+
+class HistoryListInteraction(Interaction):
+    """A prefix-sample table whose history lists are cut from the listed fields' values when rows are taken,
+    instead of held as ``[rows, L]`` tensors (on Book-sized data, window 50: 2.8 GB for the item's and the time's).
+
+    ``table[rows]`` (any index an :class:`Interaction` takes) is a plain :class:`Interaction` of those rows with
+    every list, the same values, columns and order as the built lists'; a whole list read by name
+    (``table["item_id_list"]``) is cut for every row, correct but as large as the built list: it is counted in
+    :attr:`whole_list_reads` (of the process: the tests check that no stage of a run reads a list whole).
+    Sorting, shuffling and re-indexing move each row's history start with the row.
+    """
+
+    #: the stored column that holds each row's first history interaction (an index into a list's values)
+    START = ArraySequentialDataset.HISTORY_START
+    #: ``{list field: reads}`` of whole lists by name, by every table of this process
+    whole_list_reads: dict[str, int] = {}
+
+    def __init__(self, columns: dict, start: torch.Tensor, lists: dict, length_field: str, block_rows: int) -> None:
+        """columns: the rows' other fields ``{name: [rows, ...]}``; start: ``[rows]`` int64; lists:
+        ``{list field: (values [interactions, ...], row shape (L, ...))}``; length_field: the ``[rows]`` history
+        lengths' column."""
+        super().__init__({**columns, self.START: start})
+        self.lists = dict(lists)
+        self.length_field = length_field
+        self.block_rows = block_rows
+
+    @property
+    def columns(self) -> list[str]:
+        return [k for k in self.interaction if k != self.START] + list(self.lists)
+
+    def __iter__(self):
+        return iter(self.columns)
+
+    def __contains__(self, item) -> bool:
+        return item in self.lists or item in self.interaction
+
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            if index not in self.lists:
+                return self.interaction[index]
+            HistoryListInteraction.whole_list_reads[index] = HistoryListInteraction.whole_list_reads.get(index, 0) + 1
+            return self._cut(self.interaction[self.START], self.interaction[self.length_field], index)
+        rows = super().__getitem__(index)
+        start = rows.interaction.pop(self.START)
+        for name in self.lists:
+            rows.interaction[name] = self._cut(start, rows[self.length_field], name)
+        return rows
+
+    def _cut(self, start: torch.Tensor, length: torch.Tensor, name: str) -> torch.Tensor:
+        """``name``'s list for rows of these history starts and lengths (any shape ``S``): ``S + row shape``."""
+        values, row_shape = self.lists[name]
+        flat = _history_list(values, start.reshape(-1), length.reshape(-1), (start.numel(),) + tuple(row_shape),
+                             self.block_rows)
+        return flat.reshape(tuple(start.shape) + tuple(row_shape))
+
+    def materialize(self) -> Interaction:
+        """A plain :class:`Interaction` of every row, each list built whole."""
+        return self[torch.arange(len(self))]
+
+    def __setitem__(self, key, value) -> None:
+        self.lists.pop(key, None)  # a list written whole is held from now on
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        if key in self.lists:
+            del self.lists[key]
+        else:
+            super().__delitem__(key)
+
+    def drop(self, column) -> None:
+        self.__delitem__(column)
+
+    def to(self, device, selected_field=None) -> Interaction:
+        return self.materialize().to(device, selected_field)
+
+    def cpu(self) -> Interaction:
+        return self.materialize()
+
+    def numpy(self) -> dict:
+        return self.materialize().numpy()
+
+    def repeat(self, sizes) -> Interaction:
+        return self.materialize().repeat(sizes)
+
+    def repeat_interleave(self, repeats, dim=0) -> Interaction:
+        return self.materialize().repeat_interleave(repeats, dim)
+
+    def add_prefix(self, prefix) -> None:
+        raise TypeError("HistoryListInteraction.add_prefix: take the rows first (table[rows]), then add the prefix")
+
+    def __str__(self) -> str:
+        info = [f"The batch_size of interaction: {self.length} (history lists cut on access: {list(self.lists)})"]
+        info += [f"    {k}, {tuple(v.shape)}, {v.device.type}, {v.dtype}" for k, v in self.interaction.items()]
+        return "\n".join(info + ["\n"])
 
 
 class PresplitSequentialDataset(ArraySequentialDataset):

@@ -98,8 +98,9 @@ def user_samples(train_dataset) -> tuple[np.ndarray, list[list[int]], np.ndarray
     inter = train_dataset.inter_feat
     seq_field = train_dataset.iid_field + train_dataset.config["LIST_SUFFIX"]
     len_field = train_dataset.item_list_length_field
-    seqs = inter[seq_field][torch.from_numpy(rows)].numpy()
-    lengths = inter[len_field][torch.from_numpy(rows)].numpy()
+    last = inter[torch.from_numpy(rows)]  # the rows first: a train table's lists are cut for the rows taken
+    seqs = last[seq_field].numpy()
+    lengths = last[len_field].numpy()
     histories = [seq[: int(n)].tolist() for seq, n in zip(seqs, lengths)]
     users = inter[train_dataset.uid_field].numpy()[rows]
     targets = inter[train_dataset.iid_field].numpy()[rows]

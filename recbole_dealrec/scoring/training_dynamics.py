@@ -140,7 +140,7 @@ def per_user_gradient_norms(
     n_params = sum(p.numel() for p in params.values())
     if sparse:
         n_items, hidden = fixed[ITEM_TABLE].shape
-        touched_at_most = 1 + inter[fields[0]].shape[1] + 1 + loss.negatives.count  # distinct ids per row, 0 included
+        touched_at_most = 1 + inter[:0][fields[0]].shape[1] + 1 + loss.negatives.count  # distinct ids per row, 0 included
     out = torch.zeros(len(rows), dtype=torch.float64)
     chunks = []
     for count in np.unique(counts):
@@ -152,7 +152,8 @@ def per_user_gradient_norms(
         chunks += [(members[i:i + step], local) for i in range(0, len(members), step)]
     for members, local in tqdm(chunks, desc="per-user gradient norms", disable=not show_progress):
         index = torch.from_numpy(np.stack([rows[m] for m in members]))  # [users, rows each]
-        user_fields = with_candidates(tuple(inter[f][index] for f in fields))
+        taken = inter[index.reshape(-1)]  # the rows first: a train table's lists are cut for the rows taken
+        user_fields = with_candidates(tuple(taken[f].reshape(index.shape + taken[f].shape[1:]) for f in fields))
         if local:
             table_rows = local_item_rows(user_fields[0], user_fields[len(fields)])
             out[torch.from_numpy(members)] = local_norms(user_fields, *table_rows).detach()

@@ -79,8 +79,9 @@ class TextEmbedding(Signal):
         # Every training interaction of a user: the targets of its rows, plus its first item (the first
         # item of the history of its first row).
         sums = torch.zeros(len(ctx.candidates), items.shape[1]).index_add(0, rows, items[dataset.inter_feat[dataset.iid_field][keep]])
-        seq = dataset.inter_feat[dataset.iid_field + config["LIST_SUFFIX"]][keep]
-        length = dataset.inter_feat[dataset.item_list_length_field][keep]
+        kept = dataset.inter_feat[torch.nonzero(keep).squeeze(1)]  # the rows first: the lists are cut for them only
+        seq = kept[dataset.iid_field + config["LIST_SUFFIX"]]
+        length = kept[dataset.item_list_length_field]
         first_of_user = torch.ones(len(rows), dtype=torch.bool)
         order = torch.argsort(rows, stable=True)
         first_of_user[order[1:]] = rows[order[1:]] != rows[order[:-1]]

@@ -262,7 +262,7 @@ def user_batches(train_dataset, max_rows: int, user_ids: Sequence[int] | None = 
         length_field = train_dataset.item_list_length_field
         seq_field = train_dataset.item_id_list_field
         lengths_all = inter[length_field].numpy()
-        max_len = inter[seq_field].shape[1]
+        max_len = inter[:0][seq_field].shape[1]  # no rows taken: a train table's lists are cut for the rows taken
         target_field = train_dataset.iid_field
     batches, begin = [], 0
     while begin < len(users):
