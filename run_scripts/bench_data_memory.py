@@ -21,21 +21,35 @@ import time
 
 
 def tensor_bytes(datasets) -> int:
-    """Bytes of the datasets' tensors, a tensor two datasets share counted once."""
+    """Bytes of the tensors the datasets hold, a tensor two datasets share counted once (a train table whose lists
+    are cut on access holds the lists' sources, not the lists)."""
+    from recbole_dealrec.data.dataset import HistoryListInteraction
+
     held = {}
     for dataset in datasets:
-        for field in dataset.inter_feat.columns:
-            tensor = dataset.inter_feat[field]
+        table = dataset.inter_feat
+        tensors = list(table.interaction.values())
+        if isinstance(table, HistoryListInteraction):
+            tensors += [values for values, _ in table.lists.values()]
+        for tensor in tensors:
             held[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
     return sum(held.values())
 
 
+#: rows per block of the digest: the same bytes as the whole columns', without building a cut-on-access list whole
+DIGEST_ROWS = 1 << 18
+
+
 def split_digest(split_datasets) -> str:
     """A digest of the splits' item lists and targets (what both settings hold)."""
+    import torch
+
     digest = hashlib.sha256()
     for part in split_datasets:
         for field in (part.iid_field, part.item_id_list_field, part.item_list_length_field):
-            digest.update(part.inter_feat[field].numpy().tobytes())
+            for begin in range(0, len(part), DIGEST_ROWS):
+                rows = part.inter_feat[torch.arange(begin, min(begin + DIGEST_ROWS, len(part)))]
+                digest.update(rows[field].numpy().tobytes())
     return digest.hexdigest()
 
 
