@@ -176,7 +176,7 @@ def assert_rows_taken_equal(table, expected) -> None:
 
     assert isinstance(table, HistoryListInteraction) and not isinstance(expected, HistoryListInteraction)
     assert table.columns == expected.columns and list(table) == list(expected) and len(table) == len(expected)
-    assert all(v.dim() == 1 for v in table.interaction.values())  # no [rows, L] list held
+    assert "item_id_list" in table.lists and not set(table.lists) & set(table.interaction)  # no [rows, L] list held
     n = len(table)
     table.whole_list_reads.clear()  # the caller read the lists whole
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))

@@ -320,7 +320,8 @@ class HistoryListInteraction(Interaction):
     every list, the same values, columns and order as the built lists'; a whole list read by name
     (``table["item_id_list"]``) is cut for every row, correct but as large as the built list: it is counted in
     :attr:`whole_list_reads` (of the process: the tests check that no stage of a run reads a list whole).
-    Sorting, shuffling and re-indexing move each row's history start with the row.
+    Sorting, shuffling and re-indexing move each row's history start with the row. The ``interaction`` dict holds
+    the stored columns and the history start, not the lists: read columns by name (``columns``, ``table[name]``).
     """
 
     #: the stored column that holds each row's first history interaction (an index into a list's values)
