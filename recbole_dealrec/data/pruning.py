@@ -68,10 +68,11 @@ def kept_train_interactions(train_dataset) -> dict[str, np.ndarray]:
     uid = uid[order]
     first = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]])
     columns = {"user_id": uid, "item_id": inter[iid_field].numpy()[order]}
-    firsts = {"user_id": uid[first], "item_id": inter[torch.from_numpy(order[first])][iid_field + suffix][:, 0].numpy()}
+    first_rows = inter[torch.from_numpy(order[first])]  # each user's first sample (a train table cuts its lists only)
+    firsts = {"user_id": uid[first], "item_id": first_rows[iid_field + suffix][:, 0].numpy()}
     if time_field and time_field in inter.interaction:
         columns["timestamp"] = inter[time_field].numpy()[order]
-        firsts["timestamp"] = inter[torch.from_numpy(order[first])][time_field + suffix][:, 0].numpy()
+        firsts["timestamp"] = first_rows[time_field + suffix][:, 0].numpy()
     # Interleave: each user's first history item goes right before that user's first target.
     position = np.r_[np.arange(len(uid)) + np.searchsorted(first, np.arange(len(uid)), side="right"),
                      first + np.arange(len(first))]
