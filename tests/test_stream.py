@@ -426,3 +426,33 @@ def test_an_incremental_round_starts_cg_from_the_previous_solution_only_when_ask
                        config)
     assert keys["influence_ihvp_export"] == str(tmp_path / "s" / "rounds" / "r1" / "ihvp.pt")  # always exported
     assert keys.get("influence_ihvp_init") == (str(tmp_path / "s" / "rounds" / "r0" / "ihvp.pt") if warm_start else None)
+
+
+SHIPPED_STREAMS = sorted(os.path.join("run_scripts", "streams", name)
+                         for name in os.listdir(os.path.join(os.path.dirname(__file__), "..", "run_scripts", "streams"))
+                         if name.endswith(".yaml"))
+
+
+def test_every_shipped_stream_config_is_checked():
+    assert {os.path.basename(p) for p in SHIPPED_STREAMS} >= {"cpu_ml100k_tiger.yaml", "cpu_games_tiger.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED_STREAMS)
+@pytest.mark.parametrize("sampler, update", [("dealrec", "incremental"), ("random", "scratch"), ("full", "incremental")])
+def test_shipped_stream_configs_pass_every_pre_data_check(path, sampler, update):
+    """Every YAML under run_scripts/streams/ passes the stream's and the rounds' runs' checks as it is, with each
+    sampler and update its README runs (Games' data is imported on the machine that runs it: a config without its
+    own cut is checked on the embedded ml-100k's keys only; one with a cut is also planned on it)."""
+    from recbole_dealrec.config import DealrecConfig
+    from recbole_dealrec.quick_start import check_run_config
+    from recbole_dealrec.stream.runner import StreamArguments, check_round_budgets, plan_stream
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    extra = {"selection_num": None} if sampler == "full" else {}
+    config = DealrecConfig("TIGER", None, [os.path.join(root, path)],
+                           {"sampler": sampler, "stream_update": update, **extra})
+    args = StreamArguments.of_run(config)
+    method, _ = check_run_config(config)
+    if args.stream_periods is not None or args.stream_cut_times is not None:
+        plan, _ = plan_stream(config, args)
+        assert len(check_round_budgets(plan, method)) == len(plan.rounds) >= 1
