@@ -3,6 +3,7 @@ pre-split dataset, its candidates, bad input before any training, and a resumabl
 from __future__ import annotations
 
 import collections
+import glob
 import json
 import os
 import shutil
@@ -428,9 +429,7 @@ def test_an_incremental_round_starts_cg_from_the_previous_solution_only_when_ask
     assert keys.get("influence_ihvp_init") == (str(tmp_path / "s" / "rounds" / "r0" / "ihvp.pt") if warm_start else None)
 
 
-SHIPPED_STREAMS = sorted(os.path.join("run_scripts", "streams", name)
-                         for name in os.listdir(os.path.join(os.path.dirname(__file__), "..", "run_scripts", "streams"))
-                         if name.endswith(".yaml"))
+SHIPPED_STREAMS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "run_scripts", "streams", "*.yaml")))
 
 
 def test_every_shipped_stream_config_is_checked():
@@ -438,7 +437,8 @@ def test_every_shipped_stream_config_is_checked():
 
 
 @pytest.mark.parametrize("path", SHIPPED_STREAMS)
-@pytest.mark.parametrize("sampler, update", [("dealrec", "incremental"), ("random", "scratch"), ("full", "incremental")])
+@pytest.mark.parametrize("sampler, update", [("dealrec", "scratch"), ("dealrec", "incremental"), ("dealrec", "none"),
+                                             ("random", "scratch"), ("random", "incremental"), ("full", "incremental")])
 def test_shipped_stream_configs_pass_every_pre_data_check(path, sampler, update):
     """Every YAML under run_scripts/streams/ passes the stream's and the rounds' runs' checks as it is, with each
     sampler and update its README runs (Games' data is imported on the machine that runs it: a config without its
@@ -447,9 +447,8 @@ def test_shipped_stream_configs_pass_every_pre_data_check(path, sampler, update)
     from recbole_dealrec.quick_start import check_run_config
     from recbole_dealrec.stream.runner import StreamArguments, check_round_budgets, plan_stream
 
-    root = os.path.join(os.path.dirname(__file__), "..")
     extra = {"selection_num": None} if sampler == "full" else {}
-    config = DealrecConfig("TIGER", None, [os.path.join(root, path)],
+    config = DealrecConfig("TIGER", None, [path],
                            {"sampler": sampler, "stream_update": update, **extra})
     args = StreamArguments.of_run(config)
     method, _ = check_run_config(config)
