@@ -455,3 +455,46 @@ def test_shipped_stream_configs_pass_every_pre_data_check(path, sampler, update)
     if args.stream_periods is not None or args.stream_cut_times is not None:
         plan, _ = plan_stream(config, args)
         assert len(check_round_budgets(plan, method)) == len(plan.rounds) >= 1
+
+
+def test_a_stream_copies_a_siblings_round_0_bit_for_bit_the_run_it_would_make(tmp_path):
+    """stream_round0_from: an incremental stream that copies a scratch sibling's round 0 ends exactly as the
+    incremental stream that ran its own (round 0 and round 1: metrics, selection, the backend round 1 starts from);
+    a source of another configuration, no stream, its own folder or an unfinished round 0 is an error first."""
+    from tests.conftest import TINY_TIGER
+
+    write_dataset(tmp_path / "data" / "toy", "toy", n_users=48, n_items=120)
+    base = {**stream_dict(tmp_path, stream_periods=3), **TINY_TIGER, "tiger_codebook_size": 16, "title_field": "title"}
+    scratch = run_stream("TIGER", "toy", config_dict={**base, "stream_output": str(tmp_path / "scratch")})
+    fresh = run_stream("TIGER", "toy", config_dict={**base, "stream_update": "incremental",
+                                                   "stream_output": str(tmp_path / "fresh")})
+    copied_config = {**base, "stream_update": "incremental", "stream_round0_from": str(tmp_path / "scratch"),
+                     "stream_output": str(tmp_path / "copied")}
+    copied = run_stream("TIGER", "toy", config_dict=copied_config)
+    for record in (fresh, copied):
+        assert record["rounds"][0]["test_result"] == scratch["rounds"][0]["test_result"]
+    (first, second), (fresh_first, fresh_second) = copied["rounds"], fresh["rounds"]
+    assert first["copied_from"] == str(tmp_path / "scratch") and "copied_from" not in fresh_first
+    assert first["stream_key"] == copied["stream_key"] != scratch["stream_key"]
+    assert first["selection"]["folder"].startswith(str(tmp_path / "copied" / "rounds" / "r0"))
+    assert second["started_from"]["backend_init"] == str(tmp_path / "copied" / "rounds" / "r0" / "backend.pt")
+    assert second["test_result"] == fresh_second["test_result"]
+    assert second["selection"]["backend_start_digest"] == fresh_second["selection"]["backend_start_digest"]
+    chosen = [json.loads(open(os.path.join(r["selection"]["folder"], "selection.json")).read())["users"]
+              for r in (second, fresh_second)]
+    assert chosen[0] == chosen[1]
+    assert "(copied)" in (tmp_path / "copied" / "report.md").read_text()
+    assert run_stream("TIGER", "toy", config_dict=copied_config)["rounds"] == copied["rounds"]  # resumes, no copy
+
+    def refused(source, message, **extra):
+        output = tmp_path / "refused"
+        with pytest.raises(ConfigError, match=message):
+            run_stream("TIGER", "toy", config_dict={**copied_config, "stream_round0_from": str(source),
+                                                    "stream_output": str(output), **extra})
+        assert not (output / "rounds").exists()
+    refused(tmp_path / "scratch", r"^stream_round0_from=.*scratch: a stream of another configuration \(differs in "
+                                  r"run_keys \(seed\)\)", seed=7)
+    refused(tmp_path / "data", r"^stream_round0_from=.*data: no stream.json there")
+    refused(tmp_path / "refused", r"^stream_round0_from=.*refused: is this stream's own stream_output")
+    os.unlink(tmp_path / "scratch" / "rounds" / "r0" / "result.json")
+    refused(tmp_path / "scratch", r"^stream_round0_from=.*scratch: its round 0 has not finished")

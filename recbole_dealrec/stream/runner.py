@@ -15,12 +15,17 @@ matched by token), the backend from its tested weights, TIGER's item IDs read fr
 for ``stream_warm_epochs``. The signals are recomputed in every round: each is a function of the surrogate or the
 backend, both of which changed. ``none`` tests round 0's backend again in every later round, untrained: the model
 not updated, the reference an update must beat.
+
+Round 0 is the same run whatever ``stream_update`` is (it starts from nothing, and ``stream_warm_epochs`` applies
+from round 1): with ``stream_round0_from`` a stream copies a sibling's finished round 0 (same source, cut, model and
+run keys, seed included) instead of running it again, bit for bit the run it would have made.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 from logging import getLogger
 from typing import Any, Optional, Sequence
 
@@ -39,6 +44,8 @@ from recbole_dealrec.utils import atomic_write, dataset_fingerprint, stable_key
 
 #: the stream's report, as <stream_output>/report.json and report.md
 REPORT_FILE = "report"
+#: the facts of a stream its round 0 does not depend on: a sibling differing only in these has the same round 0
+ROUND0_FREE_FACTS = ("update", "warm_epochs")
 #: stream_update's values: every round from zero; from the previous round's surrogate and backend; or round 0's
 #: backend tested again in every later round, untrained (the model not updated)
 STREAM_UPDATES = ("scratch", "incremental", "none")
@@ -59,6 +66,7 @@ class StreamArguments(StageArguments):
     stream_update: str
     stream_warm_epochs: Optional[int]
     stream_ihvp_warm_start: bool
+    stream_round0_from: Optional[str]
 
     def check(self) -> None:
         if self.stream_update not in STREAM_UPDATES:
@@ -201,6 +209,7 @@ def run_stream(model: Optional[str] = None, dataset: Optional[str] = None,
     plan, frame = plan_stream(config, args)
     budgets = check_round_budgets(plan, method)
     folder = os.path.abspath(os.path.expanduser(args.stream_output))
+    sibling = check_round0_source(args.stream_round0_from, folder, plan) if args.stream_round0_from else None
     logger = getLogger()
     distributed.init_from_env(config["distributed_timeout"], str(config["device"]))
     with distributed.main_first():
@@ -209,6 +218,8 @@ def run_stream(model: Optional[str] = None, dataset: Optional[str] = None,
             layer = periods.dataset_layer(config, PROPERTIES_DIR)
             for round_plan in plan.rounds:
                 write_round(folder, round_plan, plan, frame, config, layer)
+            if sibling is not None:
+                adopt_round0(sibling, folder, plan)
     results = []
     for round_plan, budget in zip(plan.rounds, budgets):
         path = os.path.join(folder, "rounds", f"r{round_plan.index}", "result.json")
@@ -238,6 +249,55 @@ def run_stream(model: Optional[str] = None, dataset: Optional[str] = None,
         write_report(folder, report)
         logger.info(set_color("[Stream]", "pink") + f" report: {os.path.join(folder, REPORT_FILE + '.md')}")
     return report
+
+
+def check_round0_source(source: str, folder: str, plan: StreamPlan) -> str:
+    """``stream_round0_from``: the folder of a stream whose finished round 0 is this stream's (its facts equal this
+    stream's but for :data:`ROUND0_FREE_FACTS`); returns its absolute path, else ``ConfigError`` before any work."""
+    source = os.path.abspath(os.path.expanduser(source))
+    where = f"stream_round0_from={source}"
+    if source == folder:
+        raise ConfigError(f"{where}: is this stream's own stream_output; name a sibling stream's folder")
+    found = _read_json(os.path.join(source, "stream.json"))
+    if found is None:
+        raise ConfigError(f"{where}: no stream.json there; name the stream_output of a stream run before")
+    theirs = found.get("facts", {})
+    changed = sorted(k for k in set(theirs) | set(plan.facts)
+                     if k not in ROUND0_FREE_FACTS and theirs.get(k) != plan.facts.get(k))
+    if changed:
+        detail = ", ".join(k if k != "run_keys" else "run_keys (" + ", ".join(sorted(
+            key for key in set(theirs.get(k, {})) | set(plan.facts[k])
+            if theirs.get(k, {}).get(key) != plan.facts[k].get(key))) + ")" for k in changed)
+        raise ConfigError(f"{where}: a stream of another configuration (differs in {detail}); round 0 is shared only "
+                          f"by streams that differ in {' / '.join(ROUND0_FREE_FACTS)} alone")
+    record = _read_json(os.path.join(source, "rounds", "r0", "result.json"))
+    if record is None or record.get("stream_key") != found.get("key"):
+        raise ConfigError(f"{where}: its round 0 has not finished (no rounds/r0/result.json); run that stream first")
+    return source
+
+
+def adopt_round0(source: str, folder: str, plan: StreamPlan) -> None:
+    """Copy the sibling stream ``source``'s round 0 (checked by :func:`check_round0_source`) into ``folder`` as this
+    stream's, unless this stream's round 0 has finished. Its ``result.json`` gets this stream's key, names files
+    under ``folder`` and records ``copied_from``; every other file is copied byte for byte. An unfinished round 0
+    of this stream is replaced; the copy is moved into place whole, so a killed copy leaves no round 0."""
+    target = os.path.join(folder, "rounds", "r0")
+    done = _read_json(os.path.join(target, "result.json"))
+    if done is not None and done.get("stream_key") == plan.key:
+        return
+    staging = os.path.join(folder, "rounds", ".r0.copy")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(os.path.join(source, "rounds", "r0"), staging)
+    with open(os.path.join(staging, "result.json"), encoding="utf-8") as handle:
+        text = handle.read()
+    # file names in the record: the sibling's folder becomes this one (JSON-escaped, as json.dump wrote them)
+    record = json.loads(text.replace(json.dumps(source)[1:-1] + "/", json.dumps(folder)[1:-1] + "/"))
+    record.update({"stream_key": plan.key, "copied_from": source})
+    with atomic_write(os.path.join(staging, "result.json"), encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    getLogger().info(set_color("[Stream]", "pink") + f" round 0: copied from {source} (its round 0 is this stream's)")
 
 
 def write_round(folder: str, round_plan: RoundPlan, plan: StreamPlan, frame, config, layer: dict) -> None:
@@ -329,7 +389,8 @@ def report_markdown(report: dict) -> str:
                 str(record["round"]) if first else "", str(record["candidates"]) if first else "",
                 str(record["budget"]) if first else "",
                 f"{rows['train']} / {rows['valid']} / {rows['test']}" if first else "", name,
-                *(f"{values.get(m, float('nan')):.4f}" for m in metrics), f"{seconds:.0f}" if first else ""]) + " |")
+                *(f"{values.get(m, float('nan')):.4f}" for m in metrics),
+                (f"{seconds:.0f}" + (" (copied)" if record.get("copied_from") else "")) if first else ""]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -16,10 +16,11 @@ stream() {  # sampler update seed [extra keys]
       --stream_output="$root/ml100k-tiger-$sampler-$update-seed$seed" "$@"
 }
 for seed in "$@"; do
+  # round 0 is the same run whatever the update: incremental and none copy the scratch sibling's
   stream dealrec scratch "$seed"
-  stream dealrec incremental "$seed"
+  stream dealrec incremental "$seed" --stream_round0_from="$root/ml100k-tiger-dealrec-scratch-seed$seed"
   stream random scratch "$seed"
-  stream random incremental "$seed"
-  stream dealrec none "$seed"
+  stream random incremental "$seed" --stream_round0_from="$root/ml100k-tiger-random-scratch-seed$seed"
+  stream dealrec none "$seed" --stream_round0_from="$root/ml100k-tiger-dealrec-scratch-seed$seed"
   stream full incremental "$seed" --selection_num=None
 done
