@@ -54,6 +54,9 @@ class StageTimer:
     """Wall time and peak resident memory per stage, logged as each stage ends: ``with timer("training"): ...``;
     ``timer.seconds``, ``timer.peak_gb``.
 
+    ``seconds`` holds each stage's own time: a stage run inside another (the surrogate, trained inside the first
+    signal that needs it) is not counted again in the outer one, so the stages add up to the run's time.
+
     The peak is sampled (every ``sample_seconds``, and at the stage's start and end) by a thread that runs only
     while the stage does: the kernel's own high-water mark cannot be reset per stage without also resetting the
     whole process's (what ``/usr/bin/time`` reports)."""
@@ -62,6 +65,7 @@ class StageTimer:
         self.seconds: dict[str, float] = {}
         self.peak_gb: dict[str, float] = {}
         self.sample_seconds = sample_seconds
+        self._inner: list[float] = []  # per open stage, outermost first: the seconds of the stages run inside it
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -77,16 +81,21 @@ class StageTimer:
 
         sampler = threading.Thread(target=sample, name=f"peak-rss-{stage}", daemon=True)
         sampler.start()
+        self._inner.append(0.0)
         start = time.perf_counter()
         try:
             yield
         finally:
             done.set()
             sampler.join()
-        self.seconds[stage] = round(time.perf_counter() - start, 2)
+            total, inner = time.perf_counter() - start, self._inner.pop()
+            if self._inner:
+                self._inner[-1] += total
+        self.seconds[stage] = round(total - inner, 2)
         self.peak_gb[stage] = round(max(peak[0], resident_bytes()) / 2**30, 3)
         release_freed_memory()  # the next stage's peak starts from what is in use, not from this stage's free heap
-        getLogger().info(f"[Time] {stage}: {self.seconds[stage]:.1f} s, peak RSS {self.peak_gb[stage]:.2f} GB")
+        getLogger().info(f"[Time] {stage}: {self.seconds[stage]:.1f} s, peak RSS {self.peak_gb[stage]:.2f} GB"
+                         + (f" (besides {inner:.1f} s in the stages inside it)" if inner else ""))
 
 
 @contextlib.contextmanager

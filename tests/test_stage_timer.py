@@ -75,3 +75,26 @@ def test_freed_heap_goes_back_to_the_system_as_each_stage_ends():
         pytest.skip("not glibc: no malloc_trim, nothing to release")
     assert result["released"] < result["held"] - 0.5  # the 0.76 GB of freed 64 KB blocks left the process
     assert result["after_stage"] < result["released"] + 0.3  # the timer released the stage's own churn
+
+
+def test_a_stage_inside_another_is_counted_once(monkeypatch):
+    """The surrogate trained inside the first signal that needs it: the outer stage keeps its own seconds only, so
+    the stages add up to the time that passed (a clock that moves only when told)."""
+    import time
+
+    from recbole_dealrec.utils import StageTimer
+
+    now = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    timer = StageTimer()
+    with timer("influence signal"):
+        now[0] += 2.0
+        with timer("surrogate"):
+            now[0] += 5.0
+            with timer("surrogate: epoch"):
+                now[0] += 1.0
+        now[0] += 3.0
+    with timer("training"):
+        now[0] += 4.0
+    assert timer.seconds == {"surrogate: epoch": 1.0, "surrogate": 5.0, "influence signal": 5.0, "training": 4.0}
+    assert sum(timer.seconds.values()) == now[0] - 100.0

@@ -229,6 +229,17 @@ def test_incremental_rounds_continue_from_the_previous_round(tmp_path):
     assert {t: new[t] for t in old} == old and len(set(new.values())) == len(new)  # old IDs kept; all unique
     assert len(new) > len(old)  # the items first seen in period 2 got IDs
 
+    # each stage counted once: the surrogate, trained inside influence's stage, is not in that stage's seconds
+    assert second["cost_seconds"] == second["selection"]["seconds"] and second["reused_signals"] == {}
+    computed = {name: meta["compute_seconds"] for name, meta in second["selection"]["signals"].items()}
+    assert second["seconds"]["influence signal"] < computed["influence"]
+    # a resumed round whose signals come from the cache counts them at what computing them took
+    os.unlink(rounds / "r1" / "result.json")
+    resumed = run_stream("TIGER", "toy", config_dict=config)["rounds"][1]
+    assert resumed["reused_signals"] == computed and resumed["test_result"] == second["test_result"]
+    assert {k: resumed["cost_seconds"][f"{k} signal"] for k in computed} == computed
+    assert resumed["seconds"]["influence signal"] < computed["influence"]
+
     # the drift of the signals from a fresh computation: against itself exact, against the scratch stream measured
     from recbole_dealrec.stream.report import signal_drift
 
@@ -498,3 +509,12 @@ def test_a_stream_copies_a_siblings_round_0_bit_for_bit_the_run_it_would_make(tm
     refused(tmp_path / "refused", r"^stream_round0_from=.*refused: is this stream's own stream_output")
     os.unlink(tmp_path / "scratch" / "rounds" / "r0" / "result.json")
     refused(tmp_path / "scratch", r"^stream_round0_from=.*scratch: its round 0 has not finished")
+
+
+def test_a_round_recorded_before_stages_were_counted_once_leaves_its_nested_surrogate_out():
+    from recbole_dealrec.stream.runner import round_cost
+
+    legacy = {"seconds": {"data": 1.0, "surrogate": 5.0, "influence signal": 9.0, "training": 3.0}}
+    assert round_cost(legacy) == {"data": 1.0, "influence signal": 9.0, "training": 3.0}
+    assert round_cost({"seconds": {"surrogate": 5.0, "training": 3.0}}) == {"surrogate": 5.0, "training": 3.0}
+    assert round_cost({**legacy, "cost_seconds": {"training": 3.0}}) == {"training": 3.0}

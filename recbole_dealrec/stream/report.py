@@ -11,6 +11,7 @@ import os
 from typing import Optional, Sequence
 
 from recbole_dealrec.errors import ConfigError
+from recbole_dealrec.stream.runner import round_cost
 from recbole_dealrec.utils import atomic_write
 
 #: the facts every compared stream must share: the same data cut the same way
@@ -75,7 +76,7 @@ def compare_streams(folders: Sequence[str], metric: Optional[str] = None, refere
         streams = {}
         for label in labels:
             replicates = {stream_seed(r): r["rounds"][index] for r in reports if stream_label(r) == label}
-            runs = [{"seed": seed, "test": rec["test_result"] or {}, "seconds": rec.get("seconds") or {},
+            runs = [{"seed": seed, "test": rec["test_result"] or {}, "seconds": round_cost(rec),
                      "selected": rec["selection"].get("selected_users"), "candidates": rec["candidates"],
                      "started_from": rec.get("started_from", {})} for seed, rec in sorted(replicates.items())]
             names = sorted({m for run in runs for m in run["test"]})

@@ -350,17 +350,34 @@ def round_record(round_plan: RoundPlan, plan: StreamPlan, budget: int, result: d
     from recbole_dealrec.pipeline import plain_numbers
 
     selection = {k: v for k, v in (result.get("selection") or {}).items() if k != "user_ids"}
+    seconds = selection.get("seconds") or {}
+    # a signal reused from the cache (a resumed round) cost what the run that computed it took, kept with the entry
+    reused = {name: meta.get("compute_seconds") for name, meta in (selection.get("signals") or {}).items()
+              if isinstance(meta, dict) and meta.get("cached") and meta.get("compute_seconds") is not None}
     return plain_numbers({
         "stream_key": plan.key, "round": round_plan.index, "dataset": round_plan.dataset,
         "learns_from_periods": list(range(round_plan.index + 1)), "evaluated_on_period": round_plan.index + 1,
         "rows": round_plan.split_counts(), "candidates": round_plan.n_candidates,
         "budget": selection.get("budget", budget),  # a round without training keeps every candidate
         "test_result": result.get("test_result"), "best_valid_result": result.get("best_valid_result"),
-        "reference_results": result.get("reference_results"), "seconds": selection.get("seconds"),
+        "reference_results": result.get("reference_results"), "seconds": seconds, "reused_signals": reused,
+        "cost_seconds": {**seconds, **{f"{name} signal": value for name, value in reused.items()}},
         "started_from": {k: round_dict[k] for k in ("surrogate_init", "backend_init", "tiger_semantic_ids_file",
                                                     "influence_ihvp_init") if k in round_dict},
         "selection": selection,
     })
+
+
+def round_cost(record: dict) -> dict[str, float]:
+    """The seconds of a round's work per stage (``cost_seconds``): its run's own stages (each counted once), a
+    signal reused from the cache at what computing it took. A record written before stages were counted once (no
+    ``cost_seconds``): its surrogate's seconds were also inside the first signal stage, so they are left out."""
+    if "cost_seconds" in record:
+        return record["cost_seconds"]
+    seconds = dict(record.get("seconds") or {})
+    if any(stage.endswith(" signal") for stage in seconds):
+        seconds.pop("surrogate", None)
+    return seconds
 
 
 def stream_report(plan: StreamPlan, results: list[dict]) -> dict:
@@ -381,7 +398,7 @@ def report_markdown(report: dict) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in rounds:
         rows = record["rows"]
-        seconds = sum((record.get("seconds") or {}).values())
+        seconds = sum(round_cost(record).values())
         for name, values in [(report["model"], record.get("test_result") or {}),
                              *((ref, (record.get("reference_results") or {}).get(ref, {})) for ref in references)]:
             first = name == report["model"]
