@@ -196,6 +196,7 @@ def test_incremental_rounds_continue_from_the_previous_round(tmp_path):
     from recbole_dealrec.config import DealrecConfig
     from recbole_dealrec.data import create_dataset, data_preparation
     from recbole_dealrec.model.backend import state_digest
+    from recbole_dealrec.stream.runner import round_cost
     from recbole_dealrec.surrogate.train import initial_surrogate, item_tokens, surrogate_config
     from tests.conftest import TINY_SURROGATE, TINY_TIGER
 
@@ -230,14 +231,14 @@ def test_incremental_rounds_continue_from_the_previous_round(tmp_path):
     assert len(new) > len(old)  # the items first seen in period 2 got IDs
 
     # each stage counted once: the surrogate, trained inside influence's stage, is not in that stage's seconds
-    assert second["cost_seconds"] == second["selection"]["seconds"] and second["reused_signals"] == {}
+    assert round_cost(second) == second["seconds"] and second["reused_signals"] == {}
     computed = {name: meta["compute_seconds"] for name, meta in second["selection"]["signals"].items()}
     assert second["seconds"]["influence signal"] < computed["influence"]
     # a resumed round whose signals come from the cache counts them at what computing them took
     os.unlink(rounds / "r1" / "result.json")
     resumed = run_stream("TIGER", "toy", config_dict=config)["rounds"][1]
     assert resumed["reused_signals"] == computed and resumed["test_result"] == second["test_result"]
-    assert {k: resumed["cost_seconds"][f"{k} signal"] for k in computed} == computed
+    assert {k: round_cost(resumed)[f"{k} signal"] for k in computed} == computed
     assert resumed["seconds"]["influence signal"] < computed["influence"]
 
     # the drift of the signals from a fresh computation: against itself exact, against the scratch stream measured
@@ -517,4 +518,8 @@ def test_a_round_recorded_before_stages_were_counted_once_leaves_its_nested_surr
     legacy = {"seconds": {"data": 1.0, "surrogate": 5.0, "influence signal": 9.0, "training": 3.0}}
     assert round_cost(legacy) == {"data": 1.0, "influence signal": 9.0, "training": 3.0}
     assert round_cost({"seconds": {"surrogate": 5.0, "training": 3.0}}) == {"surrogate": 5.0, "training": 3.0}
-    assert round_cost({**legacy, "cost_seconds": {"training": 3.0}}) == {"training": 3.0}
+    assert round_cost({**legacy, "reused_signals": {}}) == legacy["seconds"]  # counted once already
+    # a legacy round resumed from the cache: its signal counts at its compute seconds
+    resumed = {"seconds": {"influence signal": 0.1, "training": 3.0},
+               "selection": {"signals": {"influence": {"cached": True, "compute_seconds": 20.0}}}}
+    assert round_cost(resumed) == {"influence signal": 20.0, "training": 3.0}

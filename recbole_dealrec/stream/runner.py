@@ -350,34 +350,36 @@ def round_record(round_plan: RoundPlan, plan: StreamPlan, budget: int, result: d
     from recbole_dealrec.pipeline import plain_numbers
 
     selection = {k: v for k, v in (result.get("selection") or {}).items() if k != "user_ids"}
-    seconds = selection.get("seconds") or {}
-    # a signal reused from the cache (a resumed round) cost what the run that computed it took, kept with the entry
-    reused = {name: meta.get("compute_seconds") for name, meta in (selection.get("signals") or {}).items()
-              if isinstance(meta, dict) and meta.get("cached") and meta.get("compute_seconds") is not None}
     return plain_numbers({
         "stream_key": plan.key, "round": round_plan.index, "dataset": round_plan.dataset,
         "learns_from_periods": list(range(round_plan.index + 1)), "evaluated_on_period": round_plan.index + 1,
         "rows": round_plan.split_counts(), "candidates": round_plan.n_candidates,
         "budget": selection.get("budget", budget),  # a round without training keeps every candidate
         "test_result": result.get("test_result"), "best_valid_result": result.get("best_valid_result"),
-        "reference_results": result.get("reference_results"), "seconds": seconds, "reused_signals": reused,
-        "cost_seconds": {**seconds, **{f"{name} signal": value for name, value in reused.items()}},
+        "reference_results": result.get("reference_results"), "seconds": selection.get("seconds") or {},
+        "reused_signals": _reused_signals(selection),
         "started_from": {k: round_dict[k] for k in ("surrogate_init", "backend_init", "tiger_semantic_ids_file",
                                                     "influence_ihvp_init") if k in round_dict},
         "selection": selection,
     })
 
 
+def _reused_signals(selection: dict) -> dict[str, float]:
+    """The signals a run reused from the cache (a resumed round), with what computing them took (kept with the
+    entry: ``compute_seconds``)."""
+    return {name: meta["compute_seconds"] for name, meta in (selection.get("signals") or {}).items()
+            if isinstance(meta, dict) and meta.get("cached") and meta.get("compute_seconds") is not None}
+
+
 def round_cost(record: dict) -> dict[str, float]:
-    """The seconds of a round's work per stage (``cost_seconds``): its run's own stages (each counted once), a
-    signal reused from the cache at what computing it took. A record written before stages were counted once (no
-    ``cost_seconds``): its surrogate's seconds were also inside the first signal stage, so they are left out."""
-    if "cost_seconds" in record:
-        return record["cost_seconds"]
+    """The seconds of a round's work per stage: its run's own stages (each counted once), a signal reused from the
+    cache at what computing it took. A record written before stages were counted once (no ``reused_signals``): its
+    surrogate's seconds were also inside the first signal's stage, so they are left out."""
     seconds = dict(record.get("seconds") or {})
-    if any(stage.endswith(" signal") for stage in seconds):
+    if "reused_signals" not in record and any(stage.endswith(" signal") for stage in seconds):
         seconds.pop("surrogate", None)
-    return seconds
+    reused = _reused_signals(record.get("selection") or {})
+    return {**seconds, **{f"{name} signal": value for name, value in reused.items()}}
 
 
 def stream_report(plan: StreamPlan, results: list[dict]) -> dict:
