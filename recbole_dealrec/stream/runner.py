@@ -171,6 +171,11 @@ def check_round_budgets(plan: StreamPlan, method) -> list[int]:
     return budgets
 
 
+def changed_facts(theirs: dict, ours: dict) -> list[str]:
+    """The keys whose values differ between two mappings (one missing counts as differing), sorted."""
+    return sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+
+
 def claim_output(folder: str, plan: StreamPlan) -> None:
     """``stream_output`` holds this stream or nothing: write its ``stream.json``, or check the one there."""
     path = os.path.join(folder, "stream.json")
@@ -178,8 +183,7 @@ def claim_output(folder: str, plan: StreamPlan) -> None:
         with open(path, encoding="utf-8") as handle:
             found = json.load(handle)
         if found.get("key") != plan.key:
-            changed = sorted(k for k in set(found.get("facts", {})) | set(plan.facts)
-                             if found.get("facts", {}).get(k) != plan.facts.get(k))
+            changed = changed_facts(found.get("facts", {}), plan.facts)
             raise ConfigError(f"stream_output={folder}: holds a stream of another configuration (differs in "
                               f"{', '.join(changed) or 'its key'}); choose another stream_output or remove it")
         return
@@ -262,12 +266,10 @@ def check_round0_source(source: str, folder: str, plan: StreamPlan) -> str:
     if found is None:
         raise ConfigError(f"{where}: no stream.json there; name the stream_output of a stream run before")
     theirs = found.get("facts", {})
-    changed = sorted(k for k in set(theirs) | set(plan.facts)
-                     if k not in ROUND0_FREE_FACTS and theirs.get(k) != plan.facts.get(k))
+    changed = [k for k in changed_facts(theirs, plan.facts) if k not in ROUND0_FREE_FACTS]
     if changed:
-        detail = ", ".join(k if k != "run_keys" else "run_keys (" + ", ".join(sorted(
-            key for key in set(theirs.get(k, {})) | set(plan.facts[k])
-            if theirs.get(k, {}).get(key) != plan.facts[k].get(key))) + ")" for k in changed)
+        detail = ", ".join(k if k != "run_keys" else
+                           f"run_keys ({', '.join(changed_facts(theirs.get(k, {}), plan.facts[k]))})" for k in changed)
         raise ConfigError(f"{where}: a stream of another configuration (differs in {detail}); round 0 is shared only "
                           f"by streams that differ in {' / '.join(ROUND0_FREE_FACTS)} alone")
     record = _read_json(os.path.join(source, "rounds", "r0", "result.json"))
